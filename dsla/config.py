@@ -1,0 +1,147 @@
+"""Frozen, validated configuration. Every field has a default (where one makes sense), a unit and a doc."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3 style frequency scaling of RoPE (``rope_type: llama3`` in config.json)."""
+
+    factor: float = 8.0  # divide low frequencies by this
+    low_freq_factor: float = 1.0  # wavelengths above original_max/low_freq_factor are fully scaled
+    high_freq_factor: float = 4.0  # wavelengths below original_max/high_freq_factor are untouched
+    original_max_position_embeddings: int = 8192  # context length the model was pre-trained at
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    """The subset of a Hugging Face Llama config.json that the model needs."""
+
+    vocab_size: int = 49152  # tokens
+    hidden_size: int = 576  # model width D_model
+    intermediate_size: int = 1536  # SwiGLU hidden width
+    num_hidden_layers: int = 30
+    num_attention_heads: int = 9  # query heads
+    num_key_value_heads: int = 3  # KV heads (GQA groups)
+    head_dim: int = 64  # per-head dim D
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 100000.0
+    rope_scaling: RopeScaling | None = None  # None: plain RoPE
+    max_position_embeddings: int = 8192  # tokens of context the model supports
+    tie_word_embeddings: bool = True  # lm_head shares the embedding matrix
+    bos_token_id: int | None = 1
+    eos_token_id: tuple[int, ...] = (2,)  # any of these ends generation
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim",
+                     "max_position_embeddings"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"config field {name}={getattr(self, name)} must be positive")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}: GQA needs whole groups"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head (G)."""
+        return self.num_attention_heads // self.num_key_value_heads
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any]) -> "LlamaConfig":
+        """Build from a parsed HF config.json; raise ValueError naming any unsupported field."""
+        model_type = d.get("model_type")
+        if model_type not in ("llama",):
+            raise ValueError(
+                f"config field model_type={model_type!r} is not supported: dsla handles Llama-family "
+                "checkpoints (model_type 'llama')"
+            )
+        for flag in ("attention_bias", "mlp_bias"):
+            if d.get(flag):
+                raise ValueError(f"config field {flag}=true is not supported (Llama without biases only)")
+        act = d.get("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"config field hidden_act={act!r} is not supported: only 'silu' (SwiGLU)")
+        # transformers >= 5 writes rope settings under rope_parameters; older files use rope_scaling.
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+        scaling = None
+        if rope_type == "llama3":
+            scaling = RopeScaling(
+                factor=float(rope["factor"]),
+                low_freq_factor=float(rope["low_freq_factor"]),
+                high_freq_factor=float(rope["high_freq_factor"]),
+                original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
+            )
+        elif rope_type not in ("default", None):
+            raise ValueError(f"config field rope type {rope_type!r} is not supported: use default or llama3")
+        heads = int(d["num_attention_heads"])
+        eos = d.get("eos_token_id", 2)
+        eos = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
+        return cls(
+            vocab_size=int(d["vocab_size"]),
+            hidden_size=int(d["hidden_size"]),
+            intermediate_size=int(d["intermediate_size"]),
+            num_hidden_layers=int(d["num_hidden_layers"]),
+            num_attention_heads=heads,
+            num_key_value_heads=int(d.get("num_key_value_heads") or heads),
+            head_dim=int(d.get("head_dim") or d["hidden_size"] // heads),
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(theta),
+            rope_scaling=scaling,
+            max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_id=eos,
+        )
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> "LlamaConfig":
+        p = Path(path) / "config.json"
+        try:
+            d = json.loads(p.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{p} not found: a teacher directory needs a Hugging Face config.json") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p} is not valid JSON ({e}): re-create the teacher directory") from None
+        return cls.from_hf_dict(d)
+
+
+@dataclass(frozen=True)
+class DSLAConfig:
+    """Shape and initialisation of a DSLA layer (see dsla/model/dsla.py)."""
+
+    num_states: int = 2  # 2: history + recency (DSLA); 1: single-state gated linear attention (ablation)
+    feature_dim: int = 64  # per-head width of each half of the feature map phi (phi has 2x this)
+    history_decay_init: float = 0.999  # initial per-token decay of the history state (slow)
+    recency_decay_init: float = 0.90  # initial per-token decay of the recency state (fast)
+    history_mix_init: float = 0.5  # initial weight gamma of the history state in the output
+    chunk_size: int = 64  # tokens per chunk in the chunk-parallel form
+    eps: float = 1e-6  # added to the normaliser phi(q).z
+
+    def __post_init__(self) -> None:
+        if self.num_states not in (1, 2):
+            raise ValueError(f"num_states={self.num_states} must be 1 or 2")
+        if self.feature_dim <= 0:
+            raise ValueError(f"feature_dim={self.feature_dim} must be positive")
+        for name in ("history_decay_init", "recency_decay_init", "history_mix_init"):
+            val = getattr(self, name)
+            if not 0.0 < val < 1.0:
+                raise ValueError(f"{name}={val} must lie strictly between 0 and 1")
+        if self.num_states == 2 and self.recency_decay_init >= self.history_decay_init:
+            raise ValueError(
+                f"recency_decay_init={self.recency_decay_init} must be below "
+                f"history_decay_init={self.history_decay_init}: the recency state decays faster"
+            )
+        if self.chunk_size <= 0:
+            raise ValueError(f"chunk_size={self.chunk_size} must be positive")

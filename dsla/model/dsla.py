@@ -1,0 +1,184 @@
+"""The DSLA layer: dual-state linear attention built from, and sharing weights with, a teacher layer.
+
+Per KV head h, with phi a learned feature map and a_t, b_t learned decays in (0, 1)^K:
+    S_hist[t] = diag(a_t) S_hist[t-1] + phi(k_t)^T [v_t, 1]
+    S_rec[t]  = diag(b_t) S_rec[t-1]  + phi(k_t)^T [v_t, 1]
+    u_t       = phi(q_t) (gamma S_hist[t] + (1 - gamma) S_rec[t])          (V + 1 wide)
+    o_t       = u_t[:V] / (u_t[V] + eps)
+The appended ones-column makes the last column of each state the running normaliser
+sum_j decay * phi(k_j), so the layer is a decayed, normalised (softmax-like) attention.
+
+Foldable by construction: k_t and v_t are the teacher's own k_proj / v_proj outputs (shared, not
+copied) with the same RoPE, and the gates and phi(k) depend on k alone, so the states can be
+rebuilt exactly from a request's KV cache (``fold``). q_proj and o_proj start as copies of the
+teacher's and are trained, with phi, the gates and gamma.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dsla.config import DSLAConfig
+from dsla.model.llama import LlamaAttention, split_heads, uniform_length
+from dsla.model.state import DSLAState, KVState
+from dsla.ops.dsla import dsla_chunked, dsla_fold, dsla_step
+from dsla.ops.rope import apply_rope, rope_cos_sin, unapply_rope
+
+
+class HeadwiseLinear(nn.Module):
+    """A separate small linear map per KV head: (H, N, I) -> (H, N, O)."""
+
+    def __init__(self, heads: int, d_in: int, d_out: int, bias: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(heads, d_in, d_out))
+        self.bias = nn.Parameter(torch.zeros(heads, 1, d_out)) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = torch.matmul(x, self.weight.to(x.dtype))
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
+def logit(p: float) -> float:
+    return math.log(p / (1 - p))
+
+
+class DSLAAttention(nn.Module):
+    """Dual-state (or, with num_states=1, single-state) linear attention replacing one layer."""
+
+    def __init__(self, teacher: LlamaAttention, cfg: DSLAConfig) -> None:
+        super().__init__()
+        lc = teacher.cfg
+        self.cfg, self.lcfg = cfg, lc
+        # Shared with the teacher, deliberately not registered: no extra memory, not saved.
+        object.__setattr__(self, "teacher", teacher)
+        self.q_proj = copy.deepcopy(teacher.q_proj)
+        self.o_proj = copy.deepcopy(teacher.o_proj)
+        H, D, Fd = lc.num_key_value_heads, lc.head_dim, cfg.feature_dim
+        self.feature_q = HeadwiseLinear(H, D, Fd, bias=False)
+        self.feature_k = HeadwiseLinear(H, D, Fd, bias=False)
+        with torch.no_grad():
+            eye = torch.eye(D, Fd) if Fd <= D else torch.eye(Fd)[:D]
+            self.feature_q.weight.copy_(eye.expand(H, D, Fd))
+            self.feature_k.weight.copy_(eye.expand(H, D, Fd))
+        K = 2 * Fd
+        self.history_gate = HeadwiseLinear(H, D, K, bias=True)
+        nn.init.constant_(self.history_gate.bias, logit(cfg.history_decay_init))
+        if cfg.num_states == 2:
+            self.recency_gate = HeadwiseLinear(H, D, K, bias=True)
+            nn.init.constant_(self.recency_gate.bias, logit(cfg.recency_decay_init))
+            self.mix_logits = nn.Parameter(torch.full((lc.num_attention_heads,), logit(cfg.history_mix_init)))
+
+    @property
+    def state_shape(self) -> tuple[int, int, int, int]:
+        """(H, S, K, V+1) of one request's state."""
+        lc = self.lcfg
+        return lc.num_key_value_heads, self.cfg.num_states, 2 * self.cfg.feature_dim, lc.head_dim + 1
+
+    def new_state(self, device: torch.device | str = "cpu") -> DSLAState:
+        return DSLAState(torch.zeros(self.state_shape, dtype=torch.float32, device=device))
+
+    # ---- the pieces that depend on k alone (and so can be recomputed from a KV cache) ----------
+    def key_side(self, k_raw: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """phi(k) (H, N, K), values with a ones column (H, N, V+1), log decays (H, S, N, K) fp32."""
+        z = k_raw.float()
+        gates = [F.logsigmoid(self.history_gate(z))]
+        if self.cfg.num_states == 2:
+            gates.append(F.logsigmoid(self.recency_gate(z)))
+        v1 = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
+        return self.feature(k, self.feature_k), v1, torch.stack(gates, dim=1)
+
+    @staticmethod
+    def feature(x: Tensor, proj: HeadwiseLinear) -> Tensor:
+        """Hedgehog-style positive features: [softmax(xW), softmax(-xW)], (..., D) -> (..., 2F)."""
+        y = proj(x).float()
+        return torch.cat([y.softmax(-1), (-y).softmax(-1)], dim=-1).to(x.dtype)
+
+    def mix(self) -> Tensor:
+        """(Hkv, G, S) weights of the states in the output: gamma, 1 - gamma per query head."""
+        lc = self.lcfg
+        if self.cfg.num_states == 1:
+            return torch.ones(lc.num_key_value_heads, lc.group_size, 1, device=self.q_proj.weight.device)
+        gamma = torch.sigmoid(self.mix_logits.float()).view(lc.num_key_value_heads, lc.group_size, 1)
+        return torch.cat([gamma, 1 - gamma], dim=-1)
+
+    # ---- forward ------------------------------------------------------------------------------
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, seq_lens: Sequence[int],
+                states: Sequence[DSLAState] | None = None) -> Tensor:
+        """Same contract as ``LlamaAttention.forward``: x (N, hidden) -> (N, hidden)."""
+        lc, cfg = self.lcfg, self.cfg
+        H, G, V = lc.num_key_value_heads, lc.group_size, lc.head_dim
+        q = apply_rope(split_heads(self.q_proj(x), lc.num_attention_heads), cos, sin)  # (Hq, N, D)
+        fq = self.feature(q.view(H, G, -1, V), self.feature_q)  # (H, G, N, K)
+        fk, v1, g = self.key_side(*self.teacher.project_kv(x, cos, sin))
+        mix = self.mix()
+        T = uniform_length(seq_lens, states)
+        if T is not None:  # stateless rectangular batch: one chunked call
+            B = len(seq_lens)
+            u, _ = dsla_chunked(
+                fq.view(H, G, B, T, -1).permute(2, 0, 1, 3, 4),  # (B, H, G, T, K)
+                fk.view(H, B, T, -1).transpose(0, 1),  # (B, H, T, K)
+                v1.view(H, B, T, -1).transpose(0, 1),  # (B, H, T, V+1)
+                g.view(H, -1, B, T, g.shape[-1]).permute(2, 0, 1, 3, 4),  # (B, H, S, T, K)
+                mix, None, chunk_size=cfg.chunk_size)
+            u = u.permute(1, 2, 0, 3, 4).reshape(H, G, B * T, V + 1)  # (H, G, N, V+1)
+        else:
+            u = self._run_requests(fq, fk, v1, g, mix, seq_lens, states)
+        o = u[..., :V] / (u[..., V:].float() + cfg.eps).to(u.dtype)  # (H, G, N, V)
+        o = o.reshape(lc.num_attention_heads, -1, V).transpose(0, 1).reshape(x.shape[0], -1)  # (N, Hq*V)
+        return self.o_proj(o.to(x.dtype))
+
+    def _run_requests(self, fq: Tensor, fk: Tensor, v1: Tensor, g: Tensor, mix: Tensor,
+                      seq_lens: Sequence[int], states: Sequence[DSLAState] | None) -> Tensor:
+        """Per-request chunked prefill; all single-token decodes batched into one step call."""
+        H, G, N, _ = fq.shape
+        u = fq.new_empty(H, G, N, v1.shape[-1])
+        starts = torch.tensor([0, *seq_lens]).cumsum(0).tolist()
+        decode = [r for r, L in enumerate(seq_lens) if L == 1 and states is not None]
+        if decode:
+            idx = torch.tensor([starts[r] for r in decode], device=fq.device)
+            s0 = torch.stack([states[r].state for r in decode])  # (R, H, S, K, V+1)
+            ur, s1 = dsla_step(fq[:, :, idx].permute(2, 0, 1, 3)[:, :, :, None],  # (R, H, G, 1, K)
+                               fk[:, idx].transpose(0, 1)[:, :, None],  # (R, H, 1, K)
+                               v1[:, idx].transpose(0, 1)[:, :, None],
+                               g[:, :, idx].permute(2, 0, 1, 3)[:, :, :, None], mix, s0)
+            check_finite(s1)
+            u[:, :, idx] = ur[:, :, :, 0].permute(1, 2, 0, 3)
+            for j, r in enumerate(decode):
+                states[r].state, states[r].length = s1[j], states[r].length + 1
+        for r, L in enumerate(seq_lens):
+            if r in decode:
+                continue
+            sl = slice(starts[r], starts[r + 1])
+            s0 = None if states is None else states[r].state[None]
+            ur, s1 = dsla_chunked(fq[None, :, :, sl], fk[None, :, sl], v1[None, :, sl], g[None, :, :, sl],
+                                  mix, s0, chunk_size=self.cfg.chunk_size)
+            u[:, :, sl] = ur[0]
+            if states is not None:
+                check_finite(s1)
+                states[r].state, states[r].length = s1[0], states[r].length + L
+        return u
+
+    def fold(self, kv: KVState, inv_freq: Tensor) -> DSLAState:
+        """The DSLA state this layer would hold after a prefill over the cached k, v (exact)."""
+        T = kv.length
+        st = self.new_state(kv.k.device)
+        if T == 0:
+            return st
+        cos, sin = rope_cos_sin(torch.arange(T, device=kv.k.device), inv_freq)
+        k = kv.k
+        with torch.no_grad():
+            fk, v1, g = self.key_side(unapply_rope(k, cos, sin), k, kv.v)
+            s = dsla_fold(fk[None], v1[None], g[None], None, chunk_size=self.cfg.chunk_size)
+        return DSLAState(s[0], length=T)
+
+
+def check_finite(state: Tensor) -> None:
+    if not torch.isfinite(state).all():
+        raise FloatingPointError(
+            "DSLA state became non-finite (NaN/inf in this step's inputs); the state was not saved")

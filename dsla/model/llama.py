@@ -1,0 +1,262 @@
+"""A Llama causal LM in plain PyTorch whose layers can run softmax attention or DSLA, per request.
+
+Parameter names follow the Hugging Face checkpoint (``model.layers.3.self_attn.q_proj.weight``),
+so a teacher loads with ``strict=True`` and no rename table. DSLA layers live apart, in
+``HybridLM.dsla`` (keyed by layer index), so the teacher's own weights stay untouched.
+
+Every forward takes a *flattened* batch: the new tokens of R requests concatenated, (N,), with
+``seq_lens`` giving each request's count. With ``caches`` each request continues from its own
+cache (prefill chunks and decode steps can share one forward); without, each sequence starts
+from scratch and ``plan`` says which layers run DSLA.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dsla.config import DSLAConfig, LlamaConfig
+from dsla.model.state import DSLAState, KVState, LayerState, RequestCache
+from dsla.ops.attention import causal_attention
+from dsla.ops.rope import apply_rope, rope_cos_sin, rope_inv_freq
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def split_heads(x: Tensor, num_heads: int) -> Tensor:
+    """(N, H*D) -> (H, N, D)."""
+    return x.view(x.shape[0], num_heads, -1).transpose(0, 1)
+
+
+def uniform_length(seq_lens: Sequence[int], states: Sequence | None) -> int | None:
+    """The common length when a batch is stateless and rectangular (the fast batched path)."""
+    if states is None and len(set(seq_lens)) == 1:
+        return seq_lens[0]
+    return None
+
+
+class LlamaAttention(nn.Module):
+    """Softmax attention with GQA and RoPE; one KVState per request when cached."""
+
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        D, Hq, Hkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+        self.q_proj = nn.Linear(cfg.hidden_size, Hq * D, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, Hkv * D, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, Hkv * D, bias=False)
+        self.o_proj = nn.Linear(Hq * D, cfg.hidden_size, bias=False)
+
+    def project_kv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Keys before RoPE, keys after RoPE, values; each (Hkv, N, D). Shared with DSLA."""
+        k_raw = split_heads(self.k_proj(x), self.cfg.num_key_value_heads)
+        v = split_heads(self.v_proj(x), self.cfg.num_key_value_heads)
+        return k_raw, apply_rope(k_raw, cos, sin), v
+
+    def new_state(self, dtype: torch.dtype, device: torch.device) -> KVState:
+        return KVState(self.cfg.num_key_value_heads, self.cfg.head_dim, dtype, device)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, seq_lens: Sequence[int],
+                states: Sequence[KVState] | None = None) -> Tensor:
+        """x: (N, hidden); cos/sin: (N, D); returns (N, hidden)."""
+        q = apply_rope(split_heads(self.q_proj(x), self.cfg.num_attention_heads), cos, sin)  # (Hq, N, D)
+        _, k, v = self.project_kv(x, cos, sin)  # (Hkv, N, D)
+        T = uniform_length(seq_lens, states)
+        if T is not None:
+            B = len(seq_lens)
+            to_batch = lambda t: t.view(t.shape[0], B, T, -1).transpose(0, 1)  # noqa: E731  (B, H, T, D)
+            o = causal_attention(to_batch(q), to_batch(k), to_batch(v))  # (B, Hq, T, D)
+            o = o.transpose(1, 2).reshape(B * T, -1)
+        else:
+            outs, start = [], 0
+            for r, L in enumerate(seq_lens):
+                qr, kr, vr = (t[:, start: start + L] for t in (q, k, v))
+                if states is not None:
+                    kr, vr = states[r].append(kr, vr)  # (Hkv, T, D): prefix + new
+                o_r = causal_attention(qr[None], kr[None], vr[None])[0]  # (Hq, L, D)
+                outs.append(o_r.transpose(0, 1).reshape(L, -1))
+                start += L
+            o = torch.cat(outs) if len(outs) > 1 else outs[0]
+        return self.o_proj(o)
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaBlock(nn.Module):
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = LlamaAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = LlamaMLP(cfg)
+
+
+class LlamaBackbone(nn.Module):
+    """Holds the teacher's weights under HF names (``model.*``)."""
+
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(LlamaBlock(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+def mixed_attention(attn: nn.Module, dsla: nn.Module | None, x: Tensor, cos: Tensor, sin: Tensor,
+                    seq_lens: Sequence[int], states: Sequence[LayerState]) -> Tensor:
+    """Run one layer for requests whose state for it may be KVState or DSLAState (mixed batch)."""
+    is_dsla = [isinstance(s, DSLAState) for s in states]
+    if all(is_dsla) or not any(is_dsla):
+        return (dsla if is_dsla[0] else attn)(x, cos, sin, seq_lens, states)
+    if dsla is None:
+        raise RuntimeError("a request holds a DSLA state for a layer that has no DSLA module")
+    out = torch.empty_like(x)
+    starts = torch.tensor([0, *seq_lens]).cumsum(0).tolist()
+    for want, module in ((False, attn), (True, dsla)):
+        rs = [r for r in range(len(states)) if is_dsla[r] == want]
+        idx = torch.cat([torch.arange(starts[r], starts[r + 1]) for r in rs]).to(x.device)
+        out[idx] = module(x[idx], cos[idx], sin[idx], [seq_lens[r] for r in rs], [states[r] for r in rs])
+    return out
+
+
+class HybridLM(nn.Module):
+    """Llama causal LM whose layer i runs attention or DSLA according to each request's cache."""
+
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.model = LlamaBackbone(cfg)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.dsla = nn.ModuleDict()  # str(layer index) -> DSLAAttention
+        self.register_buffer("inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling),
+                             persistent=False)
+
+    # ---- building hybrids -------------------------------------------------------------------
+    def add_dsla(self, layers: Iterable[int], dsla_cfg: DSLAConfig | None = None) -> None:
+        """Attach a fresh DSLA module (initialised from the teacher's attention) to each layer."""
+        from dsla.model.dsla import DSLAAttention
+
+        for i in layers:
+            self._check_layer(i)
+            attn = self.model.layers[i].self_attn
+            mod = DSLAAttention(attn, dsla_cfg or DSLAConfig())
+            self.dsla[str(i)] = mod.to(device=attn.q_proj.weight.device, dtype=attn.q_proj.weight.dtype)
+
+    def dsla_layers(self) -> list[int]:
+        """Layers that have a DSLA module (and so can be converted)."""
+        return sorted(int(i) for i in self.dsla.keys())
+
+    def _check_layer(self, i: int) -> None:
+        if not 0 <= i < self.cfg.num_hidden_layers:
+            raise ValueError(f"layer index {i} is out of range for a {self.cfg.num_hidden_layers}-layer model")
+
+    def new_cache(self, dsla_layers: Iterable[int] = ()) -> RequestCache:
+        """An empty cache for a new request; layers in ``dsla_layers`` run DSLA for it."""
+        dset = set(dsla_layers)
+        for i in dset:
+            self._check_layer(i)
+            if str(i) not in self.dsla:
+                raise ValueError(f"layer {i} has no DSLA module: add or load one before converting it")
+        w = self.model.embed_tokens.weight
+        return RequestCache([
+            self.dsla[str(i)].new_state(w.device) if i in dset
+            else self.model.layers[i].self_attn.new_state(w.dtype, w.device)
+            for i in range(self.cfg.num_hidden_layers)])
+
+    def convert_layer(self, cache: RequestCache, i: int) -> int:
+        """Switch layer i of a live request to DSLA by folding its KV into state; return bytes freed."""
+        s = cache.layers[i]
+        if isinstance(s, DSLAState):
+            return 0
+        if str(i) not in self.dsla:
+            raise ValueError(f"layer {i} has no DSLA module: add or load one before converting it")
+        new = self.dsla[str(i)].fold(s, self.inv_freq)
+        cache.layers[i] = new
+        return s.nbytes - new.nbytes
+
+    # ---- forward -------------------------------------------------------------------------
+    def forward(self, input_ids: Tensor, seq_lens: Sequence[int] | None = None,
+                caches: Sequence[RequestCache] | None = None, dsla_layers: Iterable[int] = (),
+                logits_for: Tensor | None = None) -> Tensor:
+        """Logits for a flattened batch.
+
+        input_ids: (N,) or (B, T) (then seq_lens defaults to [T]*B). caches: one per request,
+        advanced in place; without caches each sequence starts at position 0 and the layers in
+        ``dsla_layers`` run DSLA. logits_for: (M,) indices into N to compute logits for (default:
+        all). Returns (M, vocab), or (B, T, vocab) for a (B, T) input with logits_for unset.
+        """
+        shape = input_ids.shape
+        if input_ids.dim() == 2:
+            seq_lens = [shape[1]] * shape[0] if seq_lens is None else seq_lens
+            input_ids = input_ids.reshape(-1)
+        if seq_lens is None:
+            seq_lens = [input_ids.shape[0]]
+        if sum(seq_lens) != input_ids.shape[0]:
+            raise ValueError(f"seq_lens sum to {sum(seq_lens)} but there are {input_ids.shape[0]} tokens")
+        if caches is not None and len(caches) != len(seq_lens):
+            raise ValueError(f"{len(caches)} caches for {len(seq_lens)} requests")
+        h = self.hidden_states(input_ids, seq_lens, caches, dsla_layers)
+        if logits_for is not None:
+            h = h[logits_for]
+        logits = self.logits(h)
+        if len(shape) == 2 and logits_for is None:
+            logits = logits.view(*shape, -1)
+        return logits
+
+    def positions(self, seq_lens: Sequence[int], caches: Sequence[RequestCache] | None) -> Tensor:
+        starts = [0] * len(seq_lens) if caches is None else [c.num_tokens for c in caches]
+        return torch.cat([torch.arange(s, s + L) for s, L in zip(starts, seq_lens)])
+
+    def hidden_states(self, input_ids: Tensor, seq_lens: Sequence[int],
+                      caches: Sequence[RequestCache] | None = None, dsla_layers: Iterable[int] = ()) -> Tensor:
+        """Final-norm hidden states (N, hidden); see ``forward``."""
+        pos = self.positions(seq_lens, caches).to(input_ids.device)
+        if caches is not None:
+            limit = self.cfg.max_position_embeddings
+            if int(pos.max()) >= limit:
+                raise ValueError(f"position {int(pos.max())} exceeds the model's context of {limit} tokens")
+        cos, sin = rope_cos_sin(pos, self.inv_freq)
+        dset = set(dsla_layers)
+        x = self.model.embed_tokens(input_ids)
+        for i, block in enumerate(self.model.layers):
+            h = block.input_layernorm(x)
+            dsla = self.dsla[str(i)] if str(i) in self.dsla else None
+            if caches is not None:
+                h = mixed_attention(block.self_attn, dsla, h, cos, sin, seq_lens, [c.layers[i] for c in caches])
+            elif i in dset:
+                if dsla is None:
+                    raise ValueError(f"layer {i} has no DSLA module: add or load one before converting it")
+                h = dsla(h, cos, sin, seq_lens, None)
+            else:
+                h = block.self_attn(h, cos, sin, seq_lens, None)
+            x = x + h
+            x = x + block.mlp(block.post_attention_layernorm(x))
+        if caches is not None:
+            for c, L in zip(caches, seq_lens):
+                c.num_tokens += L
+        return self.model.norm(x)
+
+    def logits(self, h: Tensor) -> Tensor:
+        w = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(h, w)

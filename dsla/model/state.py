@@ -1,0 +1,91 @@
+"""Typed per-request cache: one state per layer, owned by the caller and passed into the model.
+
+An attention layer keeps a ``KVState`` (grows with the number of tokens T); a DSLA layer keeps a
+``DSLAState`` (two float32 matrices per KV head, fixed size). A ``RequestCache`` holds one of
+them per layer, so a single request can run some layers as attention and others as DSLA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+class KVState:
+    """Keys (after RoPE) and values of one attention layer for one request.
+
+    Storage grows by doubling so appending is amortised O(1) per token.
+    ``k``/``v`` views: (H, T, D) with H = KV heads.
+    """
+
+    def __init__(self, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu", capacity: int = 64) -> None:
+        self._k = torch.empty(num_kv_heads, capacity, head_dim, dtype=dtype, device=device)
+        self._v = torch.empty_like(self._k)
+        self.length = 0
+
+    @property
+    def k(self) -> Tensor:
+        return self._k[:, : self.length]  # (H, T, D)
+
+    @property
+    def v(self) -> Tensor:
+        return self._v[:, : self.length]  # (H, T, D)
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Append (H, L, D) keys and values; return all keys and values so far, (H, T, D) each."""
+        new_len = self.length + k.shape[1]
+        if new_len > self._k.shape[1]:
+            cap = max(new_len, 2 * self._k.shape[1])
+            grow = lambda buf: torch.cat(  # noqa: E731 - tiny local helper
+                [buf[:, : self.length], buf.new_empty(buf.shape[0], cap - self.length, buf.shape[2])], dim=1)
+            self._k, self._v = grow(self._k), grow(self._v)
+        self._k[:, self.length: new_len] = k
+        self._v[:, self.length: new_len] = v
+        self.length = new_len
+        return self.k, self.v
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held (allocated capacity, which is what the memory budget must count)."""
+        return self._k.numel() * self._k.element_size() * 2
+
+
+@dataclass
+class DSLAState:
+    """History and recency states of one DSLA layer for one request.
+
+    ``state``: (H, S, K, V) float32 with H = KV heads, S = number of states (history first),
+    K = feature width, V = value width (+1 for the normaliser column). Size never depends on T.
+    """
+
+    state: Tensor
+    length: int = 0  # tokens folded into the state so far
+
+    def __post_init__(self) -> None:
+        if self.state.dtype != torch.float32:
+            raise TypeError(f"DSLA state must be float32, got {self.state.dtype}")
+
+    @property
+    def nbytes(self) -> int:
+        return self.state.numel() * self.state.element_size()
+
+
+LayerState = KVState | DSLAState
+
+
+@dataclass
+class RequestCache:
+    """Everything the model remembers about one request: a state per layer."""
+
+    layers: list[LayerState]
+    num_tokens: int = 0  # tokens already processed (the position of the next token)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self.layers)
+
+    def dsla_layers(self) -> list[int]:
+        return [i for i, s in enumerate(self.layers) if isinstance(s, DSLAState)]

@@ -1,0 +1,46 @@
+"""Rotary position embedding (HF Llama convention: rotate the two halves of each head)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from dsla.config import RopeScaling
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> Tensor:
+    """Inverse frequencies, (D/2,) float32, with optional Llama-3 scaling of long wavelengths."""
+    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    if scaling is not None:
+        orig = scaling.original_max_position_embeddings
+        low_wavelen = orig / scaling.low_freq_factor
+        high_wavelen = orig / scaling.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        smooth = (orig / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+        smoothed = (1 - smooth) * inv / scaling.factor + smooth * inv
+        inv = torch.where(wavelen > low_wavelen, inv / scaling.factor, inv)
+        mid = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv = torch.where(mid, smoothed, inv)
+    return inv.float()
+
+
+def rope_cos_sin(positions: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
+    """cos and sin tables for the given positions: (N,) -> (N, D) float32 each."""
+    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # (N, D/2)
+    emb = torch.cat([angles, angles], dim=-1)  # (N, D)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate x (..., N, D) by per-position cos/sin (N, D); computed in x's dtype like HF Llama."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+def unapply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Inverse of ``apply_rope`` (rotate by the negative angle): recovers pre-RoPE keys from a KV cache."""
+    return apply_rope(x, cos, -sin)

@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny random Llama checkpoints written as real HF directories (no downloads)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def make_tiny_hf_dir(path, tie: bool = True, rope_scaling: dict | None = None, seed: int = 0, **overrides):
+    """Save a random tiny LlamaForCausalLM (safetensors) to ``path`` and return the HF model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    kw = dict(vocab_size=97, hidden_size=48, intermediate_size=96, num_hidden_layers=3,
+              num_attention_heads=6, num_key_value_heads=2, head_dim=8, max_position_embeddings=512,
+              rope_theta=10000.0, tie_word_embeddings=tie, rms_norm_eps=1e-5,
+              bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    kw.update(overrides)
+    if rope_scaling is not None:
+        kw["rope_scaling"] = rope_scaling
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**kw)).eval()
+    model.save_pretrained(path, safe_serialization=True)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A tiny tied-embedding Llama (3 layers, 6 query heads, 2 KV heads, head dim 8)."""
+    path = tmp_path_factory.mktemp("tiny_llama")
+    make_tiny_hf_dir(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_dir):
+    from dsla.model.loading import load_teacher
+
+    return load_teacher(tiny_dir)
