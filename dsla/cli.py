@@ -1,0 +1,115 @@
+"""`dsla` command line: prepare | generate | bench (more commands register the same way).
+
+Each subcommand lives in a module exposing ``add_arguments(parser)`` and ``run(args) -> int``;
+modules are imported only when their command runs, so `dsla --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+import torch
+
+# name -> (module, one-line help)
+COMMANDS = {
+    "prepare": ("dsla.data.prepare", "fetch and convert the default teacher and corpora into the cache"),
+    "generate": ("dsla.cli", "generate text from a teacher (optionally with DSLA layers)"),
+}
+BENCHES = {
+    "decode": ("dsla.bench.decode", "prefill and decode speed of our model vs transformers"),
+    "layer": ("dsla.bench.layer", "one layer: softmax attention vs DSLA, prefill/decode/memory/fold"),
+}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags shared by every command that loads a teacher."""
+    p.add_argument("--teacher", default=None,
+                   help="local HF Llama directory (default: the prepared SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weight/activation dtype")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:  # `dsla generate`
+    add_model_arguments(p)
+    p.add_argument("prompt", help="the prompt text (with --chat: the user message)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument("--system", default=None, help="system message for --chat")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def run(args: argparse.Namespace) -> int:  # `dsla generate`
+    from dsla.generate import generate
+    from dsla.model.loading import load_teacher
+    from dsla.model.tokenizer import IncrementalDecoder, Tokenizer
+    from dsla.paths import resolve_teacher
+    from dsla.sampling import SamplingParams
+
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            seed=args.seed, max_tokens=args.max_tokens)
+    teacher = resolve_teacher(args.teacher)
+    tok = Tokenizer(teacher)
+    model = load_teacher(teacher, dtype=DTYPES[args.dtype])
+    if args.chat:
+        msgs = ([{"role": "system", "content": args.system}] if args.system else [])
+        text = tok.apply_chat_template(msgs + [{"role": "user", "content": args.prompt}])
+    else:
+        text = args.prompt
+    stop = set(model.cfg.eos_token_id)
+    eos = tok.token_id(tok.special("eos_token"))
+    if eos is not None:
+        stop.add(eos)
+    dec = IncrementalDecoder(tok)
+    for t in generate(model, tok.encode(text), params, stop_ids=stop):
+        sys.stdout.write(dec.push(t))
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dsla", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (mod, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.set_defaults(module=mod)
+        importlib.import_module(mod).add_arguments(p)
+    bench = sub.add_parser("bench", help="speed and memory benchmarks (print a table, write JSON)")
+    bsub = bench.add_subparsers(dest="bench", required=True)
+    for name, (mod, help_) in BENCHES.items():
+        p = bsub.add_parser(name, help=help_, description=help_)
+        p.set_defaults(module=mod)
+        importlib.import_module(mod).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    try:
+        return importlib.import_module(args.module).run(args)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"dsla {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"dsla {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
