@@ -1,7 +1,7 @@
 """`dsla` command line: prepare | generate | bench (more commands register the same way).
 
-Each subcommand lives in a module exposing ``add_arguments(parser)`` and ``run(args) -> int``;
-modules are imported only when their command runs, so `dsla --help` stays fast.
+Each subcommand is a pair of functions ``add(parser)`` and ``run(args) -> int`` named in the
+tables below ("module:add:run"); modules keep heavy imports inside those functions.
 """
 
 from __future__ import annotations
@@ -14,15 +14,25 @@ import sys
 
 import torch
 
-# name -> (module, one-line help)
+# name -> ("module:add_fn:run_fn", one-line help)
 COMMANDS = {
-    "prepare": ("dsla.data.prepare", "fetch and convert the default teacher and corpora into the cache"),
-    "generate": ("dsla.cli", "generate text from a teacher (optionally with DSLA layers)"),
+    "prepare": ("dsla.data.prepare:add_arguments:run", "fetch and convert the default teacher and corpora into the cache"),
+    "generate": ("dsla.cli:add_arguments:run", "generate text from a teacher (optionally with DSLA layers)"),
+    "rank": ("dsla.distill.commands:add_rank_arguments:run_rank", "per-layer sensitivity (attention entropy or loss-delta)"),
+    "distill": ("dsla.distill.commands:add_distill_arguments:run_distill",
+                "chained layer-wise distillation into a resumable student directory"),
+    "eval": ("dsla.eval.commands:add_arguments:run", "quality of a student at several conversion ratios"),
 }
 BENCHES = {
-    "decode": ("dsla.bench.decode", "prefill and decode speed of our model vs transformers"),
-    "layer": ("dsla.bench.layer", "one layer: softmax attention vs DSLA, prefill/decode/memory/fold"),
+    "decode": ("dsla.bench.decode:add_arguments:run", "prefill and decode speed of our model vs transformers"),
+    "layer": ("dsla.bench.layer:add_arguments:run", "one layer: softmax attention vs DSLA, prefill/decode/memory/fold"),
 }
+
+
+def _resolve(spec: str):
+    mod, add, run_ = spec.split(":")
+    m = importlib.import_module(mod)
+    return getattr(m, add), getattr(m, run_)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -80,16 +90,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsla", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, (mod, help_) in COMMANDS.items():
+    for name, (spec, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
-        p.set_defaults(module=mod)
-        importlib.import_module(mod).add_arguments(p)
+        add, run_ = _resolve(spec)
+        add(p)
+        p.set_defaults(handler=run_)
     bench = sub.add_parser("bench", help="speed and memory benchmarks (print a table, write JSON)")
     bsub = bench.add_subparsers(dest="bench", required=True)
-    for name, (mod, help_) in BENCHES.items():
+    for name, (spec, help_) in BENCHES.items():
         p = bsub.add_parser(name, help=help_, description=help_)
-        p.set_defaults(module=mod)
-        importlib.import_module(mod).add_arguments(p)
+        add, run_ = _resolve(spec)
+        add(p)
+        p.set_defaults(handler=run_)
     return parser
 
 
@@ -102,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     try:
-        return importlib.import_module(args.module).run(args)
+        return args.handler(args)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"dsla {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -145,3 +145,40 @@ class DSLAConfig:
             )
         if self.chunk_size <= 0:
             raise ValueError(f"chunk_size={self.chunk_size} must be positive")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Chained layer-wise distillation (dsla/distill/train.py). Token budgets are per layer."""
+
+    dsla: DSLAConfig = field(default_factory=DSLAConfig)  # the layer being trained
+    order: str = "entropy"  # entropy: low attention entropy first; reverse: high first; given: --layers
+    layers: tuple[int, ...] = ()  # explicit order for order='given' (also limits which layers to train)
+    seq_len: int = 512  # tokens per training window
+    attn_sequences: int = 32  # windows per layer for attention-output matching (stage 1)
+    attn_epochs: int = 3  # passes over those windows
+    val_sequences: int = 4  # held-out windows per layer for the stage-1 validation metric
+    batch_size: int = 8  # windows per optimiser step
+    lr: float = 3e-3  # Adam lr of the new DSLA parameters (feature maps, gates, mix)
+    proj_lr: float = 1e-4  # Adam lr of q_proj / o_proj (start as the teacher's; move them gently)
+    e2e_sequences: int = 8  # windows per layer for the end-to-end logit-KL stage (0: stage off)
+    e2e_lr: float = 3e-4  # Adam lr (all DSLA params of the layer) in the KL stage
+    rank_sequences: int = 16  # calibration windows for the entropy ranking
+    frozen_dtype: str = "bfloat16"  # dtype of the frozen teacher forwards that produce inputs/targets
+    seed: int = 0  # everything random derives from this (and the layer index)
+
+    def __post_init__(self) -> None:
+        if self.order not in ("entropy", "reverse", "given"):
+            raise ValueError(f"order={self.order!r} must be one of entropy, reverse, given")
+        if self.order == "given" and not self.layers:
+            raise ValueError("order='given' needs an explicit layer list (--layers 3,7,1,...)")
+        if len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"layers={self.layers} lists a layer twice")
+        for name in ("seq_len", "attn_sequences", "batch_size", "rank_sequences"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be positive")
+        for name in ("attn_epochs", "val_sequences", "e2e_sequences"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        if self.frozen_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"frozen_dtype={self.frozen_dtype!r} must be float32 or bfloat16")

@@ -1,0 +1,48 @@
+"""CLI flags generated from config dataclass fields (one source of truth for names and defaults)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from typing import Any
+
+
+def _parse_ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of integers, got {text!r}") from None
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """Add ``--field-name`` for each field of ``cls`` (nested dataclasses are flattened)."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        typ = hints[f.name]
+        if dataclasses.is_dataclass(typ):
+            add_dataclass_arguments(parser, typ, skip)
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        flag = "--" + f.name.replace("_", "-")
+        if typ is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        elif typ in (int, float, str):
+            parser.add_argument(flag, type=typ, default=default, help=f"(default: {default})")
+        else:  # tuple[int, ...]
+            parser.add_argument(flag, type=_parse_ints, default=default, help="comma-separated integers")
+
+
+def dataclass_from_args(cls: type, args: argparse.Namespace) -> Any:
+    """Build ``cls`` from parsed flags (its __post_init__ validates the values)."""
+    hints = typing.get_type_hints(cls)
+    kw = {}
+    for f in dataclasses.fields(cls):
+        typ = hints[f.name]
+        if dataclasses.is_dataclass(typ):
+            kw[f.name] = dataclass_from_args(typ, args)
+        elif hasattr(args, f.name):
+            kw[f.name] = getattr(args, f.name)
+    return cls(**kw)

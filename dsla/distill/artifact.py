@@ -1,0 +1,83 @@
+"""The student artifact: ``dsla.safetensors`` (DSLA parameters only) + ``manifest.json``.
+
+Layout of the safetensors keys: ``layers.<i>.<param>`` with the DSLA module's own names
+(``layers.12.q_proj.weight``, ``layers.12.history_gate.bias``...). The manifest lists the
+finished layers; a layer's tensors are trusted only once the manifest names it, so a run killed
+between the two writes resumes cleanly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from dsla.config import DSLAConfig
+from dsla.fileio import atomic_write, atomic_write_json
+from dsla.model.llama import HybridLM
+
+FORMAT = "dsla-student/1"
+WEIGHTS, MANIFEST = "dsla.safetensors", "manifest.json"
+
+
+def read_manifest(student_dir: str | Path) -> dict[str, Any]:
+    p = Path(student_dir) / MANIFEST
+    if not p.is_file():
+        raise FileNotFoundError(f"{p} not found: {student_dir} is not a dsla student (run `dsla distill`)")
+    m = json.loads(p.read_text())
+    if m.get("format") != FORMAT:
+        raise ValueError(f"{p} has format {m.get('format')!r}; this dsla reads {FORMAT!r}")
+    return m
+
+
+def save_student(student_dir: str | Path, model: HybridLM, manifest: dict[str, Any]) -> None:
+    """Write the finished layers' DSLA parameters, then the manifest (each atomically)."""
+    student_dir = Path(student_dir)
+    done = manifest["layers_done"]
+    tensors = {f"layers.{i}.{k}": v.detach().float().contiguous()
+               for i in done for k, v in model.dsla[str(i)].state_dict().items()}
+    atomic_write(student_dir / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
+    atomic_write_json(student_dir / MANIFEST, manifest)
+
+
+def dsla_config_of(manifest: dict[str, Any]) -> DSLAConfig:
+    return DSLAConfig(**manifest["config"]["dsla"])
+
+
+def load_student(model: HybridLM, student_dir: str | Path, teacher_sha256: str | None = None) -> dict[str, Any]:
+    """Attach the student's finished DSLA layers to ``model``; return the manifest.
+
+    Refuses a student made from another teacher (by weight hash when ``teacher_sha256`` is
+    given) or whose tensors do not fit the model.
+    """
+    student_dir = Path(student_dir)
+    m = read_manifest(student_dir)
+    if teacher_sha256 is not None and m["teacher"]["sha256"] != teacher_sha256:
+        raise ValueError(
+            f"student {student_dir} was distilled from teacher {m['teacher']['name']} "
+            f"(sha256 {m['teacher']['sha256'][:12]}...) but the loaded teacher's weights hash to "
+            f"{teacher_sha256[:12]}...: use the matching --teacher or distill a new student")
+    done = m["layers_done"]
+    cfg = dsla_config_of(m)
+    try:
+        sd = load_file(str(student_dir / WEIGHTS)) if done else {}
+    except Exception as e:  # safetensors raises its own error type for truncated files
+        raise ValueError(f"cannot read {student_dir / WEIGHTS} ({e}): the file is corrupt; re-run `dsla distill`") from None
+    model.add_dsla(done, cfg)
+    for i in done:
+        prefix = f"layers.{i}."
+        part = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        try:
+            model.dsla[str(i)].load_state_dict(part, strict=True)
+        except RuntimeError as e:
+            raise ValueError(f"student layer {i} does not fit this teacher's shapes: {e}") from None
+    return m
+
+
+def config_dict(cfg) -> dict[str, Any]:
+    d = dataclasses.asdict(cfg)
+    return json.loads(json.dumps(d))  # tuples -> lists, so it compares equal to a re-read manifest

@@ -1,0 +1,220 @@
+"""Chained layer-wise distillation of attention layers into DSLA (the paper's fine-tuning scheme).
+
+For each layer in the sensitivity order, inside the model that already runs the earlier layers
+as DSLA:
+  1. collect that layer's attention inputs and the teacher attention's outputs on training
+     windows (frozen forward through the partially converted model);
+  2. train the layer's DSLA parameters to reproduce those outputs (normalised MSE);
+  3. optionally, a short end-to-end stage: KL(teacher logits || hybrid logits), only this
+     layer's DSLA parameters trainable;
+  4. save the artifact atomically (a killed run resumes after the last finished layer).
+Everything random derives from ``cfg.seed`` and the layer index, so resuming reproduces an
+uninterrupted run exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dsla.config import DistillConfig
+from dsla.distill.artifact import FORMAT, config_dict, load_student, read_manifest, save_student
+from dsla.distill.rank import attention_entropy, order_from_scores
+from dsla.model.llama import HybridLM
+from dsla.ops.rope import rope_cos_sin
+
+log = logging.getLogger(__name__)
+
+
+class _Stop(Exception):
+    """Raised from a hook to end a forward pass once the layer of interest has run."""
+
+
+@torch.no_grad()
+def collect_layer_io(model: HybridLM, layer: int, windows: Tensor, dsla_layers: list[int],
+                     batch_size: int) -> tuple[Tensor, Tensor]:
+    """Inputs (n, T, hidden) of ``layer``'s attention and the teacher attention's outputs there."""
+    xs, ys = [], []
+    attn = model.model.layers[layer].self_attn
+
+    def hook(module, args, out):
+        xs.append(args[0].float())
+        ys.append(out.float())
+        raise _Stop
+
+    handle = attn.register_forward_hook(hook)
+    try:
+        for s in range(0, len(windows), batch_size):
+            w = windows[s: s + batch_size]
+            try:
+                model.hidden_states(w.reshape(-1), [w.shape[1]] * len(w), None, dsla_layers)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    n, T = windows.shape
+    return torch.cat(xs).view(n, T, -1), torch.cat(ys).view(n, T, -1)
+
+
+def normalized_mse(pred: Tensor, target: Tensor) -> Tensor:
+    return (pred.float() - target).pow(2).mean() / target.pow(2).mean().clamp_min(1e-12)
+
+
+def layer_seed(cfg: DistillConfig, layer: int, salt: int) -> int:
+    return cfg.seed * 1_000_003 + layer * 101 + salt
+
+
+def train_attention_stage(model: HybridLM, layer: int, x: Tensor, y: Tensor, cfg: DistillConfig,
+                          on_step: Callable[[float], None] | None = None) -> list[float]:
+    """Fit layer ``layer``'s DSLA module to the teacher outputs y given inputs x (n, T, hidden)."""
+    mod = model.dsla[str(layer)].requires_grad_(True)
+    new_params = [p for n, p in mod.named_parameters() if not n.startswith(("q_proj", "o_proj"))]
+    proj_params = [p for n, p in mod.named_parameters() if n.startswith(("q_proj", "o_proj"))]
+    opt = torch.optim.Adam([{"params": new_params, "lr": cfg.lr}, {"params": proj_params, "lr": cfg.proj_lr}])
+    n, T, _ = x.shape
+    g = torch.Generator().manual_seed(layer_seed(cfg, layer, 1))
+    losses = []
+    for _ in range(cfg.attn_epochs):
+        perm = torch.randperm(n, generator=g)
+        for s in range(0, n, cfg.batch_size):
+            idx = perm[s: s + cfg.batch_size]
+            b = len(idx)
+            cos, sin = rope_cos_sin(torch.arange(T).repeat(b), model.inv_freq)
+            out = mod(x[idx].reshape(b * T, -1).to(mod.q_proj.weight.dtype), cos, sin, [T] * b, None)
+            loss = normalized_mse(out, y[idx].reshape(b * T, -1))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss))
+            if on_step:
+                on_step(losses[-1])
+    return losses
+
+
+@torch.no_grad()
+def eval_attention_stage(model: HybridLM, layer: int, x: Tensor, y: Tensor) -> float:
+    mod = model.dsla[str(layer)]
+    n, T, _ = x.shape
+    cos, sin = rope_cos_sin(torch.arange(T).repeat(n), model.inv_freq)
+    return float(normalized_mse(mod(x.reshape(n * T, -1), cos, sin, [T] * n, None), y.reshape(n * T, -1)))
+
+
+def train_e2e_stage(model: HybridLM, layer: int, windows: Tensor, dsla_layers: list[int],
+                    cfg: DistillConfig, on_step: Callable[[float], None] | None = None) -> list[float]:
+    """KL(teacher || hybrid) on next-token distributions; only this layer's DSLA params move."""
+    mod = model.dsla[str(layer)].requires_grad_(True)
+    opt = torch.optim.Adam(mod.parameters(), lr=cfg.e2e_lr)
+    losses = []
+    for s in range(0, len(windows), cfg.batch_size):
+        w = windows[s: s + cfg.batch_size]
+        with torch.no_grad():
+            teacher_logp = F.log_softmax(model(w).float(), -1)
+        student_logp = F.log_softmax(model(w, dsla_layers=dsla_layers).float(), -1)
+        loss = F.kl_div(student_logp, teacher_logp, log_target=True, reduction="none").sum(-1).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+        if on_step:
+            on_step(losses[-1])
+    return losses
+
+
+def new_manifest(teacher_dir: Path, teacher_sha: str, cfg: DistillConfig) -> dict[str, Any]:
+    return {"format": FORMAT, "teacher": {"name": teacher_dir.name, "path": str(teacher_dir), "sha256": teacher_sha},
+            "config": config_dict(cfg), "ranking": None, "order": None, "layers_done": [], "metrics": {},
+            "wall_time_s": 0.0}
+
+
+def distill(model: HybridLM, teacher_dir: Path, teacher_sha: str, out_dir: Path, cfg: DistillConfig,
+            train_windows: Callable[[int, int], Tensor], val_windows: Callable[[int, int], Tensor],
+            max_layers: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) chained distillation into ``out_dir``; return the manifest.
+
+    train_windows(num, seed) / val_windows(num, seed) give (num, cfg.seq_len) token windows.
+    ``max_layers`` stops after that many finished layers in total (for partial artifacts).
+    """
+    out_dir = Path(out_dir)
+    if (out_dir / "manifest.json").exists():
+        manifest = read_manifest(out_dir)
+        if manifest["config"] != config_dict(cfg):
+            raise ValueError(
+                f"{out_dir} holds a distillation run with a different config; resume it with the same "
+                "settings, or choose another --out")
+        load_student(model, out_dir, teacher_sha)
+        log.info("resuming %s: %d layers already done", out_dir, len(manifest["layers_done"]))
+    else:
+        manifest = new_manifest(teacher_dir, teacher_sha, cfg)
+    if manifest["order"] is None:
+        manifest["ranking"], manifest["order"] = rank_layers(model, cfg, train_windows, progress)
+    order: list[int] = manifest["order"]
+    todo = [i for i in order if i not in manifest["layers_done"]]
+    if max_layers is not None:
+        todo = todo[: max(0, max_layers - len(manifest["layers_done"]))]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        steps = len(todo) * (cfg.attn_epochs * -(-cfg.attn_sequences // cfg.batch_size)
+                             + -(-cfg.e2e_sequences // cfg.batch_size))
+        bar = tqdm(total=steps, desc="distill", unit="step", dynamic_ncols=True)
+    try:
+        for layer in todo:
+            t0 = time.time()
+            done = list(manifest["layers_done"])
+            torch.manual_seed(layer_seed(cfg, layer, 0))
+            model.add_dsla([layer], cfg.dsla)
+            x, y = collect_layer_io(model, layer, train_windows(cfg.attn_sequences, layer_seed(cfg, layer, 2)),
+                                    done, cfg.batch_size)
+            xv, yv = collect_layer_io(model, layer, val_windows(cfg.val_sequences, layer_seed(cfg, layer, 3)),
+                                      done, cfg.batch_size) if cfg.val_sequences else (None, None)
+            val_before = eval_attention_stage(model, layer, xv, yv) if xv is not None else None
+
+            def on_step(loss: float, stage: str = "attn") -> None:
+                if bar is not None:
+                    bar.set_postfix(layer=layer, stage=stage, loss=f"{loss:.4f}")
+                    bar.update(1)
+
+            with torch.enable_grad():
+                attn_losses = train_attention_stage(model, layer, x, y, cfg, on_step)
+                val_after = eval_attention_stage(model, layer, xv, yv) if xv is not None else None
+                e2e_losses = []
+                if cfg.e2e_sequences:
+                    e2e_losses = train_e2e_stage(
+                        model, layer, train_windows(cfg.e2e_sequences, layer_seed(cfg, layer, 4)),
+                        done + [layer], cfg, lambda v: on_step(v, "kl"))
+            model.dsla[str(layer)].requires_grad_(False)
+            elapsed = time.time() - t0
+            manifest["layers_done"] = done + [layer]
+            manifest["metrics"][str(layer)] = {
+                "position": len(done), "attn_train_loss_first": attn_losses[0], "attn_train_loss_last": attn_losses[-1],
+                "attn_val_nmse_before": val_before, "attn_val_nmse_after": val_after,
+                "kl_first": e2e_losses[0] if e2e_losses else None, "kl_last": e2e_losses[-1] if e2e_losses else None,
+                "tokens_attn": cfg.attn_sequences * cfg.seq_len * cfg.attn_epochs,
+                "tokens_e2e": cfg.e2e_sequences * cfg.seq_len, "wall_time_s": elapsed}
+            manifest["wall_time_s"] += elapsed
+            save_student(out_dir, model, manifest)
+            log.info("layer %d done (%d/%d): val nmse %.4f -> %.4f in %.1fs", layer, len(done) + 1, len(order),
+                     val_before or float("nan"), val_after or float("nan"), elapsed)
+    finally:
+        if bar is not None:
+            bar.close()
+    return manifest
+
+
+def rank_layers(model: HybridLM, cfg: DistillConfig, train_windows: Callable[[int, int], Tensor],
+                progress: bool) -> tuple[dict[str, Any], list[int]]:
+    """The order to convert layers in, with the scores it came from."""
+    if cfg.order == "given":
+        return {"metric": "given", "scores": None}, list(cfg.layers)
+    windows = train_windows(cfg.rank_sequences, layer_seed(cfg, -1, 5))
+    scores = attention_entropy(model, windows, cfg.batch_size // 2 or 1, progress)
+    order = order_from_scores(scores, cfg.order)
+    if cfg.layers:  # restrict to the listed layers, keeping the ranking's order
+        order = [i for i in order if i in set(cfg.layers)]
+    return {"metric": "entropy", "scores": scores}, order
