@@ -1,0 +1,115 @@
+"""`dsla serve`: load a teacher (and optionally a student), fix a layer plan, serve it over HTTP."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+log = logging.getLogger(__name__)
+
+
+def plan_layers(num_layers: int, dsla_layers: Sequence[int] | None, dsla_ratio: float | None,
+                order: Sequence[int] | None) -> list[int]:
+    """The layers to run as DSLA: an explicit list, or the first ``ratio`` of the student's order."""
+    if dsla_layers is not None and dsla_ratio is not None:
+        raise ValueError("give either --dsla-layers or --dsla-ratio, not both")
+    if dsla_ratio is None:
+        return sorted(set(dsla_layers or ()))
+    if not 0 <= dsla_ratio <= 1:
+        raise ValueError(f"--dsla-ratio={dsla_ratio} must be in [0, 1]")
+    if order is None:
+        raise ValueError("--dsla-ratio needs --student (its manifest gives the conversion order); "
+                         "without a student name the layers with --dsla-layers")
+    k = round(dsla_ratio * num_layers)
+    if k > len(order):
+        raise ValueError(f"--dsla-ratio={dsla_ratio} means {k} of {num_layers} layers but the student "
+                         f"has only {len(order)} finished layers")
+    return sorted(order[:k])
+
+
+def build_engine(teacher: str | Path, dtype: str = "float32", student: str | Path | None = None,
+                 dsla_layers: Sequence[int] | None = None, dsla_ratio: float | None = None,
+                 config=None):
+    """Load the model and tokenizer and return a (not yet started) ``Engine``."""
+    import torch
+
+    from dsla.model.loading import load_teacher, teacher_hash
+    from dsla.model.tokenizer import Tokenizer
+    from dsla.serve.engine import Engine
+    from dsla.serve.runner import ModelRunner
+    from dsla.serve.scheduler import SchedulerConfig
+
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    model = load_teacher(teacher, dtype=dtypes[dtype])
+    order = None
+    if student is not None:
+        from dsla.distill.artifact import load_student
+
+        manifest = load_student(model, student, teacher_hash(teacher))
+        order = [i for i in manifest["order"] if i in set(manifest["layers_done"])]
+    plan = plan_layers(model.cfg.num_hidden_layers, dsla_layers, dsla_ratio, order)
+    missing = [i for i in plan if i not in model.dsla_layers()]
+    if missing and student is not None:
+        raise ValueError(f"layers {missing} are not in the student {student}: distill them or drop them from "
+                         "--dsla-layers")
+    if missing:
+        log.warning("no student: layers %s run untrained DSLA (initialised from the teacher)", missing)
+        model.add_dsla(missing)
+    runner = ModelRunner(model, plan)
+    return Engine(runner, Tokenizer(teacher), config or SchedulerConfig())
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from dsla.cli import add_model_arguments
+    from dsla.serve.scheduler import SchedulerConfig
+
+    d = SchedulerConfig()
+    add_model_arguments(p)
+    p.add_argument("--student", default=None, help="student directory from `dsla distill` (DSLA weights)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--dsla-layers", default=None, help="comma-separated layers to run as DSLA")
+    g.add_argument("--dsla-ratio", type=float, default=None,
+                   help="fraction of layers to run as DSLA, taken in the student's order")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default=None, help="model id clients send (default: teacher dir name)")
+    p.add_argument("--api-key", default=os.environ.get("DSLA_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $DSLA_API_KEY, else open)")
+    p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="requests running at once")
+    p.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
+                   help="tokens per engine step (decodes + prefill chunks)")
+    p.add_argument("--cache-budget-mb", type=float, default=d.cache_budget_bytes / 2**20,
+                   help="cache memory for all running requests, MiB (over it: preempt the newest)")
+    p.add_argument("--max-waiting", type=int, default=d.max_waiting,
+                   help="queued requests beyond which new ones get 503 + Retry-After")
+    p.add_argument("--max-body-kb", type=int, default=1024, help="request bodies over this get 413")
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from dsla.bench.common import parse_list
+    from dsla.paths import resolve_teacher
+    from dsla.serve.api import create_app
+    from dsla.serve.scheduler import SchedulerConfig
+
+    teacher = resolve_teacher(args.teacher)
+    config = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                             cache_budget_bytes=int(args.cache_budget_mb * 2**20), max_waiting=args.max_waiting)
+    layers = parse_list(args.dsla_layers, int) if args.dsla_layers else None
+    engine = build_engine(teacher, args.dtype, args.student, layers, args.dsla_ratio, config)
+    name = args.served_model_name or teacher.name
+    app = create_app(engine, name, api_key=args.api_key, max_body_bytes=args.max_body_kb * 1024)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        log.warning("serving on %s without --api-key: anyone who can reach it can use it", args.host)
+    engine.start()
+    log.info("serving %s (DSLA layers %s) on http://%s:%d", name, list(engine.runner.plan) or "none",
+             args.host, args.port)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        engine.shutdown()
+    return 0

@@ -1,0 +1,303 @@
+"""The serving engine: one background thread owns the scheduler, the runner and every request.
+
+Other threads talk to it only through a thread-safe inbox (``submit``, ``abort``,
+``run_between_steps``); results go out through each request's sink, a callable the engine calls
+from its thread with a ``RequestOutput`` delta (the HTTP layer's sink hops onto its event loop).
+Aborts and plan changes take effect between steps, never inside one.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from dsla.model.tokenizer import Tokenizer
+from dsla.serve.detokenize import Detokenizer
+from dsla.serve.metrics import Metrics
+from dsla.serve.request import FinishReason, Request, SamplingOptions, TokenLogprob
+from dsla.serve.runner import ModelRunner
+from dsla.serve.scheduler import Scheduler, SchedulerConfig
+
+log = logging.getLogger(__name__)
+IDLE_POLL_S = 0.5  # how long an idle engine blocks on its inbox before checking for shutdown
+
+
+class EngineOverloaded(RuntimeError):
+    """The queue is full: the caller should retry later (HTTP 503 + Retry-After)."""
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """What happened to one request since its previous output (deltas, not totals)."""
+
+    request_id: str
+    text: str  # new text, safe to show (stop strings held back until resolved)
+    token_ids: tuple[int, ...]  # new output tokens
+    logprobs: tuple[TokenLogprob, ...]  # one per new token, when logprobs were asked for
+    prompt_logprobs: tuple[TokenLogprob, ...] | None  # in the first output, when asked for
+    finished: bool
+    finish_reason: FinishReason | None
+    num_prompt_tokens: int
+    num_output_tokens: int  # so far
+    error: str | None = None
+
+
+Sink = Callable[[RequestOutput], None]
+
+
+class _Tracked:
+    """Engine-side companions of a request: where its outputs go and what was sent already."""
+
+    def __init__(self, req: Request, sink: Sink, detok: Detokenizer) -> None:
+        self.req, self.sink, self.detok = req, sink, detok
+        self.sent_tokens = 0
+        self.sent_prompt_logprobs = False
+
+
+class Engine:
+    def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, config: SchedulerConfig = SchedulerConfig(),
+                 extra_eos_ids: Sequence[int] = ()) -> None:
+        self.runner, self.tokenizer, self.config = runner, tokenizer, config
+        self.scheduler = Scheduler(config, runner.cache_cost())
+        eos = set(runner.model.cfg.eos_token_id) | set(extra_eos_ids)
+        tok_eos = tokenizer.token_id(tokenizer.special("eos_token"))
+        if tok_eos is not None:
+            eos.add(tok_eos)
+        self.eos_token_ids = frozenset(eos)
+        self.metrics = Metrics()
+        self.metrics.set(cache_budget_bytes=config.cache_budget_bytes,
+                         num_layers=runner.model.cfg.num_hidden_layers, dsla_layers=len(runner.plan))
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._inbox_adds = 0  # submissions not yet moved into the scheduler
+        self._lock = threading.Lock()
+        self._tracked: dict[str, _Tracked] = {}
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.error: BaseException | None = None  # set if the loop itself died
+
+    @property
+    def max_model_len(self) -> int:
+        return self.runner.max_model_len
+
+    # ---- called from any thread ----------------------------------------------------------------
+    def start(self) -> "Engine":
+        self._thread = threading.Thread(target=self._loop, name="dsla-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._inbox.put(("wake",))
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.error is None
+
+    def num_queued(self) -> int:
+        return self.scheduler.num_waiting + self._inbox_adds
+
+    def submit(self, prompt_ids: Sequence[int], options: SamplingOptions, sink: Sink,
+               request_id: str | None = None) -> str:
+        """Queue a request; return its id. Raises ValueError (bad request) or EngineOverloaded."""
+        prompt_ids = [int(t) for t in prompt_ids]
+        vocab = self.runner.model.cfg.vocab_size
+        bad = [t for t in prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        total = len(prompt_ids) + options.max_tokens
+        if total > self.max_model_len:
+            raise ValueError(f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({options.max_tokens}) is "
+                             f"{total} tokens, more than the model's context of {self.max_model_len}")
+        req = Request(request_id or uuid.uuid4().hex, prompt_ids, options, self.eos_token_ids)
+        self.scheduler.check_fits(req)
+        with self._lock:
+            if self.num_queued() >= self.config.max_waiting:
+                self.metrics.inc("requests_rejected_total")
+                raise EngineOverloaded(f"{self.num_queued()} requests are already queued (limit "
+                                       f"{self.config.max_waiting}): retry later")
+            self._inbox_adds += 1
+        self._inbox.put(("add", req, sink))
+        return req.request_id
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request; its cache is freed at the next step. Unknown ids are ignored."""
+        self._inbox.put(("abort", request_id))
+
+    def run_between_steps(self, fn: Callable[["Engine"], object]) -> Future:
+        """Run ``fn(engine)`` on the engine thread between two steps (plan changes go here)."""
+        fut: Future = Future()
+        self._inbox.put(("call", fn, fut))
+        return fut
+
+    # ---- the engine thread ----------------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._drain(block=not self.scheduler.has_work)
+                if self.scheduler.has_work:
+                    self.step()
+        except BaseException as e:  # a bug in the engine: fail everyone rather than hang them
+            log.exception("engine loop died")
+            self.error = e
+            for t in list(self._tracked.values()):
+                self._finish(t, FinishReason.ERROR, error=f"engine failure: {e}")
+
+    def _drain(self, block: bool) -> None:
+        try:
+            msg = self._inbox.get(timeout=IDLE_POLL_S) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._handle(msg)
+            try:
+                msg = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _handle(self, msg: tuple) -> None:
+        kind = msg[0]
+        if kind == "add":
+            _, req, sink = msg
+            with self._lock:
+                self._inbox_adds -= 1
+            self._tracked[req.request_id] = _Tracked(req, sink, Detokenizer(
+                self.tokenizer, req.prompt_token_ids, req.options.stop))
+            self.scheduler.add(req)
+        elif kind == "abort":
+            t = self._tracked.get(msg[1])
+            if t is not None:
+                self._finish(t, FinishReason.ABORT)
+        elif kind == "call":
+            _, fn, fut = msg
+            try:
+                fut.set_result(fn(self))
+            except Exception as e:  # the caller gets the error through the future
+                fut.set_exception(e)
+            self.scheduler.set_cost(self.runner.cache_cost())
+            self.metrics.set(dsla_layers=len(self.runner.plan))
+
+    def step(self) -> None:
+        """Schedule, run one forward, sample, emit. Public so tests can step without the thread."""
+        out = self.scheduler.schedule()
+        self.runner.free(out.freed)
+        if out.preempted:
+            self.metrics.inc("preemptions_total", len(out.preempted))
+        if out.chunks:
+            try:
+                results = self.runner.execute(out)
+            except Exception as e:  # e.g. a non-finite DSLA state: fail this step's requests, keep serving
+                log.exception("step failed for %d requests", len(out.chunks))
+                self.metrics.inc("step_errors_total")
+                for c in out.chunks:
+                    self._finish(self._tracked[c.request.request_id], FinishReason.ERROR, error=str(e))
+                results = None
+            if results is not None:
+                self.scheduler.advance(out)
+                now = time.monotonic()
+                for c in out.chunks:
+                    self._process(self._tracked[c.request.request_id], c.completes, results[c.request.request_id], now)
+            self.metrics.inc("steps_total")
+        self.metrics.set(requests_running=self.scheduler.num_running, requests_waiting=self.scheduler.num_waiting,
+                         cache_bytes_used=self.runner.cache_bytes())
+
+    def _process(self, t: _Tracked, completes: bool, res, now: float) -> None:
+        req = t.req
+        if req.admitted_time is None:
+            req.admitted_time = now
+            self.metrics.observe("queue_time_seconds", now - req.arrival_time)
+        req.prompt_logprobs += res.prompt_logprobs
+        text, reason = "", None
+        if res.token_id is not None:
+            tok, o = res.token_id, req.options
+            if req.first_token_time is None:
+                req.first_token_time = now
+                self.metrics.observe("time_to_first_token_seconds", now - req.arrival_time)
+            if (tok in req.eos_token_ids and not o.ignore_eos) or tok in o.stop_token_ids:
+                reason = FinishReason.STOP  # the stop token itself is not part of the output
+            else:
+                req.output_token_ids.append(tok)
+                if res.logprob is not None:
+                    req.output_logprobs.append(res.logprob)
+                self.metrics.inc("generation_tokens_total")
+                text = t.detok.push(tok)
+                if t.detok.stopped:
+                    reason = FinishReason.STOP
+                elif req.num_output_tokens >= o.max_tokens or req.num_tokens >= self.max_model_len:
+                    reason = FinishReason.LENGTH
+        elif completes and req.num_output_tokens >= req.options.max_tokens:  # prompt scoring only
+            req.first_token_time = req.first_token_time or now
+            reason = FinishReason.LENGTH
+        if reason is not None:
+            self._finish(t, reason, text=text)
+        elif text or req.num_output_tokens > t.sent_tokens:
+            self._emit(t, text, finished=False)
+
+    def _emit(self, t: _Tracked, text: str, finished: bool, error: str | None = None) -> None:
+        req = t.req
+        new = slice(t.sent_tokens, req.num_output_tokens)
+        prompt_lp = None
+        if req.options.prompt_logprobs and not t.sent_prompt_logprobs and (finished or req.num_output_tokens):
+            prompt_lp, t.sent_prompt_logprobs = tuple(req.prompt_logprobs), True
+        out = RequestOutput(req.request_id, text, tuple(req.output_token_ids[new]), tuple(req.output_logprobs[new]),
+                            prompt_lp, finished, req.finish_reason if finished else None,
+                            req.num_prompt_tokens, req.num_output_tokens, error)
+        t.sent_tokens = req.num_output_tokens
+        try:
+            t.sink(out)
+        except Exception:  # a broken sink must not take the engine down; the client is gone
+            log.exception("output sink of request %s failed; aborting it", req.request_id)
+            if not finished:
+                self.abort(req.request_id)
+
+    def _finish(self, t: _Tracked, reason: FinishReason, text: str = "", error: str | None = None) -> None:
+        req = t.req
+        if req.is_finished:
+            return
+        self.scheduler.finish(req, reason)
+        self.runner.release(req.request_id)
+        self._tracked.pop(req.request_id, None)
+        now = req.finish_time = time.monotonic()
+        m = self.metrics
+        m.request_finished(reason.value)
+        if reason in (FinishReason.STOP, FinishReason.LENGTH):
+            m.inc("prompt_tokens_total", req.num_prompt_tokens)
+            m.observe("e2e_request_latency_seconds", now - req.arrival_time)
+            if req.first_token_time is not None and req.num_output_tokens > 1:
+                m.observe("time_per_output_token_seconds",
+                          (now - req.first_token_time) / (req.num_output_tokens - 1))
+        if reason is not FinishReason.ABORT:
+            self._emit(t, text + t.detok.flush(), finished=True, error=error)
+
+
+class Collector:
+    """A sink for synchronous callers (tests, scripts): gathers a request's outputs."""
+
+    def __init__(self) -> None:
+        self._q: queue.SimpleQueue[RequestOutput] = queue.SimpleQueue()
+        self.outputs: list[RequestOutput] = []
+
+    def __call__(self, out: RequestOutput) -> None:
+        self._q.put(out)
+
+    def wait(self, timeout: float = 60.0) -> list[RequestOutput]:
+        """Block until the request finishes; return all its outputs."""
+        deadline = time.monotonic() + timeout
+        while not (self.outputs and self.outputs[-1].finished):
+            self.outputs.append(self._q.get(timeout=max(0.0, deadline - time.monotonic())))
+        return self.outputs
+
+    @property
+    def token_ids(self) -> list[int]:
+        return [t for o in self.outputs for t in o.token_ids]
+
+    @property
+    def text(self) -> str:
+        return "".join(o.text for o in self.outputs)

@@ -1,0 +1,112 @@
+"""Engine metrics and their Prometheus text exposition (format 0.0.4), written by hand.
+
+The engine thread updates; the HTTP thread renders. One lock guards both.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from dataclasses import dataclass, field
+
+PREFIX = "dsla"
+# Latency buckets in seconds: CPU serving spans milliseconds (a decode step) to minutes (a backlog).
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+
+@dataclass
+class Histogram:
+    buckets: tuple[float, ...] = LATENCY_BUCKETS
+    counts: list[int] = field(default_factory=list)  # per bucket, not cumulative; last = +Inf
+    total: float = 0.0
+    count: int = 0
+
+    def __post_init__(self) -> None:
+        self.counts = [0] * (len(self.buckets) + 1)
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        self.total += value
+        self.count += 1
+
+    def lines(self, name: str, help_: str) -> list[str]:
+        out = [f"# HELP {name} {help_}", f"# TYPE {name} histogram"]
+        acc = 0
+        for le, c in zip((*(repr(float(b)) for b in self.buckets), "+Inf"), self.counts):
+            acc += c
+            out.append(f'{name}_bucket{{le="{le}"}} {acc}')
+        out += [f"{name}_sum {self.total!r}", f"{name}_count {self.count}"]
+        return out
+
+
+class Metrics:
+    """Counters, gauges and histograms of one engine."""
+
+    HISTOGRAMS = {
+        "time_to_first_token_seconds": "arrival to first generated token",
+        "time_per_output_token_seconds": "mean gap between output tokens of a finished request",
+        "e2e_request_latency_seconds": "arrival to finish",
+        "queue_time_seconds": "arrival to first admission",
+    }
+    COUNTERS = {
+        "prompt_tokens_total": "prompt tokens of finished requests",
+        "generation_tokens_total": "tokens generated",
+        "requests_rejected_total": "requests refused because the queue was full",
+        "preemptions_total": "running requests preempted (cache freed, recomputed later)",
+        "steps_total": "engine steps run",
+        "step_errors_total": "engine steps whose forward raised",
+        "layer_conversions_total": "layer plan changes applied between steps",
+    }
+    GAUGES = {
+        "requests_running": "requests holding a cache",
+        "requests_waiting": "requests queued (new or preempted)",
+        "cache_bytes_used": "bytes held by the live request caches",
+        "cache_budget_bytes": "cache memory budget",
+        "dsla_layers": "layers that run DSLA for new requests",
+        "num_layers": "layers in the model",
+    }
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.hist = {k: Histogram() for k in self.HISTOGRAMS}
+        self.counters = {k: 0.0 for k in self.COUNTERS}
+        self.gauges = {k: 0.0 for k in self.GAUGES}
+        self.finished: dict[str, int] = {}  # finish reason -> count
+
+    def inc(self, name: str, by: float = 1) -> None:
+        with self.lock:
+            self.counters[name] += by
+
+    def set(self, **values: float) -> None:
+        with self.lock:
+            self.gauges.update(values)
+
+    def observe(self, name: str, value: float) -> None:
+        with self.lock:
+            self.hist[name].observe(value)
+
+    def request_finished(self, reason: str) -> None:
+        with self.lock:
+            self.finished[reason] = self.finished.get(reason, 0) + 1
+
+    def snapshot(self) -> dict:
+        """Plain numbers (for tests and /health)."""
+        with self.lock:
+            return {**self.counters, **self.gauges,
+                    "requests_finished": dict(self.finished),
+                    **{f"{k}_count": h.count for k, h in self.hist.items()}}
+
+    def render(self) -> str:
+        with self.lock:
+            out: list[str] = []
+            for k, help_ in self.GAUGES.items():
+                out += [f"# HELP {PREFIX}_{k} {help_}", f"# TYPE {PREFIX}_{k} gauge", f"{PREFIX}_{k} {self.gauges[k]!r}"]
+            for k, help_ in self.COUNTERS.items():
+                out += [f"# HELP {PREFIX}_{k} {help_}", f"# TYPE {PREFIX}_{k} counter",
+                        f"{PREFIX}_{k} {float(self.counters[k])!r}"]
+            name = f"{PREFIX}_requests_finished_total"
+            out += [f"# HELP {name} requests ended, by finish reason", f"# TYPE {name} counter"]
+            out += [f'{name}{{finish_reason="{r}"}} {c}' for r, c in sorted(self.finished.items())]
+            for k, help_ in self.HISTOGRAMS.items():
+                out += self.hist[k].lines(f"{PREFIX}_{k}", help_)
+            return "\n".join(out) + "\n"

@@ -1,0 +1,146 @@
+"""Model runner: one scheduled step -> one flattened forward of the hybrid model -> sampled tokens.
+
+Owns the per-request caches (``RequestCache``, typed per layer) and the per-request seeded
+generators. The layer plan (which layers run DSLA for a new request) lives here; changing it is
+done by the engine between steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+from dsla.model.llama import HybridLM
+from dsla.model.state import RequestCache
+from dsla.sampling import SamplingParams, sample
+from dsla.serve.request import Request, TokenLogprob
+from dsla.serve.scheduler import CacheCost, SchedulerOutput
+
+
+@dataclass
+class StepResult:
+    """What one step produced for one request."""
+
+    token_id: int | None = None  # the sampled token, when the step completed the request's tokens
+    logprob: TokenLogprob | None = None  # its logprob, when the request asked for logprobs
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # newly scored prompt tokens
+
+
+def token_logprobs(lp: Tensor, chosen: Sequence[int], k: int) -> list[TokenLogprob]:
+    """lp: (M, vocab) log-probabilities; chosen: M token ids -> one TokenLogprob per row."""
+    picked = lp.gather(1, torch.tensor(chosen, device=lp.device)[:, None])[:, 0].tolist()  # (M,)
+    if k:
+        top_v, top_i = lp.topk(min(k, lp.shape[1]), dim=1)  # (M, k)
+        tops = [tuple(zip(i, v)) for i, v in zip(top_i.tolist(), top_v.tolist())]
+    else:
+        tops = [()] * len(chosen)
+    return [TokenLogprob(t, p, top) for t, p, top in zip(chosen, picked, tops)]
+
+
+class ModelRunner:
+    def __init__(self, model: HybridLM, dsla_layers: Iterable[int] = ()) -> None:
+        self.model = model
+        self.plan: tuple[int, ...] = ()
+        self.set_plan(dsla_layers)
+        self.caches: dict[str, RequestCache] = {}
+        self.generators: dict[str, torch.Generator | None] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.model.embed_tokens.weight.device
+
+    @property
+    def max_model_len(self) -> int:
+        return self.model.cfg.max_position_embeddings
+
+    def set_plan(self, dsla_layers: Iterable[int]) -> None:
+        """Layers that run DSLA for requests admitted from now on (raises if one lacks a module)."""
+        plan = tuple(sorted(set(dsla_layers)))
+        self.model.new_cache(plan)  # validates the layer indices and that DSLA modules exist
+        self.plan = plan
+
+    def cache_cost(self) -> CacheCost:
+        """The byte cost of a request's cache under the current plan, measured on a fresh cache."""
+        probe = self.model.new_cache(self.plan)
+        cfg, elem = self.model.cfg, self.model.model.embed_tokens.weight.element_size()
+        n_attn = cfg.num_hidden_layers - len(self.plan)
+        per_token = 2 * cfg.num_key_value_heads * cfg.head_dim * elem * n_attn  # K and V
+        fixed = sum(s.nbytes for i, s in enumerate(probe.layers) if i in self.plan)
+        initial = (probe.nbytes - fixed) // per_token if per_token else 0
+        return CacheCost(kv_bytes_per_token=per_token, fixed_bytes=fixed, initial_capacity=initial)
+
+    def cache_bytes(self) -> int:
+        """Bytes all live caches hold right now (what the budget is about)."""
+        return sum(c.nbytes for c in self.caches.values())
+
+    def free(self, request_ids: Iterable[str]) -> None:
+        """Drop caches (preempted, aborted or finished requests); generators survive preemption."""
+        for rid in request_ids:
+            self.caches.pop(rid, None)
+
+    def release(self, request_id: str) -> None:
+        """Forget everything about a request that has ended."""
+        self.caches.pop(request_id, None)
+        self.generators.pop(request_id, None)
+
+    def _generator(self, req: Request) -> torch.Generator | None:
+        if req.request_id not in self.generators:
+            o = req.options
+            self.generators[req.request_id] = SamplingParams(o.temperature, o.top_p, o.top_k, o.seed).generator()
+        return self.generators[req.request_id]
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> dict[str, StepResult]:
+        """Run the step's chunks as one forward; return a result per scheduled request id."""
+        ids: list[int] = []
+        seq_lens: list[int] = []
+        caches: list[RequestCache] = []
+        rows: list[int] = []  # flattened-token indices whose logits we need
+        plan = []  # per chunk: (request, first prompt-score row, prompt positions [lo, hi), sample row)
+        for c in out.chunks:
+            req = c.request
+            cache = self.caches.get(req.request_id)
+            if cache is None:
+                if c.start != 0:
+                    raise RuntimeError(f"request {req.request_id} resumes at token {c.start} without a cache")
+                cache = self.caches[req.request_id] = self.model.new_cache(self.plan)
+            base = len(ids)
+            ids += req.token_ids(c.start, c.start + c.num_tokens)
+            seq_lens.append(c.num_tokens)
+            caches.append(cache)
+            # Logits at position p score prompt token p + 1; score each prompt token once.
+            lo, hi = c.start, c.start
+            if req.options.prompt_logprobs:
+                lo = max(c.start, len(req.prompt_logprobs))
+                hi = max(lo, min(c.start + c.num_tokens, req.num_prompt_tokens - 1))
+            first_prompt_row = len(rows)
+            rows += range(base + lo - c.start, base + hi - c.start)
+            sample_row = None
+            if c.samples:
+                sample_row = len(rows)
+                rows.append(base + c.num_tokens - 1)
+            plan.append((req, first_prompt_row, lo, hi, sample_row))
+        dev = self.device
+        logits = self.model(torch.tensor(ids, device=dev), seq_lens, caches,
+                            logits_for=torch.tensor(rows, dtype=torch.long, device=dev)).float()  # (M, vocab)
+        results: dict[str, StepResult] = {}
+        for req, first, lo, hi, sample_row in plan:
+            res = results[req.request_id] = StepResult()
+            if hi > lo:
+                lp = logits[first: first + hi - lo].log_softmax(-1)  # (hi - lo, vocab)
+                res.prompt_logprobs = token_logprobs(lp, req.prompt_token_ids[lo + 1: hi + 1], req.options.logprobs or 0)
+            if sample_row is None:
+                continue
+            row = logits[sample_row]  # (vocab,)
+            o = req.options
+            if o.temperature == 0:
+                tok = int(row.argmax())
+            else:
+                tok = sample(row, SamplingParams(o.temperature, o.top_p, o.top_k, o.seed), self._generator(req))
+            res.token_id = tok
+            if o.logprobs is not None:
+                res.logprob = token_logprobs(row.log_softmax(-1)[None], [tok], o.logprobs)[0]
+        return results

@@ -1,0 +1,76 @@
+"""Fixtures for the serving tests: a tiny random Llama with a tiny byte-level BPE tokenizer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import make_tiny_hf_dir
+
+VOCAB = 320  # 256 bytes + specials + a few merges; the tiny model's vocab matches
+SPECIALS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]  # ids 0..4; </s> = 2 = the model's EOS
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A hybrid model mixes softmax attention with linear attention layers.",
+    "Serving many requests at once needs continuous batching and a memory budget.",
+    "Caf\u00e9 na\u00efve r\u00e9sum\u00e9: bytes that span several tokens must decode cleanly.",
+    "Numbers 12345 and symbols #@! appear in text too.",
+]
+
+
+def make_tokenizer_dir(path) -> None:
+    """Train a byte-level BPE on a few sentences; save tokenizer.json + tokenizer_config.json."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(SENTENCES * 4, trainer)
+    assert tok.get_vocab_size() <= VOCAB and tok.token_to_id("</s>") == 2
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "chat_template": CHAT_TEMPLATE}))
+
+
+@pytest.fixture(scope="session")
+def serve_dir(tmp_path_factory):
+    """A tiny Llama (3 layers, vocab 320) with a real tokenizer and chat template."""
+    path = tmp_path_factory.mktemp("tiny_serve")
+    make_tiny_hf_dir(path, vocab_size=VOCAB)
+    make_tokenizer_dir(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def serve_model(serve_dir):
+    from dsla.model.loading import load_teacher
+
+    return load_teacher(serve_dir)
+
+
+@pytest.fixture(scope="session")
+def serve_tok(serve_dir):
+    from dsla.model.tokenizer import Tokenizer
+
+    return Tokenizer(serve_dir)
+
+
+def make_engine(model, tok, dsla_layers=(), start=True, **config):
+    from dsla.serve.engine import Engine
+    from dsla.serve.runner import ModelRunner
+    from dsla.serve.scheduler import SchedulerConfig
+
+    engine = Engine(ModelRunner(model, dsla_layers), tok, SchedulerConfig(**config))
+    return engine.start() if start else engine
+
+
+@pytest.fixture
+def engine(serve_model, serve_tok):
+    e = make_engine(serve_model, serve_tok)
+    yield e
+    e.shutdown()
