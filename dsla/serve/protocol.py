@@ -39,10 +39,14 @@ def validation_error(e: ValidationError | Sequence[dict]) -> OpenAIError:
     loc = [str(p) for p in err.get("loc", ()) if p not in ("body",)]
     if err.get("type") == "json_invalid":
         return OpenAIError(400, f"the request body is not valid JSON: {err.get('msg')}", code="invalid_json")
-    # For unions pydantic reports each alternative; the field itself is the first path element.
+    # For a union pydantic reports one error per alternative: name the field and say so.
     param = loc[0] if loc else None
-    where = ".".join(p for p in loc if not any(ch in p for ch in "[],")) or "body"
-    return OpenAIError(400, f"{where}: {err.get('msg')} (got {err.get('input')!r})"[:500], param=param,
+    alternatives = sum(1 for x in errs if [str(p) for p in x.get("loc", ())][:1] == loc[:1])
+    if alternatives > 1:
+        msg = f"{param}: none of the accepted types matches (got {err.get('input')!r})"
+    else:
+        msg = f"{'.'.join(loc) or 'body'}: {err.get('msg')} (got {err.get('input')!r})"
+    return OpenAIError(400, msg[:500], param=param,
                        code="invalid_value" if err.get("type") != "missing" else "missing_field")
 
 

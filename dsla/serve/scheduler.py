@@ -133,9 +133,9 @@ class Scheduler:
         need = self.cost.worst_case_bytes(req.max_total_tokens)
         if need > self.config.cache_budget_bytes:
             raise ValueError(
-                f"the request may need {need / 2**20:.1f} MiB of cache ({req.num_prompt_tokens} prompt + "
+                f"the request may need {need:,} bytes of cache ({req.num_prompt_tokens} prompt + "
                 f"{req.options.max_tokens} new tokens) but the server's whole cache budget is "
-                f"{self.config.cache_budget_bytes / 2**20:.1f} MiB: shorten the prompt or max_tokens")
+                f"{self.config.cache_budget_bytes:,} bytes: shorten the prompt or max_tokens")
 
     def add(self, req: Request) -> None:
         self.check_fits(req)

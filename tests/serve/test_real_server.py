@@ -1,0 +1,103 @@
+"""A real uvicorn on a loopback port: the official `openai` client, and aborts on client disconnect."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from tests.serve.conftest import make_engine
+
+MODEL = "tiny"
+
+
+@pytest.fixture
+def server(serve_model, serve_tok):
+    """(base url, engine) of a uvicorn serving the tiny model on 127.0.0.1, an ephemeral port."""
+    import uvicorn
+
+    from dsla.serve.api import create_app
+
+    engine = make_engine(serve_model, serve_tok)
+    app = create_app(engine, MODEL, api_key="k")
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not srv.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    port = srv.servers[0].sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}", engine
+    srv.should_exit = True
+    thread.join(10)
+    engine.shutdown()
+
+
+def wait_for(cond, timeout=20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_openai_client(server, serve_model, serve_tok):
+    import openai
+
+    from dsla.generate import generate
+    from dsla.sampling import SamplingParams
+
+    url, _ = server
+    client = openai.OpenAI(base_url=url + "/v1", api_key="k", timeout=30, max_retries=0)
+    assert [m.id for m in client.models.list()] == [MODEL]
+    prompt = "The quick brown fox"
+    want = serve_tok.decode(list(generate(serve_model, serve_tok.encode(prompt), SamplingParams(max_tokens=16),
+                                          stop_ids=serve_model.cfg.eos_token_id)))
+    c = client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0)
+    assert c.choices[0].text == want and c.usage.completion_tokens >= 1
+    pieces = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert "".join(p.choices[0].text for p in pieces if p.choices) == want
+    assert pieces[-1].usage.total_tokens == c.usage.total_tokens
+    msgs = [{"role": "user", "content": "hello"}]
+    chat = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=8, temperature=0, seed=1)
+    assert chat.choices[0].message.role == "assistant" and chat.choices[0].finish_reason in ("stop", "length")
+    stream = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=8, temperature=0, stream=True)
+    assert "".join(ch.choices[0].delta.content or "" for ch in stream) == chat.choices[0].message.content
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, n=3)
+    assert "n=3" in e.value.message
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def test_streaming_client_disconnect_aborts(server):
+    import httpx
+
+    url, engine = server
+    body = {"model": MODEL, "prompt": "A hybrid", "max_tokens": 480, "ignore_eos": True, "stream": True}
+    with httpx.Client(timeout=30) as http:
+        with http.stream("POST", url + "/v1/completions", json=body, headers={"Authorization": "Bearer k"}) as r:
+            assert r.status_code == 200
+            next(r.iter_lines())  # one event, then hang up
+    assert wait_for(lambda: engine.metrics.snapshot()["requests_finished"].get("abort") == 1)
+    assert wait_for(lambda: not engine.runner.caches and engine.scheduler.num_running == 0)
+
+
+def test_non_streaming_client_disconnect_aborts(server):
+    import httpx
+
+    url, engine = server
+    gate = threading.Event()
+    engine.run_between_steps(lambda e: gate.wait(30))  # keep the request queued while the client gives up
+    body = {"model": MODEL, "prompt": "A hybrid", "max_tokens": 400, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + "/v1/completions", json=body, headers={"Authorization": "Bearer k"}, timeout=0.5)
+    time.sleep(1.5)  # the handler polls for the disconnect once a second
+    gate.set()
+    assert wait_for(lambda: engine.metrics.snapshot()["requests_finished"].get("abort") == 1)
+    assert engine.metrics.snapshot()["generation_tokens_total"] < 400
+    assert wait_for(lambda: not engine.runner.caches)
