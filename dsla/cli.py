@@ -22,10 +22,12 @@ COMMANDS = {
     "distill": ("dsla.distill.commands:add_distill_arguments:run_distill",
                 "chained layer-wise distillation into a resumable student directory"),
     "eval": ("dsla.eval.commands:add_arguments:run", "quality of a student at several conversion ratios"),
+    "serve": ("dsla.serve.commands:add_arguments:run", "OpenAI-compatible HTTP server with continuous batching"),
 }
 BENCHES = {
     "decode": ("dsla.bench.decode:add_arguments:run", "prefill and decode speed of our model vs transformers"),
     "layer": ("dsla.bench.layer:add_arguments:run", "one layer: softmax attention vs DSLA, prefill/decode/memory/fold"),
+    "serve": ("dsla.bench.serve:add_arguments:run", "open-loop Poisson load against an OpenAI-compatible server"),
 }
 
 
