@@ -10,7 +10,6 @@ computed for nobody.
     python -m dsla.bench.hf_baseline_server --teacher DIR --port 8001 --threads 2
 """
 
-from __future__ import annotations
 
 import argparse
 import asyncio

@@ -210,6 +210,7 @@ def run(args: argparse.Namespace) -> int:
     from dsla.model.tokenizer import Tokenizer
     from dsla.paths import resolve_teacher
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
     if args.rate <= 0:
         raise ValueError(f"--rate={args.rate} must be positive")
     rng = random.Random(args.seed)

@@ -168,9 +168,12 @@ class Engine:
             _, req, sink = msg
             with self._lock:
                 self._inbox_adds -= 1
-            self._tracked[req.request_id] = _Tracked(req, sink, Detokenizer(
+            t = self._tracked[req.request_id] = _Tracked(req, sink, Detokenizer(
                 self.tokenizer, req.prompt_token_ids, req.options.stop))
-            self.scheduler.add(req)
+            try:
+                self.scheduler.add(req)
+            except ValueError as e:  # the plan changed since submit() checked: it no longer fits
+                self._finish(t, FinishReason.ERROR, error=str(e))
         elif kind == "abort":
             t = self._tracked.get(msg[1])
             if t is not None:

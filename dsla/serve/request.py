@@ -69,7 +69,7 @@ class TokenLogprob:
     top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), most likely first
 
 
-@dataclass
+@dataclass(eq=False)  # identity: two requests are never "equal", and list.remove stays O(R)
 class Request:
     """One generation request as the engine tracks it (mutated only by the engine thread)."""
 

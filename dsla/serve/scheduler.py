@@ -147,7 +147,7 @@ class Scheduler:
         if req.status is RequestStatus.RUNNING:
             self.running.remove(req)
             self._freed.append(req.request_id)
-        elif req.status is RequestStatus.WAITING:
+        elif req in self.waiting:
             self.waiting.remove(req)
         req.status, req.finish_reason = RequestStatus.FINISHED, reason
 

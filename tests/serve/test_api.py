@@ -243,3 +243,22 @@ def test_queue_full_is_503_with_retry_after(make_client):
         t.join(30)
     assert [x.status_code for x in results] == [200, 200]
     assert engine.metrics.snapshot()["requests_rejected_total"] == 1
+
+
+def test_a_failing_step_fails_its_requests_not_the_server(make_client):
+    client, engine = make_client()
+    real = engine.runner.execute
+    calls = []
+
+    def broken(out):
+        if not calls:
+            calls.append(1)
+            raise RuntimeError("boom")
+        return real(out)
+
+    engine.runner.execute = broken
+    r = client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 3})
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error" and "boom" in r.json()["error"]["message"]
+    assert client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 3}).status_code == 200
+    assert client.get("/health").status_code == 200 and not engine.runner.caches
+    assert engine.metrics.snapshot()["step_errors_total"] == 1
