@@ -91,7 +91,7 @@ def train_attention_stage(model: HybridLM, layer: int, x: Tensor, y: Tensor, cfg
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             if on_step:
                 on_step(losses[-1])
     return losses
@@ -120,7 +120,7 @@ def train_e2e_stage(model: HybridLM, layer: int, windows: Tensor, dsla_layers: l
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if on_step:
             on_step(losses[-1])
     return losses

@@ -32,7 +32,7 @@ from dsla.ops.rope import apply_rope, rope_cos_sin, unapply_rope
 
 
 class HeadwiseLinear(nn.Module):
-    """A separate small linear map per KV head: (H, N, I) -> (H, N, O)."""
+    """A separate small linear map per KV head: (H, ..., I) -> (H, ..., O)."""
 
     def __init__(self, heads: int, d_in: int, d_out: int, bias: bool) -> None:
         super().__init__()
@@ -40,8 +40,10 @@ class HeadwiseLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(heads, 1, d_out)) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
-        y = torch.matmul(x, self.weight.to(x.dtype))
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+        y = torch.matmul(x.reshape(x.shape[0], -1, x.shape[-1]), self.weight.to(x.dtype))  # (H, M, O)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.view(*x.shape[:-1], -1)
 
 
 def logit(p: float) -> float:

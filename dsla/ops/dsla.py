@@ -121,9 +121,11 @@ def dsla_step(q: Tensor, k: Tensor, v: Tensor, log_gates: Tensor, mix: Tensor,
     acc = _acc_dtype(q)
     st = _initial_state(state, (B, H, S, K, V), acc, q.device)
     kv = k[:, :, 0, :, None].to(acc) * v[:, :, 0, None, :].to(acc)        # (B, H, K, V)
-    st = torch.addcmul(kv[:, :, None], log_gates[:, :, :, 0, :, None].to(acc).exp(), st)
+    # Broadcasting may hand back a permuted layout (inputs sliced from bigger tensors): the state
+    # is stored, so make it contiguous; reshape (not view) for the same reason.
+    st = torch.addcmul(kv[:, :, None], log_gates[:, :, :, 0, :, None].to(acc).exp(), st).contiguous()
     qm = q[:, :, :, 0, None, :].to(acc) * mix[..., None].to(acc)          # (B, H, G, S, K)
-    o = qm.view(B, H, G, S * K) @ st.view(B, H, S * K, V)                 # (B, H, G, V)
+    o = qm.reshape(B, H, G, S * K) @ st.view(B, H, S * K, V)              # (B, H, G, V)
     return o.unsqueeze(3).to(q.dtype), st
 
 

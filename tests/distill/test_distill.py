@@ -1,0 +1,122 @@
+"""Chained distillation on a tiny random model: learning, order, resume, teacher identity."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dsla.config import DistillConfig, DSLAConfig
+from dsla.distill import train as train_mod
+from dsla.distill.artifact import load_student, read_manifest
+from dsla.distill.rank import attention_entropy, order_from_scores, spearman
+from dsla.model.loading import load_teacher
+
+SHA = "0" * 64
+
+
+def windows_fn(salt: int):
+    def make(num: int, seed: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed * 7 + salt)
+        return torch.randint(3, 97, (num, 32), generator=g)
+    return make
+
+
+def tiny_cfg(**kw) -> DistillConfig:
+    base = dict(dsla=DSLAConfig(feature_dim=8, chunk_size=8), seq_len=32, attn_sequences=8, attn_epochs=2,
+                val_sequences=2, batch_size=4, e2e_sequences=4, rank_sequences=4, frozen_dtype="float32")
+    base.update(kw)
+    return DistillConfig(**base)
+
+
+def run(tiny_dir, out, cfg, **kw):
+    model = load_teacher(tiny_dir)
+    for block in model.model.layers:  # sharpen the random teacher's attention so there is something to learn
+        block.self_attn.q_proj.weight.mul_(6.0)
+    return model, train_mod.distill(model, tiny_dir, SHA, out, cfg, windows_fn(0), windows_fn(1),
+                                    progress=False, **kw)
+
+
+def test_training_lowers_the_layer_loss(tiny_dir, tmp_path):
+    _, m = run(tiny_dir, tmp_path / "s", tiny_cfg(attn_epochs=4))
+    for i in m["layers_done"]:
+        r = m["metrics"][str(i)]
+        assert r["attn_val_nmse_after"] < r["attn_val_nmse_before"]
+        assert r["attn_train_loss_last"] < r["attn_train_loss_first"]
+
+
+def test_chained_order_is_respected(tiny_dir, tmp_path, monkeypatch):
+    seen = []
+    real = train_mod.collect_layer_io
+
+    def spy(model, layer, windows, dsla_layers, batch_size):
+        seen.append((layer, list(dsla_layers), model.dsla_layers()))
+        return real(model, layer, windows, dsla_layers, batch_size)
+
+    monkeypatch.setattr(train_mod, "collect_layer_io", spy)
+    _, m = run(tiny_dir, tmp_path / "s", tiny_cfg(order="given", layers=(2, 0, 1), val_sequences=0))
+    assert m["order"] == [2, 0, 1]
+    assert [(layer, conv) for layer, conv, _ in seen] == [(2, []), (0, [2]), (1, [2, 0])]
+
+
+def test_kill_and_resume_equals_uninterrupted(tiny_dir, tmp_path, monkeypatch):
+    cfg = tiny_cfg()
+    _, full = run(tiny_dir, tmp_path / "full", cfg)
+
+    calls = {"n": 0}
+    real = train_mod.train_e2e_stage
+
+    def dies_on_second_layer(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(train_mod, "train_e2e_stage", dies_on_second_layer)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_dir, tmp_path / "resumed", cfg)
+    assert len(read_manifest(tmp_path / "resumed")["layers_done"]) == 1
+    monkeypatch.setattr(train_mod, "train_e2e_stage", real)
+    _, resumed = run(tiny_dir, tmp_path / "resumed", cfg)
+    assert resumed["layers_done"] == full["layers_done"]
+    a, b = load_file(tmp_path / "full" / "dsla.safetensors"), load_file(tmp_path / "resumed" / "dsla.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    assert not list((tmp_path / "resumed").glob(".*tmp*")), "temporary files left behind"
+
+
+def test_partial_artifact_is_usable_and_other_teacher_refused(tiny_dir, tmp_path):
+    run(tiny_dir, tmp_path / "s", tiny_cfg(), max_layers=2)
+    model = load_teacher(tiny_dir)
+    m = load_student(model, tmp_path / "s", SHA)
+    assert len(m["layers_done"]) == 2 and model.dsla_layers() == sorted(m["layers_done"])
+    with torch.no_grad():
+        out = model(torch.randint(0, 97, (1, 20)), dsla_layers=m["layers_done"])
+    assert torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="another teacher|distilled from teacher"):
+        load_student(load_teacher(tiny_dir), tmp_path / "s", "f" * 64)
+
+
+def test_resume_with_other_config_is_refused(tiny_dir, tmp_path):
+    run(tiny_dir, tmp_path / "s", tiny_cfg(), max_layers=1)
+    with pytest.raises(ValueError, match="different config"):
+        run(tiny_dir, tmp_path / "s", tiny_cfg(lr=1e-2))
+
+
+def test_entropy_ranking_and_spearman(tiny_model):
+    ent = attention_entropy(tiny_model, torch.randint(0, 97, (2, 16)))
+    assert len(ent) == 3 and all(0 <= e <= torch.log(torch.tensor(16.0)) for e in ent)
+    order = order_from_scores([0.3, 0.1, 0.2], "entropy")
+    assert order == [1, 2, 0] and order_from_scores([0.3, 0.1, 0.2], "reverse") == [0, 2, 1]
+    assert spearman([1, 2, 3], [10, 20, 30]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+
+
+def test_bad_config_values_are_named():
+    with pytest.raises(ValueError, match="order"):
+        DistillConfig(order="random")
+    with pytest.raises(ValueError, match="layers"):
+        DistillConfig(order="given")
+    with pytest.raises(ValueError, match="num_states"):
+        DSLAConfig(num_states=3)
