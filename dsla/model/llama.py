@@ -86,8 +86,15 @@ class LlamaAttention(nn.Module):
                 qr, kr, vr = (t[:, start: start + L] for t in (q, k, v))
                 if states is not None:
                     kr, vr = states[r].append(kr, vr)  # (Hkv, T, D): prefix + new
-                o_r = causal_attention(qr[None], kr[None], vr[None])[0]  # (Hq, L, D)
-                outs.append(o_r.transpose(0, 1).reshape(L, -1))
+                if L == 1:
+                    # Decode: a group's G query heads become G "queries" of their KV head, so SDPA
+                    # runs on the KV heads directly (CPU enable_gqa falls back to a slow path in bf16).
+                    Hkv = self.cfg.num_key_value_heads
+                    o_r = F.scaled_dot_product_attention(qr.view(1, Hkv, -1, qr.shape[-1]), kr[None], vr[None])
+                    outs.append(o_r.reshape(1, -1))  # (1, Hkv, G, D) -> (1, Hq*D)
+                else:
+                    o_r = causal_attention(qr[None], kr[None], vr[None])[0]  # (Hq, L, D)
+                    outs.append(o_r.transpose(0, 1).reshape(L, -1))
                 start += L
             o = torch.cat(outs) if len(outs) > 1 else outs[0]
         return self.o_proj(o)

@@ -1,0 +1,228 @@
+"""Helpers shared by the benchmarks: timing, memory, machine description, JSON and table output.
+
+Timing is wall clock (``time.perf_counter``): a few untimed warm-up calls, then the median of the
+timed repeats. Memory is resident set size read from ``/proc/self/status``; on Linux the peak
+("high-water mark") can be reset between configurations so each one reports its own peak.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+
+# ---- timing ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Timing:
+    """Seconds per call: the median of ``samples`` (the timed repeats, warm-up excluded)."""
+
+    samples: tuple[float, ...]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+    @property
+    def repeats(self) -> int:
+        return len(self.samples)
+
+
+def measure(fn: Callable[[], Any], warmup: int = 1, repeats: int = 3,
+            max_seconds: float | None = None) -> Timing:
+    """Call ``fn`` ``warmup`` times untimed, then up to ``repeats`` times timed.
+
+    With ``max_seconds``, timed calls stop early once they have taken that long in total (at
+    least one is always made): long configurations get fewer repeats, short ones all of them.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats={repeats} must be at least 1")
+    for _ in range(warmup):
+        fn()
+    samples: list[float] = []
+    while len(samples) < repeats and (not samples or max_seconds is None or sum(samples) < max_seconds):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return Timing(tuple(samples))
+
+
+def measure_alternating(fns: Sequence[Callable[[], Any]], warmup: int = 1, repeats: int = 3,
+                        max_seconds: float | None = None) -> list[Timing]:
+    """Like ``measure`` for several functions called in turn (a, b, a, b, ...), one Timing each.
+
+    Alternating makes a comparison fair on a shared machine: a busy neighbour slows every side
+    alike instead of whichever happened to run at the time. ``max_seconds`` counts all of them.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats={repeats} must be at least 1")
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    samples: list[list[float]] = [[] for _ in fns]
+    spent = 0.0
+    while len(samples[0]) < repeats and (not samples[0] or max_seconds is None or spent < max_seconds):
+        for fn, out in zip(fns, samples):
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+            spent += out[-1]
+    return [Timing(tuple(x)) for x in samples]
+
+
+# ---- memory ---------------------------------------------------------------------------------
+def _status_kb(field: str) -> int | None:
+    """A ``kB`` field of /proc/self/status (VmRSS, VmHWM), or None where there is no procfs."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def current_rss_mb() -> float:
+    """Resident set size now, MiB (0.0 where /proc is unavailable)."""
+    kb = _status_kb("VmRSS")
+    return 0.0 if kb is None else kb / 1024
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size, MiB: since the last ``reset_peak_rss`` where that worked, else
+    since the process started (``getrusage``; monotonic)."""
+    kb = _status_kb("VmHWM")
+    if kb is None:
+        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux
+        if sys.platform == "darwin":
+            kb //= 1024  # bytes there
+    return kb / 1024
+
+
+def release_freed_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc ``malloc_trim``).
+
+    Without it, memory freed by an earlier configuration stays resident and the next one
+    reuses it, so its RSS delta would read as zero.
+    """
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: deltas are then only approximate
+        pass
+
+
+def reset_peak_rss() -> bool:
+    """Reset the peak RSS to the current RSS (Linux >= 4.0: ``echo 5 > /proc/self/clear_refs``).
+
+    Returns False where that is not possible; peaks are then process-wide and only grow.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+# ---- machine --------------------------------------------------------------------------------
+def cpu_model() -> str:
+    """The CPU's marketing name (Linux: /proc/cpuinfo), or platform's best guess."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(**extra: Any) -> dict[str, Any]:
+    """What a reader needs to compare two result files: software versions, CPU, threads, time."""
+    info: dict[str, Any] = {
+        "time_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cuda": torch.cuda.is_available(),
+    }
+    if "transformers" in sys.modules:
+        info["transformers"] = sys.modules["transformers"].__version__
+    try:
+        info["load_average_1m"] = round(os.getloadavg()[0], 2)  # noisy neighbours show up here
+    except OSError:
+        pass
+    info.update(extra)
+    return info
+
+
+# ---- output ---------------------------------------------------------------------------------
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON: to a temp file in the same folder, then ``os.replace``.
+
+    A reader never sees a half-written file and a crash leaves the old file (if any) intact.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+    return str(v)
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    """A plain fixed-width text table of the given columns (None shows as '-')."""
+    cells = [[_cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max([len(c), *(len(row[i]) for row in cells)]) for i, c in enumerate(columns)]
+    line = lambda vals: "  ".join(v.rjust(w) for v, w in zip(vals, widths))  # noqa: E731
+    return "\n".join([line(columns), line(["-" * w for w in widths]), *(line(r) for r in cells)])
+
+
+def parse_list(text: str, kind: Callable[[str], Any] = str) -> list[Any]:
+    """'512,2048' -> [512, 2048] (CLI list flags); raise ValueError naming a bad item."""
+    out = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        try:
+            out.append(kind(item))
+        except ValueError:
+            raise ValueError(f"cannot read {item!r} in {text!r} as {getattr(kind, '__name__', kind)}") from None
+    if not out:
+        raise ValueError(f"the list {text!r} is empty")
+    return out

@@ -1,0 +1,328 @@
+"""`dsla bench decode`: prefill and decode speed of our HybridLM against transformers' Llama.
+
+Both implementations load the same checkpoint (ours with ``load_teacher``, transformers'
+``LlamaForCausalLM.from_pretrained(..., attn_implementation="sdpa")``) and run in each dtype of
+``--dtype-list``, with no gradients, on random token ids from a seeded generator.
+
+One JSON row per measurement, ``{"impl", "dtype", "batch", "context", "dsla_ratio",
+"prefill_tokens_per_s", "decode_ms_per_token", ...}``; two kinds of rows:
+
+- **prefill** rows: ``batch`` = 1, ``context`` = T (prompt length), ``prefill_tokens_per_s`` =
+  T / seconds of one forward over T tokens into an empty cache (logits for the last token only,
+  as a server computes them), ``decode_ms_per_token`` = null.
+- **decode** rows: ``batch`` = B requests, ``context`` = C, ``prefill_tokens_per_s`` = null,
+  ``decode_ms_per_token`` = milliseconds per decode step (one new token for each of the B
+  requests: the per-token latency each request sees), ``decode_tokens_per_s`` = B * 1000 / that.
+  Each request's cache is prefilled (untimed) with C - warmup - steps tokens, so the timed steps
+  run at contexts up to C and never pass the model's position limit; the value is the median over
+  the ``--steps`` timed steps. Ours runs B requests as one flattened forward with one cache each
+  (``model(ids, [1] * B, caches)``); transformers runs a (B, 1) input with a ``DynamicCache``.
+  One prefill per context is copied B times (same speed as B different prompts of that length).
+
+``dsla_ratio`` (ours only; transformers rows have 0): the first round(ratio * L) layers, in layer
+order, run DSLA (untrained: fine for speed). Prefill rows run those layers' chunked form from an
+empty ``new_cache(layers)``; decode caches get them by folding the prefilled KV cache
+(``convert_layer``, the engine's conversion path), which gives the same state shapes as a DSLA
+prefill.
+
+Implementations take turns configuration by configuration (both are loaded for a dtype), so a
+noisy neighbour on a shared machine slows both sides of a comparison alike; ``load_1m`` (the
+1-minute load average when the row finished) shows when that happened.
+
+Memory: before each row freed heap memory is returned to the OS and the process's peak RSS is
+reset (Linux ``clear_refs``), so ``peak_rss_mb`` is the peak resident memory while that row ran
+and ``rss_delta_mb`` what the row added on top of what was resident when it started: its caches
+(with growth) and activations. Compare implementations by ``rss_delta_mb``: ``peak_rss_mb``
+includes the weights of every implementation loaded for that dtype and the prefilled prompt
+caches. Where the reset is impossible (``machine.peak_rss_per_row`` false) peaks are
+process-wide and only grow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from dsla.bench.common import (current_rss_mb, format_table, machine_info, measure, parse_list,
+                               peak_rss_mb, release_freed_memory, reset_peak_rss, write_json_atomic)
+
+log = logging.getLogger(__name__)
+
+IMPLS = ("ours", "hf")
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """What to measure (recorded in the JSON next to the results)."""
+
+    impls: tuple[str, ...] = IMPLS  # "ours" (HybridLM) and/or "hf" (transformers)
+    dtypes: tuple[str, ...] = ("float32", "bfloat16")  # weight/activation dtypes
+    prefill_lengths: tuple[int, ...] = (512, 2048, 8192)  # tokens per prefill row (batch 1)
+    contexts: tuple[int, ...] = (512, 2048, 8192)  # cache length reached by the decode steps
+    batches: tuple[int, ...] = (1, 8)  # requests decoded together
+    dsla_ratios: tuple[float, ...] = (0.0,)  # fraction of layers running DSLA (ours only)
+    steps: int = 16  # timed decode steps per decode row (median reported)
+    warmup_steps: int = 2  # untimed decode steps before them
+    prefill_repeats: int = 3  # timed prefills per prefill row (median reported) ...
+    prefill_budget_s: float = 20.0  # ... but no more once the timed ones took this many seconds
+    seed: int = 0  # token ids
+
+    def __post_init__(self) -> None:
+        bad = [i for i in self.impls if i not in IMPLS]
+        if bad:
+            raise ValueError(f"unknown --impl {bad}: choose from {', '.join(IMPLS)}")
+        for r in self.dsla_ratios:
+            if not 0.0 <= r <= 1.0:
+                raise ValueError(f"--dsla-ratios value {r} must lie in [0, 1]")
+        if self.steps < 1:
+            raise ValueError(f"--steps {self.steps} must be at least 1")
+        for name in ("prefill_lengths", "contexts", "batches"):
+            if any(v < 1 for v in getattr(self, name)):
+                raise ValueError(f"{name}={getattr(self, name)} must all be positive")
+        short = [c for c in self.contexts if c <= self.steps + self.warmup_steps]
+        if short:
+            raise ValueError(f"contexts {short} leave no prefill before {self.warmup_steps} + {self.steps} "
+                             "decode steps: use larger --contexts or fewer --steps")
+
+
+# ---- the two implementations behind one small interface ------------------------------------------
+class OursRunner:
+    """HybridLM: flattened batch, one RequestCache per request."""
+
+    def __init__(self, teacher_dir: Path, dtype: torch.dtype) -> None:
+        from dsla.model.loading import load_teacher
+
+        self.model = load_teacher(teacher_dir, dtype=dtype)
+        self.num_layers = self.model.cfg.num_hidden_layers
+        self.vocab_size = self.model.cfg.vocab_size
+
+    def add_dsla(self, layers: Sequence[int]) -> None:
+        missing = [i for i in layers if i not in self.model.dsla_layers()]
+        if missing:
+            self.model.add_dsla(missing)
+
+    def prefill(self, ids: torch.Tensor, dsla_layers: Sequence[int] = ()) -> Any:
+        """One request's cache after a prefill of ``ids`` (logits for the last token only)."""
+        cache = self.model.new_cache(dsla_layers)
+        self.model(ids, [len(ids)], [cache], logits_for=torch.tensor([len(ids) - 1]))
+        return cache
+
+    def batch_caches(self, base: Any, dsla_layers: Sequence[int], batch: int) -> list:
+        """``batch`` copies of a prefilled all-attention cache, with ``dsla_layers`` folded to DSLA."""
+        one = copy.deepcopy(base)
+        for i in dsla_layers:
+            self.model.convert_layer(one, i)
+        return [copy.deepcopy(one) for _ in range(batch)]
+
+    def decode(self, caches: list, tokens: torch.Tensor) -> None:
+        self.model(tokens, [1] * len(caches), caches)
+
+
+class HFRunner:
+    """transformers' LlamaForCausalLM with SDPA attention and a DynamicCache."""
+
+    def __init__(self, teacher_dir: Path, dtype: torch.dtype) -> None:
+        from transformers import LlamaForCausalLM
+
+        self.model = LlamaForCausalLM.from_pretrained(teacher_dir, dtype=dtype, attn_implementation="sdpa").eval()
+        self.num_layers = self.model.config.num_hidden_layers
+        self.vocab_size = self.model.config.vocab_size
+
+    def add_dsla(self, layers: Sequence[int]) -> None:
+        if layers:
+            raise ValueError("transformers' Llama has no DSLA layers")
+
+    def prefill(self, ids: torch.Tensor, dsla_layers: Sequence[int] = ()) -> Any:
+        from transformers import DynamicCache
+
+        self.add_dsla(dsla_layers)
+        cache = DynamicCache(config=self.model.config)
+        self.model(ids[None], cache=cache, use_cache=True, logits_to_keep=1)
+        return cache
+
+    def batch_caches(self, base: Any, dsla_layers: Sequence[int], batch: int) -> Any:
+        self.add_dsla(dsla_layers)
+        cache = copy.deepcopy(base)
+        cache.batch_repeat_interleave(batch)
+        return cache
+
+    def decode(self, cache: Any, tokens: torch.Tensor) -> None:
+        self.model(tokens[:, None], cache=cache, use_cache=True)
+
+
+# ---- measuring ---------------------------------------------------------------------------------
+def _row(impl: str, dtype: str, batch: int, context: int, ratio: float, **fields: Any) -> dict[str, Any]:
+    row = {"impl": impl, "dtype": dtype, "batch": batch, "context": context, "dsla_ratio": ratio,
+           "prefill_tokens_per_s": None, "decode_ms_per_token": None, "decode_tokens_per_s": None}
+    row.update(fields)
+    return row
+
+
+def _measured(fn: Callable[[], Any]) -> tuple[Any, dict[str, float]]:
+    """Run fn with the peak RSS reset; return its result and the row's memory and load fields."""
+    release_freed_memory()
+    reset_peak_rss()
+    before = current_rss_mb()
+    out = fn()
+    peak = peak_rss_mb()
+    return out, {"peak_rss_mb": round(peak, 1), "rss_delta_mb": round(max(0.0, peak - before), 1),
+                 "load_1m": round(os.getloadavg()[0], 2)}
+
+
+def bench_dtype(runners: dict[str, OursRunner | HFRunner], dtype: str, s: DecodeSettings,
+                on_row: Callable[[dict[str, Any]], None] = lambda r: None) -> list[dict[str, Any]]:
+    """All rows of one dtype. Implementations take turns configuration by configuration, so a
+    noisy neighbour on a shared machine slows both sides of a comparison alike."""
+    any_runner = next(iter(runners.values()))
+    ratios = {impl: s.dsla_ratios if impl == "ours" else (0.0,) for impl in runners}
+    layers = {impl: {r: list(range(round(r * run.num_layers))) for r in ratios[impl]} for impl, run in runners.items()}
+    gen = torch.Generator().manual_seed(s.seed)
+    ids = torch.randint(0, any_runner.vocab_size, (max(*s.prefill_lengths, *s.contexts),), generator=gen)
+    tokens = {B: torch.randint(0, any_runner.vocab_size, (B,), generator=gen) for B in s.batches}
+    rows = []
+
+    def add(row: dict[str, Any]) -> None:
+        rows.append(row)
+        on_row(row)
+
+    with torch.no_grad():
+        for impl, runner in runners.items():
+            runner.add_dsla(max(layers[impl].values(), key=len))
+            runner.prefill(ids[: min(s.prefill_lengths)])  # warm-up: first-call allocations and kernels
+        for T in s.prefill_lengths:
+            for impl, runner in runners.items():
+                for ratio in ratios[impl]:
+                    timing, extra = _measured(lambda: measure(
+                        lambda: runner.prefill(ids[:T], layers[impl][ratio]), warmup=0,
+                        repeats=s.prefill_repeats, max_seconds=s.prefill_budget_s))
+                    add(_row(impl, dtype, 1, T, ratio, prefill_tokens_per_s=round(T / timing.median, 1),
+                             repeats=timing.repeats, **extra))
+        for C in s.contexts:
+            # One untimed all-attention prefill per context and implementation, copied for every
+            # batch size and ratio.
+            bases = {impl: runner.prefill(ids[: C - s.warmup_steps - s.steps]) for impl, runner in runners.items()}
+            for B in s.batches:
+                for impl, runner in runners.items():
+                    for ratio in ratios[impl]:
+                        def one_config() -> Any:
+                            caches = runner.batch_caches(bases[impl], layers[impl][ratio], B)
+                            return measure(lambda: runner.decode(caches, tokens[B]), warmup=s.warmup_steps,
+                                           repeats=s.steps)
+
+                        timing, extra = _measured(one_config)
+                        ms = timing.median * 1e3
+                        add(_row(impl, dtype, B, C, ratio, decode_ms_per_token=round(ms, 2),
+                                 decode_tokens_per_s=round(B * 1e3 / ms, 1), repeats=timing.repeats, **extra))
+            del bases
+    return rows
+
+
+def run_benchmark(teacher_dir: str | Path, s: DecodeSettings,
+                  on_row: Callable[[dict[str, Any]], None] = lambda r: None) -> dict[str, Any]:
+    """Every dtype in turn, with all implementations of that dtype loaded; returns the JSON document."""
+    from dsla.cli import DTYPES
+
+    bad = [d for d in s.dtypes if d not in DTYPES]
+    if bad:
+        raise ValueError(f"unknown dtype {bad}: choose from {', '.join(DTYPES)}")
+    can_reset = reset_peak_rss()
+    start = machine_info(peak_rss_per_row=can_reset)
+    rows: list[dict[str, Any]] = []
+    for dtype in s.dtypes:
+        log.info("decode bench: %s, %s", dtype, ", ".join(s.impls))
+        runners = {impl: (OursRunner if impl == "ours" else HFRunner)(Path(teacher_dir), DTYPES[dtype])
+                   for impl in s.impls}
+        rows += bench_dtype(runners, dtype, s, on_row)
+        del runners
+        release_freed_memory()
+    order = {impl: i for i, impl in enumerate(s.impls)}
+    rows.sort(key=lambda r: (order[r["impl"]], s.dtypes.index(r["dtype"]), r["dsla_ratio"],
+                             r["decode_ms_per_token"] is not None, r["batch"], r["context"]))
+    machine = machine_info(peak_rss_per_row=can_reset)  # now transformers is imported, if it ran
+    machine["load_average_1m_at_start"] = start.get("load_average_1m")
+    return {"machine": machine, "teacher": str(teacher_dir), "settings": asdict(s), "results": rows,
+            "summary": summarise(rows)}
+
+
+def summarise(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Ratios the targets are stated in, one entry per decode (dtype, batch, context)."""
+    dec = {(r["impl"], r["dtype"], r["batch"], r["context"], r["dsla_ratio"]): r["decode_ms_per_token"]
+           for r in rows if r["decode_ms_per_token"] is not None}
+    out = []
+    for (impl, dtype, B, C, ratio), ms in sorted(dec.items(), key=lambda kv: str(kv[0])):
+        if impl != "ours" or ratio != 0.0:
+            continue
+        entry: dict[str, Any] = {"dtype": dtype, "batch": B, "context": C, "ours_ms": ms}
+        hf = dec.get(("hf", dtype, B, C, 0.0))
+        if hf is not None:
+            entry["hf_ms"] = hf
+            entry["hf_over_ours"] = round(hf / ms, 3)  # > 1: ours is faster
+        one = dec.get(("ours", dtype, 1, C, 0.0))
+        if one is not None and B != 1:
+            entry["throughput_over_batch1"] = round((B / ms) / (1 / one), 3)
+        for (i2, d2, b2, c2, r2), ms2 in dec.items():
+            if (i2, d2, b2, c2) == ("ours", dtype, B, C) and r2 != 0.0:
+                entry[f"dsla{r2:g}_ms"] = ms2
+                entry[f"dsla{r2:g}_throughput_over_attention"] = round(ms / ms2, 3)
+        out.append(entry)
+    return out
+
+
+# ---- CLI -----------------------------------------------------------------------------------------
+TABLE = ["impl", "dtype", "dsla_ratio", "batch", "context", "prefill_tokens_per_s", "decode_ms_per_token",
+         "decode_tokens_per_s", "peak_rss_mb", "rss_delta_mb", "load_1m"]
+QUICK = dict(prefill_lengths=(128,), contexts=(256,), batches=(1, 4), steps=4, prefill_repeats=1)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from dsla.cli import add_model_arguments
+
+    add_model_arguments(p)
+    p.set_defaults(dtype=None)  # here --dtype X is shorthand for --dtype-list X
+    d = DecodeSettings()
+    p.add_argument("--json", required=True, type=Path, help="write the results here (atomically)")
+    p.add_argument("--impl", default=",".join(d.impls), help="comma list of: ours, hf")
+    p.add_argument("--dtype-list", default=None, help=f"comma list (default {','.join(d.dtypes)})")
+    p.add_argument("--prefill-lengths", default=None, help="prompt lengths T of the prefill rows")
+    p.add_argument("--contexts", default=None, help="contexts C of the decode rows")
+    p.add_argument("--batches", default=None, help="requests per decode step")
+    p.add_argument("--dsla-ratios", default="0", help="fractions of layers running DSLA (ours only), e.g. 0,0.5,1")
+    p.add_argument("--steps", type=int, default=None, help=f"timed decode steps per row (default {d.steps})")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--quick", action="store_true",
+                   help="tiny sizes for a sanity run (explicit size flags still win)")
+
+
+def settings_from_args(args: argparse.Namespace) -> DecodeSettings:
+    base = DecodeSettings(**QUICK) if args.quick else DecodeSettings()
+    if args.dtype and args.dtype_list:
+        raise ValueError("give --dtype or --dtype-list, not both")
+    kw: dict[str, Any] = {"impls": tuple(parse_list(args.impl)), "seed": args.seed,
+                          "dsla_ratios": tuple(parse_list(args.dsla_ratios, float))}
+    if args.dtype or args.dtype_list:
+        kw["dtypes"] = tuple(parse_list(args.dtype or args.dtype_list))
+    for name in ("prefill_lengths", "contexts", "batches"):
+        if getattr(args, name):
+            kw[name] = tuple(parse_list(getattr(args, name), int))
+    if args.steps is not None:
+        kw["steps"] = args.steps
+    return DecodeSettings(**{**asdict(base), **kw})
+
+
+def run(args: argparse.Namespace) -> int:
+    from dsla.paths import resolve_teacher
+
+    s = settings_from_args(args)
+    teacher = resolve_teacher(args.teacher)
+    doc = run_benchmark(teacher, s, on_row=lambda r: log.info("%s", {k: r[k] for k in TABLE if r.get(k) is not None}))
+    write_json_atomic(args.json, doc)
+    print(format_table(doc["results"], TABLE))
+    print(f"wrote {args.json}")
+    return 0
