@@ -118,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
+        if args.verbose:
+            raise
         print(f"dsla {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -159,8 +159,7 @@ class DistillConfig:
     attn_epochs: int = 3  # passes over those windows
     val_sequences: int = 4  # held-out windows per layer for the stage-1 validation metric
     batch_size: int = 8  # windows per optimiser step
-    lr: float = 3e-3  # Adam lr of the new DSLA parameters (feature maps, gates, mix)
-    proj_lr: float = 1e-4  # Adam lr of q_proj / o_proj (start as the teacher's; move them gently)
+    lr: float = 3e-3  # Adam lr of the feature maps, gates and mix in stage 1 (q_proj/o_proj frozen there)
     e2e_sequences: int = 8  # windows per layer for the end-to-end logit-KL stage (0: stage off)
     e2e_lr: float = 3e-4  # Adam lr (all DSLA params of the layer) in the KL stage
     rank_sequences: int = 16  # calibration windows for the entropy ranking

