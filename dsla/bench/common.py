@@ -1,8 +1,9 @@
 """Helpers shared by the benchmarks: timing, memory, machine description, JSON and table output.
 
-Timing is wall clock (``time.perf_counter``): a few untimed warm-up calls, then the median of the
-timed repeats. Memory is resident set size read from ``/proc/self/status``; on Linux the peak
-("high-water mark") can be reset between configurations so each one reports its own peak.
+Timing is wall clock (``time.perf_counter``) and process CPU time (``time.process_time``): a few
+untimed warm-up calls, then the median of the timed repeats. Memory is resident set size read
+from ``/proc/self/status``; on Linux the peak ("high-water mark") can be reset between
+configurations so each one reports its own peak.
 """
 
 from __future__ import annotations
@@ -28,17 +29,32 @@ import torch
 # ---- timing ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Timing:
-    """Seconds per call: the median of ``samples`` (the timed repeats, warm-up excluded)."""
+    """Seconds per call over the timed repeats (warm-up excluded): wall clock in ``samples``,
+    process CPU time (all threads) in ``cpu_samples``. With one torch thread on a machine that
+    other processes keep busy, CPU time stays close to what an idle core would take while wall
+    time also counts the waits for a core."""
 
     samples: tuple[float, ...]
+    cpu_samples: tuple[float, ...]
 
     @property
     def median(self) -> float:
         return statistics.median(self.samples)
 
     @property
+    def cpu_median(self) -> float:
+        return statistics.median(self.cpu_samples)
+
+    @property
     def repeats(self) -> int:
         return len(self.samples)
+
+
+def _timed(fn: Callable[[], Any], wall: list[float], cpu: list[float]) -> None:
+    t0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    cpu.append(time.process_time() - c0)
+    wall.append(time.perf_counter() - t0)
 
 
 def measure(fn: Callable[[], Any], warmup: int = 1, repeats: int = 3,
@@ -48,16 +64,7 @@ def measure(fn: Callable[[], Any], warmup: int = 1, repeats: int = 3,
     With ``max_seconds``, timed calls stop early once they have taken that long in total (at
     least one is always made): long configurations get fewer repeats, short ones all of them.
     """
-    if repeats < 1:
-        raise ValueError(f"repeats={repeats} must be at least 1")
-    for _ in range(warmup):
-        fn()
-    samples: list[float] = []
-    while len(samples) < repeats and (not samples or max_seconds is None or sum(samples) < max_seconds):
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return Timing(tuple(samples))
+    return measure_alternating([fn], warmup, repeats, max_seconds)[0]
 
 
 def measure_alternating(fns: Sequence[Callable[[], Any]], warmup: int = 1, repeats: int = 3,
@@ -72,15 +79,12 @@ def measure_alternating(fns: Sequence[Callable[[], Any]], warmup: int = 1, repea
     for _ in range(warmup):
         for fn in fns:
             fn()
-    samples: list[list[float]] = [[] for _ in fns]
-    spent = 0.0
-    while len(samples[0]) < repeats and (not samples[0] or max_seconds is None or spent < max_seconds):
-        for fn, out in zip(fns, samples):
-            t0 = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - t0)
-            spent += out[-1]
-    return [Timing(tuple(x)) for x in samples]
+    wall: list[list[float]] = [[] for _ in fns]
+    cpu: list[list[float]] = [[] for _ in fns]
+    while len(wall[0]) < repeats and (not wall[0] or max_seconds is None or sum(map(sum, wall)) < max_seconds):
+        for fn, w, c in zip(fns, wall, cpu):
+            _timed(fn, w, c)
+    return [Timing(tuple(w), tuple(c)) for w, c in zip(wall, cpu)]
 
 
 # ---- memory ---------------------------------------------------------------------------------

@@ -19,6 +19,10 @@ One JSON row per measurement, ``{"impl", "dtype", "batch", "context", "dsla_rati
   (``model(ids, [1] * B, caches)``); transformers runs a (B, 1) input with a ``DynamicCache``.
   One prefill per context is copied B times (same speed as B different prompts of that length).
 
+Both kinds also carry the same quantity from process CPU time (``prefill_cpu_tokens_per_s``,
+``decode_cpu_ms_per_token``): with ``--threads 1`` on a machine other processes keep busy it is
+close to what an idle core would take, while wall time also counts waiting for a core.
+
 ``dsla_ratio`` (ours only; transformers rows have 0): the first round(ratio * L) layers, in layer
 order, run DSLA (untrained: fine for speed). Prefill rows run those layers' chunked form from an
 empty ``new_cache(layers)``; decode caches get them by folding the prefilled KV cache
@@ -203,7 +207,8 @@ def bench_dtype(runners: dict[str, OursRunner | HFRunner], dtype: str, s: Decode
                         lambda: runner.prefill(ids[:T], layers[impl][ratio]), warmup=0,
                         repeats=s.prefill_repeats, max_seconds=s.prefill_budget_s))
                     add(_row(impl, dtype, 1, T, ratio, prefill_tokens_per_s=round(T / timing.median, 1),
-                             repeats=timing.repeats, **extra))
+                             prefill_cpu_tokens_per_s=round(T / timing.cpu_median, 1), repeats=timing.repeats,
+                             **extra))
         for C in s.contexts:
             # One untimed all-attention prefill per context and implementation, copied for every
             # batch size and ratio.
@@ -219,7 +224,9 @@ def bench_dtype(runners: dict[str, OursRunner | HFRunner], dtype: str, s: Decode
                         timing, extra = _measured(one_config)
                         ms = timing.median * 1e3
                         add(_row(impl, dtype, B, C, ratio, decode_ms_per_token=round(ms, 2),
-                                 decode_tokens_per_s=round(B * 1e3 / ms, 1), repeats=timing.repeats, **extra))
+                                 decode_tokens_per_s=round(B * 1e3 / ms, 1),
+                                 decode_cpu_ms_per_token=round(timing.cpu_median * 1e3, 2),
+                                 repeats=timing.repeats, **extra))
             del bases
     return rows
 
@@ -252,32 +259,40 @@ def run_benchmark(teacher_dir: str | Path, s: DecodeSettings,
 
 
 def summarise(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Ratios the targets are stated in, one entry per decode (dtype, batch, context)."""
-    dec = {(r["impl"], r["dtype"], r["batch"], r["context"], r["dsla_ratio"]): r["decode_ms_per_token"]
+    """The ratios the targets are stated in, one entry per decode (dtype, batch, context) of ours,
+    from wall time and (``*_cpu``) from CPU time. Each ratio is > 1 when the first-named side wins:
+    ``hf_over_ours`` (transformers' ms over ours), ``throughput_over_batch1`` (tokens/s at this
+    batch over batch 1), ``dsla{r}_throughput_over_attention`` (ratio r against all attention)."""
+    wall = {(r["impl"], r["dtype"], r["batch"], r["context"], r["dsla_ratio"]): r["decode_ms_per_token"]
+            for r in rows if r["decode_ms_per_token"] is not None}
+    cpu = {(r["impl"], r["dtype"], r["batch"], r["context"], r["dsla_ratio"]): r["decode_cpu_ms_per_token"]
            for r in rows if r["decode_ms_per_token"] is not None}
     out = []
-    for (impl, dtype, B, C, ratio), ms in sorted(dec.items(), key=lambda kv: str(kv[0])):
-        if impl != "ours" or ratio != 0.0:
-            continue
-        entry: dict[str, Any] = {"dtype": dtype, "batch": B, "context": C, "ours_ms": ms}
-        hf = dec.get(("hf", dtype, B, C, 0.0))
-        if hf is not None:
-            entry["hf_ms"] = hf
-            entry["hf_over_ours"] = round(hf / ms, 3)  # > 1: ours is faster
-        one = dec.get(("ours", dtype, 1, C, 0.0))
-        if one is not None and B != 1:
-            entry["throughput_over_batch1"] = round((B / ms) / (1 / one), 3)
-        for (i2, d2, b2, c2, r2), ms2 in dec.items():
-            if (i2, d2, b2, c2) == ("ours", dtype, B, C) and r2 != 0.0:
-                entry[f"dsla{r2:g}_ms"] = ms2
-                entry[f"dsla{r2:g}_throughput_over_attention"] = round(ms / ms2, 3)
+    for key in sorted(k for k in wall if k[0] == "ours" and k[4] == 0.0):
+        _, dtype, B, C, _ = key
+        entry: dict[str, Any] = {"dtype": dtype, "batch": B, "context": C, "ours_ms": wall[key]}
+
+        def ratios(name: str, num: tuple, den: tuple, scale: float = 1.0) -> None:
+            if num in wall and den in wall:
+                entry[name] = round(scale * wall[num] / wall[den], 3)
+                entry[name + "_cpu"] = round(scale * cpu[num] / cpu[den], 3)
+
+        if ("hf", dtype, B, C, 0.0) in wall:
+            entry["hf_ms"] = wall[("hf", dtype, B, C, 0.0)]
+        ratios("hf_over_ours", ("hf", dtype, B, C, 0.0), key)
+        if B != 1:
+            ratios("throughput_over_batch1", ("ours", dtype, 1, C, 0.0), key, scale=B)
+        for k2 in sorted(k for k in wall if k[:4] == key[:4] and k[4] != 0.0):
+            entry[f"dsla{k2[4]:g}_ms"] = wall[k2]
+            ratios(f"dsla{k2[4]:g}_throughput_over_attention", key, k2)
         out.append(entry)
     return out
 
 
 # ---- CLI -----------------------------------------------------------------------------------------
 TABLE = ["impl", "dtype", "dsla_ratio", "batch", "context", "prefill_tokens_per_s", "decode_ms_per_token",
-         "decode_tokens_per_s", "peak_rss_mb", "rss_delta_mb", "load_1m"]
+         "decode_tokens_per_s", "prefill_cpu_tokens_per_s", "decode_cpu_ms_per_token", "peak_rss_mb", "rss_delta_mb",
+         "load_1m"]
 QUICK = dict(prefill_lengths=(128,), contexts=(256,), batches=(1, 4), steps=4, prefill_repeats=1)
 
 

@@ -4,19 +4,21 @@ The layer has the default teacher's shapes (``dsla.config.LlamaConfig()``: hidde
 heads, 3 KV heads, head dim 64) with random weights: a ``LlamaAttention`` and a ``DSLAAttention``
 built from it with ``DSLAConfig()`` defaults. No checkpoint is needed; speed does not depend on
 the weights. Each dtype of ``--dtype-list`` sets the modules' and inputs' dtype (DSLA states stay
-float32 by design). Times are medians of repeated calls with no gradients.
+float32 by design). Times are medians of repeated calls with no gradients; attention and DSLA
+calls alternate, so load from other processes hits both alike. Process CPU time is recorded
+beside wall time: with ``--threads 1`` on a busy machine it is close to what an idle core takes.
 
 Rows (``results``), two kinds, per dtype:
 
 - ``kind: "prefill"``, ``tokens`` = T: ``attention_ms`` (our LlamaAttention forward over T
   tokens: SDPA, causal), ``dsla_ms`` (DSLAAttention forward, chunked form), ``dsla_speedup`` =
-  attention_ms / dsla_ms.
+  attention_ms / dsla_ms; and the same from process CPU time (``*_cpu_ms``, ``dsla_speedup_cpu``).
 - ``kind: "decode"``, ``context`` = C: ``attention_step_ms`` (one new token against a KVState of
   C tokens), ``dsla_step_ms`` (one new token with the DSLAState made by folding those C tokens),
   ``kv_cache_bytes`` (K and V of C tokens) against ``dsla_state_bytes`` (``DSLAState.nbytes``;
   the same at every C) and their ratio, ``kv_allocated_bytes`` (``KVState.nbytes`` after the
   steps: what its growth policy actually holds), ``fold_ms`` (``DSLAAttention.fold``: KVState of
-  C tokens -> DSLAState).
+  C tokens -> DSLAState); CPU-time twins ``*_cpu_ms`` as for prefill.
   As in ``bench decode``, the states hold C - warmup - steps tokens before the timed steps, so
   the steps end at context C.
 
@@ -92,15 +94,18 @@ def bench_dtype(dtype_name: str, s: LayerSettings, llama_cfg: Any = None, dsla_c
     gen = torch.Generator().manual_seed(s.seed)
     randn = lambda *shape: torch.randn(*shape, generator=gen).to(dtype)  # noqa: E731
     rope = lambda start, n: rope_cos_sin(torch.arange(start, start + n), inv_freq)  # noqa: E731
-    pair = lambda fa, fb: [t.median * 1e3 for t in measure_alternating(  # noqa: E731  ms each
-        [fa, fb], warmup=1, repeats=s.repeats, max_seconds=s.budget_s)]
+    pair = lambda fa, fb: measure_alternating([fa, fb], warmup=1, repeats=s.repeats,  # noqa: E731
+                                              max_seconds=s.budget_s)
+    ms = lambda t, cpu=False: round((t.cpu_median if cpu else t.median) * 1e3, 4)  # noqa: E731
     rows = []
     with torch.no_grad():
         for T in s.prefill_lengths:
             x, (cos, sin) = randn(T, cfg.hidden_size), rope(0, T)
             a, d = pair(lambda: attn(x, cos, sin, [T]), lambda: dsla(x, cos, sin, [T]))
-            rows.append({"kind": "prefill", "dtype": dtype_name, "tokens": T, "attention_ms": round(a, 3),
-                         "dsla_ms": round(d, 3), "dsla_speedup": round(a / d, 3)})
+            rows.append({"kind": "prefill", "dtype": dtype_name, "tokens": T, "attention_ms": ms(a),
+                         "dsla_ms": ms(d), "dsla_speedup": round(a.median / d.median, 3),
+                         "attention_cpu_ms": ms(a, True), "dsla_cpu_ms": ms(d, True),
+                         "dsla_speedup_cpu": round(a.cpu_median / d.cpu_median, 3)})
             on_row(rows[-1])
         for C in s.contexts:
             cached = C - s.warmup_steps - s.steps
@@ -110,8 +115,7 @@ def bench_dtype(dtype_name: str, s: LayerSettings, llama_cfg: Any = None, dsla_c
             _, k, v = attn.project_kv(randn(cached, cfg.hidden_size), cos, sin)  # (Hkv, cached, D) each
             kv.append(k, v)
             kv_bytes = 2 * cfg.num_key_value_heads * C * cfg.head_dim * kv.k.element_size()  # C tokens' K and V
-            fold = measure(lambda: dsla.fold(kv, inv_freq), warmup=1, repeats=s.repeats,
-                           max_seconds=s.budget_s).median * 1e3
+            fold = measure(lambda: dsla.fold(kv, inv_freq), warmup=1, repeats=s.repeats, max_seconds=s.budget_s)
             state = dsla.fold(kv, inv_freq)
             x1 = randn(1, cfg.hidden_size)
             cos1, sin1 = rope(cached, 1)  # positions barely matter for speed; keep them plausible
@@ -119,10 +123,12 @@ def bench_dtype(dtype_name: str, s: LayerSettings, llama_cfg: Any = None, dsla_c
                                         lambda: dsla(x1, cos1, sin1, [1], [state])],
                                        warmup=s.warmup_steps, repeats=s.steps)
             rows.append({"kind": "decode", "dtype": dtype_name, "context": C,
-                         "attention_step_ms": round(a.median * 1e3, 4), "dsla_step_ms": round(d.median * 1e3, 4),
+                         "attention_step_ms": ms(a), "dsla_step_ms": ms(d),
+                         "attention_step_cpu_ms": ms(a, True), "dsla_step_cpu_ms": ms(d, True),
                          "kv_cache_bytes": kv_bytes, "kv_allocated_bytes": kv.nbytes,
                          "dsla_state_bytes": state.nbytes,
-                         "kv_over_state_bytes": round(kv_bytes / state.nbytes, 3), "fold_ms": round(fold, 3)})
+                         "kv_over_state_bytes": round(kv_bytes / state.nbytes, 3), "fold_ms": ms(fold),
+                         "fold_cpu_ms": ms(fold, True)})
             on_row(rows[-1])
     return rows
 
@@ -133,11 +139,14 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         pre = [r for r in rows if r["dtype"] == dtype and r["kind"] == "prefill"]
         dec = sorted((r for r in rows if r["dtype"] == dtype and r["kind"] == "decode"), key=lambda r: r["context"])
         entry: dict[str, Any] = {"dtype": dtype,
-                                 "dsla_prefill_speedup": {str(r["tokens"]): r["dsla_speedup"] for r in pre}}
+                                 "dsla_prefill_speedup": {str(r["tokens"]): r["dsla_speedup"] for r in pre},
+                                 "dsla_prefill_speedup_cpu": {str(r["tokens"]): r["dsla_speedup_cpu"] for r in pre}}
         if len(dec) >= 2:
             first, last = dec[0], dec[-1]
             entry["dsla_decode_contexts"] = [first["context"], last["context"]]
             entry["dsla_decode_ratio_last_over_first"] = round(last["dsla_step_ms"] / first["dsla_step_ms"], 3)
+            entry["dsla_decode_ratio_last_over_first_cpu"] = round(
+                last["dsla_step_cpu_ms"] / first["dsla_step_cpu_ms"], 3)
             entry["attention_decode_ratio_last_over_first"] = round(
                 last["attention_step_ms"] / first["attention_step_ms"], 3)
         out.append(entry)

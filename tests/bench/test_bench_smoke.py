@@ -126,7 +126,8 @@ def test_layer_bench_schema(tmp_path):
     dec = [r for r in rows if r["kind"] == "decode"]
     assert len(pre) == len(dec) == 4
     for r in pre:
-        assert set(r) == {"kind", "dtype", "tokens", "attention_ms", "dsla_ms", "dsla_speedup"}
+        assert set(r) == {"kind", "dtype", "tokens", "attention_ms", "dsla_ms", "dsla_speedup", "attention_cpu_ms",
+                          "dsla_cpu_ms", "dsla_speedup_cpu"}
         assert r["dsla_ms"] > 0 and r["dsla_speedup"] == pytest.approx(r["attention_ms"] / r["dsla_ms"], rel=0.02, abs=2e-3)
     for r in dec:
         assert {"context", "attention_step_ms", "dsla_step_ms", "kv_cache_bytes", "dsla_state_bytes",
