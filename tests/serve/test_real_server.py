@@ -101,3 +101,27 @@ def test_non_streaming_client_disconnect_aborts(server):
     assert wait_for(lambda: engine.metrics.snapshot()["requests_finished"].get("abort") == 1)
     assert engine.metrics.snapshot()["generation_tokens_total"] < 400
     assert wait_for(lambda: not engine.runner.caches)
+
+
+def test_bench_client_against_the_server(server, serve_tok):
+    """`dsla bench serve`'s load loop: every request completes with its exact output length."""
+    import asyncio
+    import random
+
+    from dsla.bench.serve import cut_prompts, lognormal_lengths, run_load, summarize
+
+    url, _ = server
+    rng = random.Random(0)
+    plens = lognormal_lengths(rng, 6, 20, 0.8, 4, 60)
+    olens = lognormal_lengths(rng, 6, 8, 0.6, 2, 30)
+    texts = ["The quick brown fox jumps over the lazy dog. " * 20, "A hybrid model mixes attention. " * 30]
+    prompts = cut_prompts(texts, serve_tok, plens, rng)
+    records, wall = asyncio.run(run_load(url, MODEL, prompts, plens, olens, rate=50.0, seed=0, timeout=60,
+                                         api_key="k"))
+    s = summarize(records, wall)
+    assert s["completed"] == 6 and s["failed"] == 0, s["errors"]
+    assert [r.output_tokens for r in records] == olens  # ignore_eos honoured, usage counted
+    assert s["ttft_p50_s"] > 0 and s["output_token_throughput"] > 0
+    bad, _ = asyncio.run(run_load(url, MODEL, prompts[:1], plens[:1], olens[:1], rate=50.0, seed=0, timeout=60,
+                                  api_key="wrong"))
+    assert bad[0].status == 401 and not bad[0].ok
