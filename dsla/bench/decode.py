@@ -17,7 +17,8 @@ One JSON row per measurement, ``{"impl", "dtype", "batch", "context", "dsla_rati
   run at contexts up to C and never pass the model's position limit; the value is the median over
   the ``--steps`` timed steps. Ours runs B requests as one flattened forward with one cache each
   (``model(ids, [1] * B, caches)``); transformers runs a (B, 1) input with a ``DynamicCache``.
-  One prefill per context is copied B times (same speed as B different prompts of that length).
+  One prefill per context is copied B times (same speed as B different prompts of that length);
+  where C is also a prefill length, it is the timed prefill's cache, cropped to C - warmup - steps.
 
 Both kinds also carry the same quantity from process CPU time (``prefill_cpu_tokens_per_s``,
 ``decode_cpu_ms_per_token``): with ``--threads 1`` on a machine other processes keep busy it is
@@ -56,6 +57,7 @@ import torch
 
 from dsla.bench.common import (current_rss_mb, format_table, machine_info, measure, parse_list,
                                peak_rss_mb, release_freed_memory, reset_peak_rss, write_json_atomic)
+from dsla.model.state import KVState
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +120,16 @@ class OursRunner:
         self.model(ids, [len(ids)], [cache], logits_for=torch.tensor([len(ids) - 1]))
         return cache
 
+    @staticmethod
+    def crop(cache: Any, length: int) -> Any:
+        """Forget all but the first ``length`` tokens of an all-attention cache (storage is kept)."""
+        for state in cache.layers:
+            if not isinstance(state, KVState):
+                raise ValueError("only an all-attention cache can be cropped")
+            state.length = length
+        cache.num_tokens = length
+        return cache
+
     def batch_caches(self, base: Any, dsla_layers: Sequence[int], batch: int) -> list:
         """``batch`` copies of a prefilled all-attention cache, with ``dsla_layers`` folded to DSLA."""
         one = copy.deepcopy(base)
@@ -149,6 +161,11 @@ class HFRunner:
         self.add_dsla(dsla_layers)
         cache = DynamicCache(config=self.model.config)
         self.model(ids[None], cache=cache, use_cache=True, logits_to_keep=1)
+        return cache
+
+    @staticmethod
+    def crop(cache: Any, length: int) -> Any:
+        cache.crop(length - cache.get_seq_length())  # a negative argument drops that many tokens
         return cache
 
     def batch_caches(self, base: Any, dsla_layers: Sequence[int], batch: int) -> Any:
@@ -200,24 +217,35 @@ def bench_dtype(runners: dict[str, OursRunner | HFRunner], dtype: str, s: Decode
         for impl, runner in runners.items():
             runner.add_dsla(max(layers[impl].values(), key=len))
             runner.prefill(ids[: min(s.prefill_lengths)])  # warm-up: first-call allocations and kernels
+        # Decode caches: one untimed all-attention prefill of C - warmup - steps tokens per context
+        # and implementation, copied for every batch size and ratio. Where C is also a prefill
+        # length, the timed all-attention prefill's cache is cropped instead (saves a prefill).
+        prompt_len = {C: C - s.warmup_steps - s.steps for C in s.contexts}
+        bases: dict[int, dict[str, Any]] = {C: {} for C in s.contexts}
         for T in s.prefill_lengths:
             for impl, runner in runners.items():
                 for ratio in ratios[impl]:
-                    timing, extra = _measured(lambda: measure(
-                        lambda: runner.prefill(ids[:T], layers[impl][ratio]), warmup=0,
-                        repeats=s.prefill_repeats, max_seconds=s.prefill_budget_s))
+                    last: list[Any] = []
+
+                    def prefill() -> None:
+                        last[:] = [runner.prefill(ids[:T], layers[impl][ratio])]
+
+                    timing, extra = _measured(lambda: measure(prefill, warmup=0, repeats=s.prefill_repeats,
+                                                              max_seconds=s.prefill_budget_s))
                     add(_row(impl, dtype, 1, T, ratio, prefill_tokens_per_s=round(T / timing.median, 1),
                              prefill_cpu_tokens_per_s=round(T / timing.cpu_median, 1), repeats=timing.repeats,
                              **extra))
+                    if T in bases and ratio == 0.0:
+                        bases[T][impl] = runner.crop(last[0], prompt_len[T])
         for C in s.contexts:
-            # One untimed all-attention prefill per context and implementation, copied for every
-            # batch size and ratio.
-            bases = {impl: runner.prefill(ids[: C - s.warmup_steps - s.steps]) for impl, runner in runners.items()}
+            for impl, runner in runners.items():
+                if impl not in bases[C]:
+                    bases[C][impl] = runner.prefill(ids[: prompt_len[C]])
             for B in s.batches:
                 for impl, runner in runners.items():
                     for ratio in ratios[impl]:
                         def one_config() -> Any:
-                            caches = runner.batch_caches(bases[impl], layers[impl][ratio], B)
+                            caches = runner.batch_caches(bases[C][impl], layers[impl][ratio], B)
                             return measure(lambda: runner.decode(caches, tokens[B]), warmup=s.warmup_steps,
                                            repeats=s.steps)
 
@@ -227,7 +255,7 @@ def bench_dtype(runners: dict[str, OursRunner | HFRunner], dtype: str, s: Decode
                                  decode_tokens_per_s=round(B * 1e3 / ms, 1),
                                  decode_cpu_ms_per_token=round(timing.cpu_median * 1e3, 2),
                                  repeats=timing.repeats, **extra))
-            del bases
+            del bases[C]
     return rows
 
 
