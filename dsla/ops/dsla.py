@@ -25,19 +25,27 @@ state must be float32 anyway.
 - ``dsla_step``: one decode step.
 - ``dsla_fold``: the state a prefill over (k, v) would leave, with no queries (KV cache → state).
 
-Numerical safety of ``dsla_chunked``. The textbook chunk form writes
-exp(b_i - b_j) = exp(b_i) · exp(-b_j) with b the cumulative log-gate, and exp(-b_j) overflows
-float32 once a chunk decays past ~e^-88. Here every exponential has a non-positive argument:
-inside a chunk the pairs (i > j) are split by a binary hierarchy. At level h the chunk is cut
-into blocks of 2h; for i in the later half and j in the earlier half of a block, with r the
-cumulative log-gate at the end of the earlier half,
+How ``dsla_chunked`` works, and why it is safe. With b the cumulative log-gate, a pair j ≤ i
+in one chunk has weight exp(b_i - b_j) per key feature. The textbook chunk form factorises it
+as exp(b_i) · exp(-b_j), and exp(-b_j) overflows float32 once a chunk decays past ~e^-88
+(64 tokens at a log-gate of -1.4). Here no exponential ever has a positive argument, and no
+difference of large cumulative sums is taken:
 
-    exp(b_i - b_j) = exp(b_i - r) · exp(r - b_j),     both exponents ≤ 0,
+- inside a chunk the pairs i > j are split by a binary hierarchy. At level h = 1, 2, 4, ..,
+  C/2 the chunk is cut into blocks of 2h; for i in the later half and j in the earlier half,
+      exp(b_i - b_j) = d_i · e_j,   d_i = decay from the later half's start to i,
+                                    e_j = decay from after j to the earlier half's end,
+  both products of per-step decays exp(g) ≤ 1, carried up the levels by multiplication. The
+  factor is rank-separable, so a level is one batched matmul (q ⊙ d)(k ⊙ e)ᵀ. Every pair
+  i > j lies in exactly one (level, block); the pair i = j has weight 1.
+- across chunks, o_i += (q_i ⊙ decay since the chunk start) · S_prev and
+  S ← (chunk decay) ⊙ S + Σ_j (k_j ⊙ decay after j)ᵀ v_j, the factors the top level leaves.
+  Only this state scan is sequential (one small op per chunk); everything else is batched
+  over B, H, S and the chunks of a segment of ~_SEGMENT tokens (segments keep temporaries
+  in cache and bound memory for long T).
 
-which is a rank-separable factor, so the level is one batched matmul. Every pair i > j is in
-exactly one such (block, level); the pair i = j has weight 1. The inter-chunk term uses
-exp(b_i) and the state update exp(b_last - b_j), also ≤ 0. Exponentials that underflow to 0
-stand for weights below float32's range, which is their true value to working precision.
+Decays that underflow to 0 stand for weights below float32's range: their value to working
+precision. Without autograd the decay factors are updated in place.
 """
 
 from __future__ import annotations
@@ -96,7 +104,7 @@ def _initial_state(state: Tensor | None, shape: tuple[int, ...], dtype: torch.dt
 
 def dsla_reference(q: Tensor, k: Tensor, v: Tensor, log_gates: Tensor, mix: Tensor,
                    state: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """The recurrence one step at a time, in float32. Slow; the definition the others match."""
+    """The recurrence one step at a time (float32 state). Slow; the definition the others match."""
     B, H, G, T, K, V, S = _check(q, k, v, log_gates, mix, state)
     out_dtype, acc = q.dtype, _acc_dtype(q)
     q, k, v, g, mix = (x.to(acc) for x in (q, k, v, log_gates, mix))
@@ -155,7 +163,7 @@ def _load(x: Tensor, dim: int, t0: int, t1: int, n: int, dtype: torch.dtype) -> 
     Padded steps have q = k = v = 0 and log-gate 0 (decay 1): they leave the state unchanged."""
     x = x.narrow(dim, t0, t1 - t0).to(dtype)
     if n == t1 - t0:
-        return x
+        return x.contiguous()
     shape = list(x.shape)
     shape[dim] = n - (t1 - t0)
     return torch.cat([x, x.new_zeros(shape)], dim=dim)
@@ -212,18 +220,18 @@ def _chunk_updates(d: Tensor, ke: Tensor, v: Tensor, C: int) -> tuple[Tensor, Te
 
 
 def _scan(upd: Tensor, decay: Tensor, st: Tensor,
-          qi: Tensor | None = None) -> tuple[Tensor | None, Tensor]:
+          keep: bool = True) -> tuple[Tensor | None, Tensor]:
     """Carry the state over the chunks: st ← decay_n ⊙ st + upd_n for n = 0..N-1.
 
-    upd (B, H, N, S*K, V), decay (B, H, N, S*K, 1), st (B, H, S*K, V). Given qi
-    (B, H, N, R, S*K), also returns qi_n @ (state before chunk n), stacked (B, H, N, R, V).
+    upd (B, H, N, S*K, V), decay (B, H, N, S*K, 1), st (B, H, S*K, V). Returns the state
+    before each chunk (B, H, N, S*K, V) (None unless keep) and the final state.
     """
-    outs = []
-    for n in range(upd.shape[2]):           # the only sequential part: N small matmuls
-        if qi is not None:
-            outs.append(qi[:, :, n] @ st)
+    prev = []
+    for n in range(upd.shape[2]):           # the only sequential part: N small ops
+        if keep:
+            prev.append(st)
         st = torch.addcmul(upd[:, :, n], decay[:, :, n], st)
-    return (torch.stack(outs, dim=2) if qi is not None else None), st
+    return (torch.stack(prev, dim=2) if keep else None), st
 
 
 def _segment(q: Tensor, k: Tensor, v: Tensor, g: Tensor, mix: Tensor, st: Tensor,
@@ -239,19 +247,26 @@ def _segment(q: Tensor, k: Tensor, v: Tensor, g: Tensor, mix: Tensor, st: Tensor
     o = qk[..., None] * v[:, :, :, None]                                   # (B, H, T, G, V)
 
     def pairs(h: int, dv: Tensor, kev: Tensor) -> None:
-        # i in the later half, j in the earlier half of each block of 2h
+        # i in the later half, j in the earlier half of each block of 2h; o_i += a_ij v_j
         nb = T // (2 * h)
-        qs = qm.view(B, H, nb, 2, h, G, S, K)[:, :, :, 1] * dv[:, :, :, 1, :, None]
+        ql = qm.view(B, H, nb, 2, h * G, S * K)[:, :, :, 1]                # (B, H, nb, h*G, S*K)
+        ve = v.view(B, H, nb, 2, h, V)[:, :, :, 0].reshape(-1, h, V)       # (B*H*nb, h, V)
+        ol = o.view(B * H * nb, 2, h * G, V)[:, 1]                         # (B*H*nb, h*G, V)
+        if h == 1:      # a single key: cheaper to put the q-side decay on it than on G queries
+            w = (dv[:, :, :, 1] * kev[:, :, :, 0]).view(B, H, nb, S * K, 1)
+            ol.addcmul_((ql @ w).view(-1, G, 1), ve)
+            return
+        qs = ql.view(B, H, nb, h, G, S, K) * dv[:, :, :, 1, :, None]       # (B, H, nb, h, G, S, K)
         ks = kev[:, :, :, 0].reshape(B, H, nb, h, S * K)                   # (B, H, nb, h, S*K)
         a = qs.view(B, H, nb, h * G, S * K) @ ks.mT                        # (B, H, nb, h*G, h)
-        ve = v.view(B, H, nb, 2, h, V)[:, :, :, 0]                         # (B, H, nb, h, V)
-        o.view(B, H, nb, 2, h * G, V)[:, :, :, 1] += a * ve if h == 1 else a @ ve
+        ol.baddbmm_(a.view(-1, h * G, h), ve)
 
     d, ke = _decays(g, k, C, pairs)
     # across chunks: o_i += Σ_s mix_s (q_i ⊙ exp(b_i - b_{chunk start - 1})) · S_prev
     qi = qm.view(B, H, N, C, G, S, K) * d.view(B, H, N, C, 1, S, K)       # (B, H, N, C, G, S, K)
-    inter, st = _scan(*_chunk_updates(d, ke, v, C), st, qi.view(B, H, N, C * G, S * K))
-    o += inter.view(B, H, T, G, V)
+    prev, st = _scan(*_chunk_updates(d, ke, v, C), st)                      # (B, H, N, S*K, V)
+    o.view(B * H * N, C * G, V).baddbmm_(qi.view(B * H * N, C * G, S * K),
+                                         prev.view(B * H * N, S * K, V))
     return o, st
 
 
@@ -259,24 +274,27 @@ def dsla_chunked(q: Tensor, k: Tensor, v: Tensor, log_gates: Tensor, mix: Tensor
                  state: Tensor | None = None, chunk_size: int = 64) -> tuple[Tensor, Tensor]:
     """Chunk-parallel DSLA for prefill and training; equals dsla_reference.
 
-    Any T ≥ 0 (the last chunk is zero-padded internally); chunk_size must be a power of two
-    and is shrunk for short sequences. Every exponential has a non-positive argument (see the
-    module docstring), so strong decay over long sequences stays finite. Differentiable
-    through plain torch ops.
+    Any T ≥ 0 (the last chunk is zero-padded internally). chunk_size is rounded down to a
+    power of two and shrunk for short sequences; it changes speed, not the result. Every
+    exponential has a non-positive argument (see the module docstring), so strong decay over
+    long sequences stays finite. Differentiable through plain torch ops.
     """
     B, H, G, T, K, V, S = _check(q, k, v, log_gates, mix, state)
     out_dtype, acc = q.dtype, _acc_dtype(q)
     C = _chunk_len(chunk_size, T)
     st = _initial_state(state, (B, H, S, K, V), acc, k.device).reshape(B, H, S * K, V)
     mix = mix.to(acc)
-    outs = [q.new_zeros(B, H, G, 0, V)]
+    outs = []
     for t0, t1, n in _segments(T, C):       # segments keep the temporaries cache-sized
         qs = _load(q, 3, t0, t1, n, acc).transpose(2, 3).contiguous()      # (B, H, n, G, K)
         gs = _load(log_gates, 3, t0, t1, n, acc).transpose(2, 3).contiguous()  # (B, H, n, S, K)
         o, st = _segment(qs, _load(k, 2, t0, t1, n, acc), _load(v, 2, t0, t1, n, acc), gs,
                          mix, st, C)
         outs.append(o[:, :, :t1 - t0].transpose(2, 3).to(out_dtype))       # (B, H, G, t, V)
-    o = outs[-1] if len(outs) == 2 else torch.cat(outs, dim=3)            # (B, H, G, T, V)
+    if len(outs) != 1:
+        o = torch.cat(outs, dim=3) if outs else q.new_zeros(B, H, G, 0, V)  # (B, H, G, T, V)
+    else:
+        o = outs[0].contiguous()
     return o, st.view(B, H, S, K, V)
 
 
@@ -294,7 +312,7 @@ def dsla_fold(k: Tensor, v: Tensor, log_gates: Tensor, state: Tensor | None = No
     for t0, t1, n in _segments(T, C):
         gs = _load(log_gates, 3, t0, t1, n, acc).transpose(2, 3).contiguous()  # (B, H, n, S, K)
         d, ke = _decays(gs, _load(k, 2, t0, t1, n, acc), C)
-        _, st = _scan(*_chunk_updates(d, ke, _load(v, 2, t0, t1, n, acc), C), st)
+        _, st = _scan(*_chunk_updates(d, ke, _load(v, 2, t0, t1, n, acc), C), st, keep=False)
     st = st.view(B, H, S, K, V)
     if not torch.isfinite(st).all():
         named = {"k": k, "v": v, "log_gates": log_gates, "state": state}
