@@ -68,22 +68,36 @@ def measure(fn: Callable[[], Any], warmup: int = 1, repeats: int = 3,
 
 
 def measure_alternating(fns: Sequence[Callable[[], Any]], warmup: int = 1, repeats: int = 3,
-                        max_seconds: float | None = None) -> list[Timing]:
+                        max_seconds: float | None = None,
+                        trackers: Sequence["MemoryTracker"] | None = None) -> list[Timing]:
     """Like ``measure`` for several functions called in turn (a, b, a, b, ...), one Timing each.
 
     Alternating makes a comparison fair on a shared machine: a busy neighbour slows every side
     alike instead of whichever happened to run at the time. ``max_seconds`` counts all of them.
+    ``trackers`` (one per function) watch the memory of every call, warm-up included, outside
+    the timed region.
     """
     if repeats < 1:
         raise ValueError(f"repeats={repeats} must be at least 1")
-    for _ in range(warmup):
-        for fn in fns:
+
+    def call(i: int, fn: Callable[[], Any], wall: list[float] | None = None, cpu: list[float] | None = None) -> None:
+        if trackers:
+            trackers[i].before()
+        if wall is None:
             fn()
+        else:
+            _timed(fn, wall, cpu)
+        if trackers:
+            trackers[i].after()
+
+    for _ in range(warmup):
+        for i, fn in enumerate(fns):
+            call(i, fn)
     wall: list[list[float]] = [[] for _ in fns]
     cpu: list[list[float]] = [[] for _ in fns]
     while len(wall[0]) < repeats and (not wall[0] or max_seconds is None or sum(map(sum, wall)) < max_seconds):
-        for fn, w, c in zip(fns, wall, cpu):
-            _timed(fn, w, c)
+        for i, fn in enumerate(fns):
+            call(i, fn, wall[i], cpu[i])
     return [Timing(tuple(w), tuple(c)) for w, c in zip(wall, cpu)]
 
 
@@ -141,6 +155,42 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+class MemoryTracker:
+    """Resident memory of one configuration whose calls may be interleaved with others'.
+
+    ``setup`` is what building its state added (e.g. its caches); each tracked call contributes
+    its own peak (the high-water mark is reset before it) and its rise over the RSS just before.
+    """
+
+    def __init__(self, setup_mb: float = 0.0) -> None:
+        self.setup_mb = setup_mb
+        self.peak_mb = 0.0  # highest process RSS seen during one of its calls
+        self.rise_mb = 0.0  # largest (peak during a call - RSS just before it)
+        self._before = 0.0
+
+    def before(self) -> None:
+        reset_peak_rss()
+        self._before = current_rss_mb()
+
+    def after(self) -> None:
+        peak = max(peak_rss_mb(), current_rss_mb())
+        self.peak_mb = max(self.peak_mb, peak)
+        self.rise_mb = max(self.rise_mb, peak - self._before)
+
+    def fields(self) -> dict[str, float]:
+        """``peak_rss_mb`` (process-wide) and ``rss_delta_mb`` (setup + largest rise in a call)."""
+        return {"peak_rss_mb": round(self.peak_mb, 1), "rss_delta_mb": round(self.setup_mb + self.rise_mb, 1)}
+
+
+def setup_rss_mb(build: Callable[[], Any]) -> tuple[Any, float]:
+    """Run ``build`` and return its result and the resident memory it added, MiB."""
+    release_freed_memory()
+    before = current_rss_mb()
+    out = build()
+    release_freed_memory()
+    return out, max(0.0, current_rss_mb() - before)
 
 
 # ---- machine --------------------------------------------------------------------------------

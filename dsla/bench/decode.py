@@ -30,17 +30,18 @@ empty ``new_cache(layers)``; decode caches get them by folding the prefilled KV 
 (``convert_layer``, the engine's conversion path), which gives the same state shapes as a DSLA
 prefill.
 
-Implementations take turns configuration by configuration (both are loaded for a dtype), so a
-noisy neighbour on a shared machine slows both sides of a comparison alike; ``load_1m`` (the
-1-minute load average when the row finished) shows when that happened.
+Fair comparisons on a shared machine: the variants of one configuration (each implementation,
+and each DSLA ratio of ours; all are loaded for a dtype) take turns call by call - prefill A,
+prefill B, ..., or decode step A, step B, ... - so a busy neighbour slows every side alike.
+``load_1m`` (1-minute load average when the row finished) shows when the machine was busy.
 
-Memory: before each row freed heap memory is returned to the OS and the process's peak RSS is
-reset (Linux ``clear_refs``), so ``peak_rss_mb`` is the peak resident memory while that row ran
-and ``rss_delta_mb`` what the row added on top of what was resident when it started: its caches
-(with growth) and activations. Compare implementations by ``rss_delta_mb``: ``peak_rss_mb``
-includes the weights of every implementation loaded for that dtype and the prefilled prompt
-caches. Where the reset is impossible (``machine.peak_rss_per_row`` false) peaks are
-process-wide and only grow.
+Memory, per row (Linux; the peak RSS is reset before every call, ``clear_refs``):
+``rss_delta_mb`` = resident memory that building the row's own caches added (decode rows: B
+copies of the prompt cache, DSLA layers folded) + the largest rise of RSS during one of its
+calls (activations, cache growth); compare implementations by it. ``peak_rss_mb`` = the highest
+process RSS during one of its calls: it includes every loaded model and every variant's caches
+of that configuration, so it is an upper bound, not the row's own footprint. Where the peak
+cannot be reset (``machine.peak_rss_per_row`` false) peaks are process-wide and only grow.
 """
 
 from __future__ import annotations
@@ -55,8 +56,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from dsla.bench.common import (current_rss_mb, format_table, machine_info, measure, parse_list,
-                               peak_rss_mb, release_freed_memory, reset_peak_rss, write_json_atomic)
+from dsla.bench.common import (MemoryTracker, format_table, machine_info, measure_alternating, parse_list,
+                               release_freed_memory, reset_peak_rss, setup_rss_mb, write_json_atomic)
 from dsla.model.state import KVState
 
 log = logging.getLogger(__name__)
@@ -186,24 +187,14 @@ def _row(impl: str, dtype: str, batch: int, context: int, ratio: float, **fields
     return row
 
 
-def _measured(fn: Callable[[], Any]) -> tuple[Any, dict[str, float]]:
-    """Run fn with the peak RSS reset; return its result and the row's memory and load fields."""
-    release_freed_memory()
-    reset_peak_rss()
-    before = current_rss_mb()
-    out = fn()
-    peak = peak_rss_mb()
-    return out, {"peak_rss_mb": round(peak, 1), "rss_delta_mb": round(max(0.0, peak - before), 1),
-                 "load_1m": round(os.getloadavg()[0], 2)}
-
-
 def bench_dtype(runners: dict[str, OursRunner | HFRunner], dtype: str, s: DecodeSettings,
                 on_row: Callable[[dict[str, Any]], None] = lambda r: None) -> list[dict[str, Any]]:
-    """All rows of one dtype. Implementations take turns configuration by configuration, so a
-    noisy neighbour on a shared machine slows both sides of a comparison alike."""
+    """All rows of one dtype. Within a prefill length or a (context, batch), the variants (each
+    implementation and DSLA ratio) take turns call by call, so a busy neighbour on a shared
+    machine slows every side of a comparison alike."""
     any_runner = next(iter(runners.values()))
-    ratios = {impl: s.dsla_ratios if impl == "ours" else (0.0,) for impl in runners}
-    layers = {impl: {r: list(range(round(r * run.num_layers))) for r in ratios[impl]} for impl, run in runners.items()}
+    variants = [(impl, r) for impl in runners for r in (s.dsla_ratios if impl == "ours" else (0.0,))]
+    layers = {(impl, r): list(range(round(r * runners[impl].num_layers))) for impl, r in variants}
     gen = torch.Generator().manual_seed(s.seed)
     ids = torch.randint(0, any_runner.vocab_size, (max(*s.prefill_lengths, *s.contexts),), generator=gen)
     tokens = {B: torch.randint(0, any_runner.vocab_size, (B,), generator=gen) for B in s.batches}
@@ -215,7 +206,7 @@ def bench_dtype(runners: dict[str, OursRunner | HFRunner], dtype: str, s: Decode
 
     with torch.no_grad():
         for impl, runner in runners.items():
-            runner.add_dsla(max(layers[impl].values(), key=len))
+            runner.add_dsla(max((layers[v] for v in variants if v[0] == impl), key=len))
             runner.prefill(ids[: min(s.prefill_lengths)])  # warm-up: first-call allocations and kernels
         # Decode caches: one untimed all-attention prefill of C - warmup - steps tokens per context
         # and implementation, copied for every batch size and ratio. Where C is also a prefill
@@ -223,38 +214,44 @@ def bench_dtype(runners: dict[str, OursRunner | HFRunner], dtype: str, s: Decode
         prompt_len = {C: C - s.warmup_steps - s.steps for C in s.contexts}
         bases: dict[int, dict[str, Any]] = {C: {} for C in s.contexts}
         for T in s.prefill_lengths:
-            for impl, runner in runners.items():
-                for ratio in ratios[impl]:
-                    last: list[Any] = []
+            last: dict[tuple[str, float], Any] = {}
 
-                    def prefill() -> None:
-                        last[:] = [runner.prefill(ids[:T], layers[impl][ratio])]
+            def prefill(v: tuple[str, float]) -> Callable[[], None]:
+                def fn() -> None:
+                    last[v] = None  # free the previous call's cache first
+                    last[v] = runners[v[0]].prefill(ids[:T], layers[v])
+                return fn
 
-                    timing, extra = _measured(lambda: measure(prefill, warmup=0, repeats=s.prefill_repeats,
-                                                              max_seconds=s.prefill_budget_s))
-                    add(_row(impl, dtype, 1, T, ratio, prefill_tokens_per_s=round(T / timing.median, 1),
-                             prefill_cpu_tokens_per_s=round(T / timing.cpu_median, 1), repeats=timing.repeats,
-                             **extra))
-                    if T in bases and ratio == 0.0:
-                        bases[T][impl] = runner.crop(last[0], prompt_len[T])
+            mems = [MemoryTracker() for _ in variants]
+            timings = measure_alternating([prefill(v) for v in variants], warmup=0, repeats=s.prefill_repeats,
+                                          max_seconds=s.prefill_budget_s, trackers=mems)
+            for (impl, ratio), timing, mem in zip(variants, timings, mems):
+                add(_row(impl, dtype, 1, T, ratio, prefill_tokens_per_s=round(T / timing.median, 1),
+                         prefill_cpu_tokens_per_s=round(T / timing.cpu_median, 1), repeats=timing.repeats,
+                         **mem.fields(), load_1m=round(os.getloadavg()[0], 2)))
+                if T in bases and ratio == 0.0:
+                    bases[T][impl] = runners[impl].crop(last[(impl, ratio)], prompt_len[T])
+            del last
         for C in s.contexts:
             for impl, runner in runners.items():
                 if impl not in bases[C]:
                     bases[C][impl] = runner.prefill(ids[: prompt_len[C]])
             for B in s.batches:
-                for impl, runner in runners.items():
-                    for ratio in ratios[impl]:
-                        def one_config() -> Any:
-                            caches = runner.batch_caches(bases[C][impl], layers[impl][ratio], B)
-                            return measure(lambda: runner.decode(caches, tokens[B]), warmup=s.warmup_steps,
-                                           repeats=s.steps)
-
-                        timing, extra = _measured(one_config)
-                        ms = timing.median * 1e3
-                        add(_row(impl, dtype, B, C, ratio, decode_ms_per_token=round(ms, 2),
-                                 decode_tokens_per_s=round(B * 1e3 / ms, 1),
-                                 decode_cpu_ms_per_token=round(timing.cpu_median * 1e3, 2),
-                                 repeats=timing.repeats, **extra))
+                caches, mems = [], []
+                for impl, ratio in variants:
+                    c, mb = setup_rss_mb(lambda: runners[impl].batch_caches(bases[C][impl], layers[(impl, ratio)], B))
+                    caches.append(c)
+                    mems.append(MemoryTracker(setup_mb=mb))
+                steps = [lambda runner=runners[impl], c=c: runner.decode(c, tokens[B])
+                         for (impl, _), c in zip(variants, caches)]
+                timings = measure_alternating(steps, warmup=s.warmup_steps, repeats=s.steps, trackers=mems)
+                for (impl, ratio), timing, mem in zip(variants, timings, mems):
+                    ms = timing.median * 1e3
+                    add(_row(impl, dtype, B, C, ratio, decode_ms_per_token=round(ms, 2),
+                             decode_tokens_per_s=round(B * 1e3 / ms, 1),
+                             decode_cpu_ms_per_token=round(timing.cpu_median * 1e3, 2),
+                             repeats=timing.repeats, **mem.fields(), load_1m=round(os.getloadavg()[0], 2)))
+                del caches, steps
             del bases[C]
     return rows
 
