@@ -3,7 +3,7 @@
 Per batch b, KV head h and state s (S = num_states, 1 or 2):
 
     S_s[t] = diag(exp(g_s[t])) · S_s[t-1] + k[t]ᵀ v[t]        (K × V; g_s[t] ∈ R^K, g ≤ 0)
-    o[t]   = Σ_s mix[h, j, s] · (q_j[t] · S_s[t])             (j: a query head of the KV head's group)
+    o[t]   = Σ_s mix[h, j, s] · (q_j[t] · S_s[t])       (j: a query head of the KV head's group)
 
 Four forms with one signature, ``fn(q, k, v, log_gates, mix, state=None, **kw) -> (o, state)``:
 
@@ -131,7 +131,8 @@ def dsla_step(q: Tensor, k: Tensor, v: Tensor, log_gates: Tensor, mix: Tensor,
     kv = k[:, :, 0, :, None].to(acc) * v[:, :, 0, None, :].to(acc)        # (B, H, K, V)
     # Broadcasting may hand back a permuted layout (inputs sliced from bigger tensors): the state
     # is stored, so make it contiguous; reshape (not view) for the same reason.
-    st = torch.addcmul(kv[:, :, None], log_gates[:, :, :, 0, :, None].to(acc).exp(), st).contiguous()
+    decay = log_gates[:, :, :, 0, :, None].to(acc).exp()                 # (B, H, S, K, 1)
+    st = torch.addcmul(kv[:, :, None], decay, st).contiguous()            # (B, H, S, K, V)
     qm = q[:, :, :, 0, None, :].to(acc) * mix[..., None].to(acc)          # (B, H, G, S, K)
     o = qm.reshape(B, H, G, S * K) @ st.view(B, H, S * K, V)              # (B, H, G, V)
     return o.unsqueeze(3).to(q.dtype), st
@@ -242,32 +243,36 @@ def _segment(q: Tensor, k: Tensor, v: Tensor, g: Tensor, mix: Tensor, st: Tensor
     B, H, T, G, K = q.shape
     S, V, N = g.shape[3], v.shape[3], T // C
     qm = q[:, :, :, :, None] * mix[None, :, None, :, :, None]             # (B, H, T, G, S, K)
+    # scores of the pairs j ≤ i inside each chunk, rows (i, g), columns j: o_intra = scores @ v
+    scores = q.new_zeros(B, H, N, C, G, C)
     # i = j: the decay weight is 1 in every state, so the mix just sums over s
     qk = (q * k[:, :, :, None]).sum(-1) * mix.sum(-1)[None, :, None]       # (B, H, T, G)
-    o = qk[..., None] * v[:, :, :, None]                                   # (B, H, T, G, V)
+    torch.diagonal(scores, dim1=3, dim2=5).copy_(qk.view(B, H, N, C, G).transpose(3, 4))
 
     def pairs(h: int, dv: Tensor, kev: Tensor) -> None:
-        # i in the later half, j in the earlier half of each block of 2h; o_i += a_ij v_j
-        nb = T // (2 * h)
-        ql = qm.view(B, H, nb, 2, h * G, S * K)[:, :, :, 1]                # (B, H, nb, h*G, S*K)
-        ve = v.view(B, H, nb, 2, h, V)[:, :, :, 0].reshape(-1, h, V)       # (B*H*nb, h, V)
-        ol = o.view(B * H * nb, 2, h * G, V)[:, 1]                         # (B*H*nb, h*G, V)
+        # i in the later half, j in the earlier half of each block of 2h
+        nb, nbc = T // (2 * h), C // (2 * h)
+        ql = qm.view(B, H, nb, 2, h, G, S * K)[:, :, :, 1]                # (B, H, nb, h, G, S*K)
         if h == 1:      # a single key: cheaper to put the q-side decay on it than on G queries
-            w = (dv[:, :, :, 1] * kev[:, :, :, 0]).view(B, H, nb, S * K, 1)
-            ol.addcmul_((ql @ w).view(-1, G, 1), ve)
-            return
-        qs = ql.view(B, H, nb, h, G, S, K) * dv[:, :, :, 1, :, None]       # (B, H, nb, h, G, S, K)
-        ks = kev[:, :, :, 0].reshape(B, H, nb, h, S * K)                   # (B, H, nb, h, S*K)
-        a = qs.view(B, H, nb, h * G, S * K) @ ks.mT                        # (B, H, nb, h*G, h)
-        ol.baddbmm_(a.view(-1, h * G, h), ve)
+            w = dv[:, :, :, 1] * kev[:, :, :, 0]                           # (B, H, nb, 1, S, K)
+            a = (ql * w.view(B, H, nb, 1, 1, S * K)).sum(-1)               # (B, H, nb, 1, G)
+        else:
+            qs = ql.view(B, H, nb, h, G, S, K) * dv[:, :, :, 1, :, None]   # (B, H, nb, h, G, S, K)
+            ks = kev[:, :, :, 0].reshape(B, H, nb, h, S * K)               # (B, H, nb, h, S*K)
+            a = qs.view(B, H, nb, h * G, S * K) @ ks.mT                    # (B, H, nb, h*G, h)
+        # write a into the (later half, earlier half) corner of each 2h block on the chunk's
+        # diagonal: rows i = (blk, half, r), columns j = (blk', half', c), blk = blk'
+        blocks = torch.diagonal(scores.view(B, H, N, nbc, 2, h, G, nbc, 2, h), dim1=3, dim2=7)
+        a = a.view(B, H, N, nbc, h, G, h).permute(0, 1, 2, 4, 5, 6, 3)  # (B, H, N, h, G, h, nbc)
+        blocks[:, :, :, 1, :, :, 0].copy_(a)
 
     d, ke = _decays(g, k, C, pairs)
     # across chunks: o_i += Σ_s mix_s (q_i ⊙ exp(b_i - b_{chunk start - 1})) · S_prev
     qi = qm.view(B, H, N, C, G, S, K) * d.view(B, H, N, C, 1, S, K)       # (B, H, N, C, G, S, K)
     prev, st = _scan(*_chunk_updates(d, ke, v, C), st)                      # (B, H, N, S*K, V)
-    o.view(B * H * N, C * G, V).baddbmm_(qi.view(B * H * N, C * G, S * K),
-                                         prev.view(B * H * N, S * K, V))
-    return o, st
+    o = torch.baddbmm(scores.view(B * H * N, C * G, C) @ v.view(B * H * N, C, V),
+                      qi.view(B * H * N, C * G, S * K), prev.view(B * H * N, S * K, V))
+    return o.view(B, H, T, G, V), st
 
 
 def dsla_chunked(q: Tensor, k: Tensor, v: Tensor, log_gates: Tensor, mix: Tensor,

@@ -39,7 +39,7 @@ def case_id(c) -> str:
 
 
 def make_inputs(B, T, H, G, K, V, S, dtype=torch.float64, init_state=True, decay=3.0, seed=0):
-    """Random inputs; log-gates in [-decay, 0], both signs in q, k, v (the ops don't need φ ≥ 0)."""
+    """Random inputs; log-gates in [-decay, 0]; q, k, v of both signs (φ ≥ 0 is not needed)."""
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(B, H, G, T, K, generator=gen, dtype=torch.float64)
     k = torch.randn(B, H, T, K, generator=gen, dtype=torch.float64) / K ** 0.5
