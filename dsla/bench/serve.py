@@ -171,6 +171,21 @@ def server_rss_mb(pid: int | None) -> float | None:
     return None
 
 
+def server_cpu_s(pid: int | None) -> float | None:
+    """User + system CPU seconds the process (all its threads) has used: on a shared, busy machine
+    output tokens per CPU second compares servers more fairly than tokens per wall second."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    import os
+
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
 def fetch_model(url: str, api_key: str | None) -> str:
     import httpx
 
@@ -199,7 +214,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-len-range", default="8,256", help="min,max output tokens")
     p.add_argument("--timeout", type=float, default=300, help="seconds a request may take before it counts as failed")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--server-pid", type=int, default=None, help="report this process's RSS before/after (soak)")
+    p.add_argument("--server-pid", type=int, default=None, help="report this local process's RSS and CPU time over the run (soak, busy machines)")
     p.add_argument("--settle", type=float, default=0, help="seconds to wait after the load before the last RSS")
     p.add_argument("--out", default=None, help="write the JSON here (default: print only)")
 
@@ -223,19 +238,24 @@ def run(args: argparse.Namespace) -> int:
     tok = Tokenizer(teacher)
     prompts = cut_prompts(load_texts(args.corpus, "test", teacher), tok, prompt_lens, rng)
     model = args.model or fetch_model(args.url, args.api_key)
-    rss_before = server_rss_mb(args.server_pid)
+    rss_before, cpu_before = server_rss_mb(args.server_pid), server_cpu_s(args.server_pid)
     log.info("%s: %d requests at %.2f/s to %s (%s)", args.label, n, args.rate, args.url, model)
     records, wall = asyncio.run(run_load(args.url, model, prompts, prompt_lens, out_lens, args.rate,
                                          args.seed, args.timeout, args.api_key))
-    rss_after = server_rss_mb(args.server_pid)
+    rss_after, cpu_after = server_rss_mb(args.server_pid), server_cpu_s(args.server_pid)
     if args.settle:
         time.sleep(args.settle)
     summary = {"label": args.label, "rate": args.rate, **summarize(records, wall)}
     if args.server_pid is not None:
         summary.update(server_rss_mb_before=rss_before, server_rss_mb_after_load=rss_after,
                        server_rss_mb_after_settle=server_rss_mb(args.server_pid))
+        if cpu_before is not None and cpu_after is not None:
+            cpu = cpu_after - cpu_before
+            summary.update(server_cpu_s=cpu, output_tokens_per_cpu_s=summary["output_tokens"] / cpu if cpu else None)
     cols = ["label", "rate", "completed", "failed", "request_throughput", "output_token_throughput",
             "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s", "e2e_p50_s", "e2e_p99_s"]
+    if summary.get("output_tokens_per_cpu_s") is not None:
+        cols.append("output_tokens_per_cpu_s")
     print(format_table([summary], cols))
     if summary["errors"]:
         print("errors:", summary["errors"])
