@@ -180,12 +180,17 @@ class Engine:
                 self._finish(t, FinishReason.ABORT)
         elif kind == "call":
             _, fn, fut = msg
+            before = set(self.runner.plan)
             try:
                 fut.set_result(fn(self))
             except Exception as e:  # the caller gets the error through the future
                 fut.set_exception(e)
-            self.scheduler.set_cost(self.runner.cache_cost())
-            self.metrics.set(dsla_layers=len(self.runner.plan))
+            changed = before ^ set(self.runner.plan)
+            if changed:  # the plan for new requests moved: re-price caches, count the conversions
+                log.info("layer plan now %s (changed: %s)", list(self.runner.plan), sorted(changed))
+                self.metrics.inc("layer_conversions_total", len(changed))
+                self.scheduler.set_cost(self.runner.cache_cost())
+                self.metrics.set(dsla_layers=len(self.runner.plan))
 
     def step(self) -> None:
         """Schedule, run one forward, sample, emit. Public so tests can step without the thread."""

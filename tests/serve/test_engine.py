@@ -184,3 +184,23 @@ def test_scheduler_imports_no_torch():
     code = ("import sys, dsla.serve.scheduler, dsla.serve.request; "
             "assert 'torch' not in sys.modules, 'scheduler pulled in torch'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@needs_dsla_ops
+def test_plan_change_between_steps_applies_to_new_requests(serve_dir, serve_tok):
+    from dsla.model.loading import load_teacher
+
+    model = load_teacher(serve_dir)
+    model.add_dsla([0, 2])
+    engine = make_engine(model, serve_tok)
+    try:
+        before = run_all(engine, [PROMPTS[2]], 10)[0]
+        assert before.token_ids == alone(model, PROMPTS[2], 10)
+        engine.run_between_steps(lambda e: e.runner.set_plan([0, 2])).result(30)
+        assert engine.scheduler.cost.fixed_bytes > 0 and engine.runner.plan == (0, 2)
+        after = run_all(engine, [PROMPTS[2]], 10)[0]
+        assert after.token_ids == alone(model, PROMPTS[2], 10, dsla_layers=[0, 2])
+        snap = engine.metrics.snapshot()
+        assert snap["layer_conversions_total"] == 2 and snap["dsla_layers"] == 2
+    finally:
+        engine.shutdown()
