@@ -164,13 +164,20 @@ class MemoryTracker:
     its own peak (the high-water mark is reset before it) and its rise over the RSS just before.
     """
 
-    def __init__(self, setup_mb: float = 0.0) -> None:
+    def __init__(self, setup_mb: float = 0.0, release: bool = False,
+                 on_before: Callable[[], Any] | None = None) -> None:
         self.setup_mb = setup_mb
+        self.release = release  # hand freed heap back to the OS before each call (long calls only)
+        self.on_before = on_before  # e.g. drop the previous call's result, so the call rebuilds it
         self.peak_mb = 0.0  # highest process RSS seen during one of its calls
         self.rise_mb = 0.0  # largest (peak during a call - RSS just before it)
         self._before = 0.0
 
     def before(self) -> None:
+        if self.on_before is not None:
+            self.on_before()
+        if self.release:  # else memory freed earlier is reused unseen and the rise reads low
+            release_freed_memory()
         reset_peak_rss()
         self._before = current_rss_mb()
 

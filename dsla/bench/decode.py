@@ -218,11 +218,12 @@ def bench_dtype(runners: dict[str, OursRunner | HFRunner], dtype: str, s: Decode
 
             def prefill(v: tuple[str, float]) -> Callable[[], None]:
                 def fn() -> None:
-                    last[v] = None  # free the previous call's cache first
                     last[v] = runners[v[0]].prefill(ids[:T], layers[v])
                 return fn
 
-            mems = [MemoryTracker() for _ in variants]
+            # Before each call (untimed): drop the previous call's cache and return freed memory
+            # to the OS, so the call's rise in RSS is its whole footprint.
+            mems = [MemoryTracker(release=True, on_before=lambda v=v: last.pop(v, None)) for v in variants]
             timings = measure_alternating([prefill(v) for v in variants], warmup=0, repeats=s.prefill_repeats,
                                           max_seconds=s.prefill_budget_s, trackers=mems)
             for (impl, ratio), timing, mem in zip(variants, timings, mems):
