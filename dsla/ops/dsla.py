@@ -16,9 +16,7 @@ Four forms with one signature, ``fn(q, k, v, log_gates, mix, state=None, **kw) -
     returns o  (B, H, G, T, V) in q.dtype, and the final state (B, H, S, K, V)
 
 The state and every accumulation are float32 (float64 when q is float64, for gradient checks);
-q, k, v are cast up at the boundary. All matmuls run in float32 too: on AVX2-only CPUs
-(no avx512_bf16 / AMX) bfloat16 matmuls are tens of times slower than float32 ones, and the
-state must be float32 anyway.
+q, k, v, log_gates and mix are cast up at the boundary and o is cast back to q.dtype.
 
 - ``dsla_reference``: a per-step loop, the definition.
 - ``dsla_chunked``: chunk-parallel prefill / training form (autograd through plain torch ops).
@@ -36,8 +34,10 @@ difference of large cumulative sums is taken:
       exp(b_i - b_j) = d_i · e_j,   d_i = decay from the later half's start to i,
                                     e_j = decay from after j to the earlier half's end,
   both products of per-step decays exp(g) ≤ 1, carried up the levels by multiplication. The
-  factor is rank-separable, so a level is one batched matmul (q ⊙ d)(k ⊙ e)ᵀ. Every pair
-  i > j lies in exactly one (level, block); the pair i = j has weight 1.
+  factor is rank-separable, so a level's scores are one batched matmul (q ⊙ d)(k ⊙ e)ᵀ.
+  Every pair i > j lies in exactly one (level, block); the pair i = j has weight 1. The
+  scores of all levels are written into one (C·G × C) matrix per chunk, applied to v by a
+  single matmul.
 - across chunks, o_i += (q_i ⊙ decay since the chunk start) · S_prev and
   S ← (chunk decay) ⊙ S + Σ_j (k_j ⊙ decay after j)ᵀ v_j, the factors the top level leaves.
   Only this state scan is sequential (one small op per chunk); everything else is batched
@@ -45,7 +45,9 @@ difference of large cumulative sums is taken:
   in cache and bound memory for long T).
 
 Decays that underflow to 0 stand for weights below float32's range: their value to working
-precision. Without autograd the decay factors are updated in place.
+precision. Without autograd the decay factors are updated in place. bfloat16 inputs are
+computed in float32 as well: on this project's AVX2 CPUs (no avx512_bf16 / AMX) a bfloat16
+matmul runs ~30x slower than a float32 one, so "bf16 intra-chunk matmuls" would be a loss.
 """
 
 from __future__ import annotations
