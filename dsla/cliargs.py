@@ -15,6 +15,14 @@ def _parse_ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected a comma-separated list of integers, got {text!r}") from None
 
 
+def _optional(base: type):
+    """Parse ``base`` values, or "none" for None (fields typed ``X | None``)."""
+    def parse(text: str):
+        return None if text.strip().lower() in ("none", "off", "") else base(text)
+    parse.__name__ = base.__name__  # argparse names the type in its error messages
+    return parse
+
+
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
     """Add ``--field-name`` for each field of ``cls`` (nested dataclasses are flattened)."""
     hints = typing.get_type_hints(cls)
@@ -22,6 +30,12 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: tu
         if f.name in skip:
             continue
         typ = hints[f.name]
+        args = typing.get_args(typ)
+        if type(None) in args and len(args) == 2 and args[0] in (int, float, str):  # X | None
+            default = f.default
+            parser.add_argument("--" + f.name.replace("_", "-"), type=_optional(args[0]), default=default,
+                                help=f"(default: {default}; 'none' disables)")
+            continue
         if dataclasses.is_dataclass(typ):
             add_dataclass_arguments(parser, typ, skip)
             continue

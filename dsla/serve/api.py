@@ -1,7 +1,8 @@
 """OpenAI-compatible HTTP API over an ``Engine`` (FastAPI; imported only by `dsla serve`).
 
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health,
-GET /metrics. /v1/* needs ``Authorization: Bearer <key>`` when an API key is set; /health and
+GET /metrics, and GET/POST /v1/dsla/plan (the layer plan: which layers run DSLA, the order, the
+policy, recent changes; POST forces a ratio or a layer list). /v1/* needs ``Authorization: Bearer <key>`` when an API key is set; /health and
 /metrics stay open for probes and scrapers. A request whose client disconnects is aborted (its
 cache is freed at the engine's next step).
 """
@@ -25,6 +26,7 @@ from dsla.serve.protocol import (ChatCompletionRequest, CompletionRequest, OpenA
 from dsla.serve.request import SamplingOptions
 
 DISCONNECT_POLL_S = 1.0  # how often a waiting non-streaming request checks that its client is still there
+PLAN_CHANGE_TIMEOUT_S = 120.0  # a forced plan change waits this long for the engine's next step boundary
 
 
 class BodyLimit:
@@ -91,13 +93,15 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
                 raise OpenAIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
                                   code="invalid_api_key")
 
-    async def prepare(request: Request, model: type) -> Any:
-        check_auth(request)
+    async def read_json(request: Request) -> Any:
         try:
-            body = json.loads(await request.body())
+            return json.loads(await request.body())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise OpenAIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
-        req = parse(model, body)
+
+    async def prepare(request: Request, model: type) -> Any:
+        check_auth(request)
+        req = parse(model, await read_json(request))
         if req.model != model_name:
             raise OpenAIError(400, f"model {req.model!r} is not served here; this server serves {model_name!r}",
                               param="model", code="model_not_found")
@@ -293,6 +297,30 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
                                             "owned_by": "dsla", "max_model_len": engine.max_model_len}]}
 
+    @app.get("/v1/dsla/plan")
+    async def get_plan(request: Request):
+        check_auth(request)
+        return engine.plan_view()
+
+    @app.post("/v1/dsla/plan")
+    async def force_plan(request: Request):
+        """Body: {"ratio": R} (the first round(R * layers) of the order) or {"layers": [...]};
+        optional "reason". Conversions fold in-flight KV; reverts apply to new requests."""
+        check_auth(request)
+        layers, what = plan_request(engine, await read_json(request))
+        if not engine.is_alive:
+            raise OpenAIError(503, "the engine is not running", type_="server_error", headers={"Retry-After": "5"})
+        reason = f"forced via API: {what}"
+        fut = engine.run_between_steps(lambda e: e.set_plan(layers, reason, source="api"))
+        try:
+            change = await asyncio.wait_for(asyncio.wrap_future(fut), PLAN_CHANGE_TIMEOUT_S)
+        except ValueError as e:  # a layer without a DSLA module: nothing changed
+            raise OpenAIError(400, str(e), param="layers", code="invalid_value") from None
+        except asyncio.TimeoutError:
+            raise OpenAIError(503, f"the engine did not reach a step boundary within {PLAN_CHANGE_TIMEOUT_S:.0f} s",
+                              type_="server_error", headers={"Retry-After": "5"}) from None
+        return {**engine.plan_view(), "change": change}
+
     @app.get("/health")
     async def health():
         if not engine.is_alive:
@@ -304,3 +332,35 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
         return PlainTextResponse(engine.metrics.render(), media_type="text/plain; version=0.0.4")
 
     return app
+
+
+def plan_request(engine: Engine, body: Any) -> tuple[list[int], str]:
+    """Validate a POST /v1/dsla/plan body; return the layers and a description (400 otherwise)."""
+    if not isinstance(body, dict):
+        raise OpenAIError(400, 'the body must be a JSON object: {"ratio": R} or {"layers": [...]}')
+    given = [k for k in ("ratio", "layers") if body.get(k) is not None]
+    if len(given) != 1:
+        raise OpenAIError(400, 'give exactly one of "ratio" (0..1) or "layers" (a list of layer indices)',
+                          param="ratio" if not given else None, code="invalid_value")
+    extra = body.get("reason")
+    if extra is not None and not isinstance(extra, str):
+        raise OpenAIError(400, f"reason must be a string, got {extra!r}", param="reason", code="invalid_value")
+    note = f" ({extra[:200]})" if extra else ""
+    if given == ["ratio"]:
+        r = body["ratio"]
+        if isinstance(r, bool) or not isinstance(r, (int, float)):
+            raise OpenAIError(400, f"ratio must be a number in [0, 1], got {r!r}", param="ratio", code="invalid_value")
+        try:
+            return engine.layers_for_ratio(float(r)), f"ratio {r}{note}"
+        except ValueError as e:
+            raise OpenAIError(400, str(e), param="ratio", code="invalid_value") from None
+    layers, n = body["layers"], engine.num_layers
+    if not isinstance(layers, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in layers):
+        raise OpenAIError(400, f"layers must be a list of integers, got {layers!r}"[:300], param="layers",
+                          code="invalid_value")
+    bad = [i for i in layers if not 0 <= i < n]
+    if bad or len(set(layers)) != len(layers):
+        msg = (f"layer {bad[0]} is out of range for a {n}-layer model" if bad
+               else f"layers {layers} names a layer twice")
+        raise OpenAIError(400, msg, param="layers", code="invalid_value")
+    return layers, f"layers {layers}{note}"

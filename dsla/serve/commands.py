@@ -1,10 +1,17 @@
-"""`dsla serve`: load a teacher (and optionally a student), fix a layer plan, serve it over HTTP."""
+"""`dsla serve`: load a teacher (and optionally a student), choose a layer policy, serve it over HTTP.
+
+``--policy static`` keeps the plan of ``--dsla-layers`` / ``--dsla-ratio`` (changed only through
+POST /v1/dsla/plan); ``--policy adaptive`` starts there (default: full attention) and lets the
+controller (``dsla.serve.policy``) convert layers under load and revert them when it falls.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import shlex
 from pathlib import Path
 from typing import Sequence
 
@@ -32,15 +39,25 @@ def plan_layers(num_layers: int, dsla_layers: Sequence[int] | None, dsla_ratio: 
 
 def build_engine(teacher: str | Path, dtype: str = "float32", student: str | Path | None = None,
                  dsla_layers: Sequence[int] | None = None, dsla_ratio: float | None = None,
-                 config=None):
-    """Load the model and tokenizer and return a (not yet started) ``Engine``."""
+                 config=None, policy: str = "static", policy_config=None, quality=()):
+    """Load the model and tokenizer and return a (not yet started) ``Engine``.
+
+    ``policy="adaptive"`` attaches a controller with ``policy_config`` (default ``PolicyConfig()``)
+    and the per-ratio ``quality`` curve; it converts the student's finished layers in its order
+    (without a student: every layer, untrained, by index).
+    """
     import torch
 
     from dsla.model.loading import load_teacher, teacher_hash
     from dsla.model.tokenizer import Tokenizer
+    from dsla.serve.control import Controller
     from dsla.serve.engine import Engine
+    from dsla.serve.policy import PolicyConfig
     from dsla.serve.runner import ModelRunner
     from dsla.serve.scheduler import SchedulerConfig
+
+    if policy not in ("static", "adaptive"):
+        raise ValueError(f"--policy={policy!r} must be static or adaptive")
 
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     model = load_teacher(teacher, dtype=dtypes[dtype])
@@ -58,17 +75,50 @@ def build_engine(teacher: str | Path, dtype: str = "float32", student: str | Pat
     if missing:
         log.warning("no student: layers %s run untrained DSLA (initialised from the teacher)", missing)
         model.add_dsla(missing)
+    controller = None
+    if policy == "adaptive":
+        if order is None:
+            order = list(range(model.cfg.num_hidden_layers))
+            log.warning("adaptive policy without --student: it converts untrained DSLA layers in index order "
+                        "(output quality will suffer; distill a student with `dsla distill`)")
+            model.add_dsla([i for i in order if i not in model.dsla_layers()])
+        controller = Controller(policy_config or PolicyConfig(), order, quality)
     runner = ModelRunner(model, plan)
-    return Engine(runner, Tokenizer(teacher), config or SchedulerConfig())
+    return Engine(runner, Tokenizer(teacher), config or SchedulerConfig(), controller=controller, order=order)
+
+
+def read_quality_report(path: str | Path):
+    """The per-ratio quality curve from a `dsla eval ppl` report.json (or its directory)."""
+    from dsla.serve.policy import quality_curve_from_report
+
+    p = Path(path)
+    p = p / "report.json" if p.is_dir() else p
+    if not p.is_file():
+        raise FileNotFoundError(f"quality report {p} not found: run `dsla eval ppl --student DIR --out REPORT_DIR`")
+    return quality_curve_from_report(json.loads(p.read_text()))
+
+
+def curl_example(host: str, port: int, model: str, api_key: bool) -> str:
+    """A ready-to-paste request against the server."""
+    body = json.dumps({"model": model, "max_tokens": 80,
+                       "messages": [{"role": "user", "content": "Explain in two sentences why the sky is blue."}]})
+    auth = ' -H "Authorization: Bearer $DSLA_API_KEY"' if api_key else ""
+    return (f"curl http://{host}:{port}/v1/chat/completions -H 'Content-Type: application/json'{auth} "
+            f"-d {shlex.quote(body)}")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from dsla.cli import add_model_arguments
+    from dsla.cliargs import add_dataclass_arguments
+    from dsla.serve.policy import PolicyConfig
     from dsla.serve.scheduler import SchedulerConfig
 
     d = SchedulerConfig()
     add_model_arguments(p)
     p.add_argument("--student", default=None, help="student directory from `dsla distill` (DSLA weights)")
+    p.add_argument("--policy", choices=["static", "adaptive"], default="static",
+                   help="static: keep the --dsla-layers/--dsla-ratio plan; adaptive: convert layers under load "
+                        "(starting from that plan) and revert them when load falls")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--dsla-layers", default=None, help="comma-separated layers to run as DSLA")
     g.add_argument("--dsla-ratio", type=float, default=None,
@@ -86,28 +136,40 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-waiting", type=int, default=d.max_waiting,
                    help="queued requests beyond which new ones get 503 + Retry-After")
     p.add_argument("--max-body-kb", type=int, default=1024, help="request bodies over this get 413")
+    g = p.add_argument_group("adaptive policy (--policy adaptive; see dsla/serve/policy.py for each field)")
+    g.add_argument("--quality-report", default=None,
+                   help="report.json of `dsla eval ppl` for the student: per-ratio perplexity for --quality-budget")
+    add_dataclass_arguments(g, PolicyConfig)
 
 
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from dsla.bench.common import parse_list
+    from dsla.cliargs import dataclass_from_args
     from dsla.paths import resolve_teacher
     from dsla.serve.api import create_app
+    from dsla.serve.policy import PolicyConfig
     from dsla.serve.scheduler import SchedulerConfig
 
     teacher = resolve_teacher(args.teacher)
     config = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                              cache_budget_bytes=int(args.cache_budget_mb * 2**20), max_waiting=args.max_waiting)
     layers = parse_list(args.dsla_layers, int) if args.dsla_layers else None
-    engine = build_engine(teacher, args.dtype, args.student, layers, args.dsla_ratio, config)
+    quality = read_quality_report(args.quality_report) if args.quality_report else ()
+    engine = build_engine(teacher, args.dtype, args.student, layers, args.dsla_ratio, config, args.policy,
+                          dataclass_from_args(PolicyConfig, args), quality)
     name = args.served_model_name or teacher.name
     app = create_app(engine, name, api_key=args.api_key, max_body_bytes=args.max_body_kb * 1024)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         log.warning("serving on %s without --api-key: anyone who can reach it can use it", args.host)
     engine.start()
-    log.info("serving %s (DSLA layers %s) on http://%s:%d", name, list(engine.runner.plan) or "none",
-             args.host, args.port)
+    log.info("serving %s (policy %s, DSLA layers %s) on http://%s:%d", name, args.policy,
+             list(engine.runner.plan) or "none", args.host, args.port)
+    auth = ' -H "Authorization: Bearer $DSLA_API_KEY"' if args.api_key else ""
+    print(f"\ndsla serve: http://{args.host}:{args.port}  (model {name!r}, policy {args.policy}; Ctrl-C stops)\n"
+          f"try:\n  {curl_example(args.host, args.port, name, bool(args.api_key))}\n"
+          f"  curl http://{args.host}:{args.port}/v1/dsla/plan{auth}\n", flush=True)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:

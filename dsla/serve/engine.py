@@ -4,6 +4,12 @@ Other threads talk to it only through a thread-safe inbox (``submit``, ``abort``
 ``run_between_steps``); results go out through each request's sink, a callable the engine calls
 from its thread with a ``RequestOutput`` delta (the HTTP layer's sink hops onto its event loop).
 Aborts and plan changes take effect between steps, never inside one.
+
+Layer plans: converting a layer to DSLA applies to every request, in flight included (its KV
+for that layer is folded into DSLA state and freed at once); reverting a layer to attention
+applies to requests admitted from then on (in-flight ones keep DSLA there: their KV is gone).
+An optional ``Controller`` (the adaptive policy) decides such changes between steps; anyone can
+force one through ``run_between_steps(lambda e: e.set_plan(...))``.
 """
 
 from __future__ import annotations
@@ -14,42 +20,30 @@ import queue
 import threading
 import time
 import uuid
+from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from dsla.model.tokenizer import Tokenizer
+from dsla.serve.control import Controller, LatencyWindow
 from dsla.serve.detokenize import Detokenizer
 from dsla.serve.metrics import Metrics
-from dsla.serve.request import FinishReason, Request, SamplingOptions, TokenLogprob
+from dsla.serve.outputs import Collector, RequestOutput, Sink  # noqa: F401  (re-exported)
+from dsla.serve.policy import LoadSnapshot
+from dsla.serve.request import FinishReason, Request, SamplingOptions
 from dsla.serve.runner import ModelRunner
 from dsla.serve.scheduler import Scheduler, SchedulerConfig
 
 log = logging.getLogger(__name__)
 IDLE_POLL_S = 0.5  # how long an idle engine blocks on its inbox before checking for shutdown
+PLAN_HISTORY = 256  # plan changes kept for /v1/dsla/plan
+LATENCY_WINDOW_S = 30.0  # recent TTFT/TPOT window without a controller
 
 
 class EngineOverloaded(RuntimeError):
     """The queue is full: the caller should retry later (HTTP 503 + Retry-After)."""
 
 
-@dataclass(frozen=True)
-class RequestOutput:
-    """What happened to one request since its previous output (deltas, not totals)."""
-
-    request_id: str
-    text: str  # new text, safe to show (stop strings held back until resolved)
-    token_ids: tuple[int, ...]  # new output tokens
-    logprobs: tuple[TokenLogprob, ...]  # one per new token, when logprobs were asked for
-    prompt_logprobs: tuple[TokenLogprob, ...] | None  # in the first output, when asked for
-    finished: bool
-    finish_reason: FinishReason | None
-    num_prompt_tokens: int
-    num_output_tokens: int  # so far
-    error: str | None = None
-
-
-Sink = Callable[[RequestOutput], None]
 
 
 class _Tracked:
@@ -63,8 +57,18 @@ class _Tracked:
 
 class Engine:
     def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, config: SchedulerConfig = SchedulerConfig(),
-                 extra_eos_ids: Sequence[int] = ()) -> None:
-        self.runner, self.tokenizer, self.config = runner, tokenizer, config
+                 extra_eos_ids: Sequence[int] = (), controller: Controller | None = None,
+                 order: Sequence[int] | None = None) -> None:
+        """``order``: the layers a conversion ratio takes, first to last (the student's finished
+        layers in its order; default: every layer with a DSLA module, by index)."""
+        self.runner, self.tokenizer, self.config, self.controller = runner, tokenizer, config, controller
+        self.order = tuple(runner.model.dsla_layers() if order is None else order)
+        rank = {layer: n for n, layer in enumerate(self.order)}
+        self.converted_order = tuple(sorted(runner.plan, key=lambda i: (rank.get(i, len(rank)), i)))
+        self.last_plan_change: float | None = None
+        self.plan_history: deque[dict[str, Any]] = deque(maxlen=PLAN_HISTORY)
+        window = controller.config.latency_window_s if controller else LATENCY_WINDOW_S
+        self.recent_ttft, self.recent_tpot = LatencyWindow(window), LatencyWindow(window)
         self.scheduler = Scheduler(config, runner.cache_cost())
         eos = set(runner.model.cfg.eos_token_id) | set(extra_eos_ids)
         tok_eos = tokenizer.token_id(tokenizer.special("eos_token"))
@@ -72,8 +76,8 @@ class Engine:
             eos.add(tok_eos)
         self.eos_token_ids = frozenset(eos)
         self.metrics = Metrics()
-        self.metrics.set(cache_budget_bytes=config.cache_budget_bytes,
-                         num_layers=runner.model.cfg.num_hidden_layers, dsla_layers=len(runner.plan))
+        self.metrics.set(cache_budget_bytes=config.cache_budget_bytes, num_layers=self.num_layers)
+        self._plan_metrics()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._inbox_adds = 0  # submissions not yet moved into the scheduler
         self._lock = threading.Lock()
@@ -85,6 +89,10 @@ class Engine:
     @property
     def max_model_len(self) -> int:
         return self.runner.max_model_len
+
+    @property
+    def num_layers(self) -> int:
+        return self.runner.model.cfg.num_hidden_layers
 
     # ---- called from any thread ----------------------------------------------------------------
     def start(self) -> "Engine":
@@ -144,6 +152,10 @@ class Engine:
             busy = False
             while not self._stop.is_set():
                 self._drain(block=not self.scheduler.has_work)
+                now = time.monotonic()
+                self._load_metrics(now)
+                if self.controller is not None:
+                    self.controller.tick(self, now)
                 if self.scheduler.has_work:
                     self.step()
                     busy = True
@@ -186,17 +198,12 @@ class Engine:
                 self._finish(t, FinishReason.ABORT)
         elif kind == "call":
             _, fn, fut = msg
-            before = set(self.runner.plan)
+            if not fut.set_running_or_notify_cancel():  # the caller gave up waiting
+                return
             try:
                 fut.set_result(fn(self))
             except Exception as e:  # the caller gets the error through the future
                 fut.set_exception(e)
-            changed = before ^ set(self.runner.plan)
-            if changed:  # the plan for new requests moved: re-price caches, count the conversions
-                log.info("layer plan now %s (changed: %s)", list(self.runner.plan), sorted(changed))
-                self.metrics.inc("layer_conversions_total", len(changed))
-                self.scheduler.set_cost(self.runner.cache_cost())
-                self.metrics.set(dsla_layers=len(self.runner.plan))
 
     def step(self) -> None:
         """Schedule, run one forward, sample, emit. Public so tests can step without the thread."""
@@ -234,6 +241,7 @@ class Engine:
             if req.first_token_time is None:
                 req.first_token_time = now
                 self.metrics.observe("time_to_first_token_seconds", now - req.arrival_time)
+                self.recent_ttft.add(now, now - req.arrival_time)
             if (tok in req.eos_token_ids and not o.ignore_eos) or tok in o.stop_token_ids:
                 reason = FinishReason.STOP  # the stop token itself is not part of the output
             else:
@@ -241,6 +249,8 @@ class Engine:
                 if res.logprob is not None:
                     req.output_logprobs.append(res.logprob)
                 self.metrics.inc("generation_tokens_total")
+                self.metrics.inc_labelled("generation_tokens_by_dsla_layers_total",
+                                          len(self.runner.dsla_layers_of(req.request_id)))
                 text = t.detok.push(tok)
                 if t.detok.stopped:
                     reason = FinishReason.STOP
@@ -285,10 +295,104 @@ class Engine:
             m.inc("prompt_tokens_total", req.num_prompt_tokens)
             m.observe("e2e_request_latency_seconds", now - req.arrival_time)
             if req.first_token_time is not None and req.num_output_tokens > 1:
-                m.observe("time_per_output_token_seconds",
-                          (now - req.first_token_time) / (req.num_output_tokens - 1))
+                tpot = (now - req.first_token_time) / (req.num_output_tokens - 1)
+                m.observe("time_per_output_token_seconds", tpot)
+                self.recent_tpot.add(now, tpot)
         if reason is not FinishReason.ABORT:
             self._emit(t, text + t.detok.flush(), finished=True, error=error)
+
+
+    # ---- layer plans (engine thread, between steps) ----------------------------------------------
+    def set_plan(self, layers: Sequence[int], reason: str, source: str = "api") -> dict[str, Any]:
+        """Make ``layers`` the DSLA layers; return the change as recorded in ``plan_history``.
+
+        Runs on the engine thread between steps (``run_between_steps``, or the controller).
+        Layers new to the plan are converted in every live cache (KV folded into DSLA state and
+        freed; a request whose fold fails is failed alone) and the caches re-priced; layers
+        leaving the plan run attention for requests admitted from now on. Raises ValueError
+        (nothing changed) when a layer is out of range or has no DSLA module.
+        """
+        if self._thread is not None and self._thread.is_alive() and threading.current_thread() is not self._thread:
+            raise RuntimeError("set_plan runs on the engine thread only: use run_between_steps")
+        layers = list(dict.fromkeys(int(i) for i in layers))
+        old = set(self.runner.plan)
+        self.runner.set_plan(layers)
+        convert = [i for i in layers if i not in old]
+        revert = [i for i in self.converted_order if i not in set(layers)]
+        freed, folded = 0, set()
+        for i in convert:
+            per_request, failed = self.runner.convert(i)
+            freed += sum(per_request.values())
+            folded |= set(per_request)
+            for rid, err in failed.items():
+                log.error("folding layer %d of request %s failed: %s", i, rid, err)
+                self._finish(self._tracked[rid], FinishReason.ERROR, error=f"converting layer {i} failed: {err}")
+        for req in self.scheduler.running if convert else ():
+            if req.request_id in self.runner.caches:
+                self.scheduler.reprice(req, self.runner.cache_cost(self.runner.dsla_layers_of(req.request_id)))
+        self.scheduler.set_cost(self.runner.cache_cost())
+        self.converted_order = tuple(i for i in self.converted_order if i in set(layers)) + tuple(convert)
+        self.last_plan_change = time.monotonic()
+        ratio = len(layers) / self.num_layers
+        event = {"time": time.time(), "source": source, "reason": reason, "converted": convert, "reverted": revert,
+                 "dsla_layers": sorted(layers), "ratio": ratio, "in_flight_folded": len(folded),
+                 "freed_bytes": freed}
+        if convert or revert:
+            with self._lock:
+                self.plan_history.append(event)
+            self.metrics.inc("layer_conversions_total", len(convert))
+            self.metrics.inc("layer_reverts_total", len(revert))
+            self.metrics.inc("conversion_freed_bytes_total", freed)
+            self._plan_metrics()
+            log.info("%s: convert %s, revert %s -> %d/%d DSLA layers (ratio %.2f); folded %d in-flight caches, "
+                     "freed %.1f MB; %s", source, convert, revert, len(layers), self.num_layers, ratio,
+                     len(folded), freed / 2**20, reason)
+        return event
+
+    def layers_for_ratio(self, ratio: float) -> list[int]:
+        """The first round(ratio * layers) layers of the order; ValueError when there are too few."""
+        if not 0 <= ratio <= 1:
+            raise ValueError(f"ratio {ratio} must be in [0, 1]")
+        k = round(ratio * self.num_layers)
+        if k > len(self.order):
+            raise ValueError(f"ratio {ratio} means {k} of {self.num_layers} layers but only {len(self.order)} "
+                             f"layers can be converted (order {list(self.order)})")
+        return list(self.order[:k])
+
+    def load(self, now: float) -> LoadSnapshot:
+        """The load the policy sees (engine thread)."""
+        s = self.scheduler
+        queued = sum(r.num_tokens for r in s.waiting) + sum(
+            n for r in s.running if (n := r.num_tokens - r.num_computed_tokens) > 1)
+        oldest = max((now - r.arrival_time for r in s.waiting), default=0.0)
+        return LoadSnapshot(queued, s.num_waiting, oldest, s.cache_bytes(), self.config.cache_budget_bytes,
+                            self.recent_ttft.median(now), self.recent_tpot.median(now))
+
+    def _load_metrics(self, now: float) -> None:
+        load = self.load(now)
+        self.metrics.set(queued_prompt_tokens=load.queued_prompt_tokens, oldest_wait_seconds=load.oldest_wait_s)
+
+    def _plan_metrics(self) -> None:
+        plan = set(self.runner.plan)
+        self.metrics.set(dsla_layers=len(plan))
+        for i in range(self.num_layers):
+            self.metrics.set_labelled("layer_is_dsla", i, int(i in plan))
+
+    def plan_view(self) -> dict[str, Any]:
+        """Plan, order, policy, load and recent changes, for /v1/dsla/plan (safe from any thread)."""
+        plan, conv = self.runner.plan, self.converted_order
+        with self._lock:
+            history = list(self.plan_history)
+        snap = self.metrics.snapshot()
+        load = {k: snap[k] for k in ("requests_running", "requests_waiting", "queued_prompt_tokens",
+                                     "oldest_wait_seconds", "cache_bytes_used", "cache_budget_bytes")}
+        return {"object": "dsla.plan", "policy": self.controller.name if self.controller else "static",
+                "num_layers": self.num_layers, "dsla_layers": list(plan), "converted_order": list(conv),
+                "ratio": len(plan) / self.num_layers, "order": list(self.order),
+                "controller": self.controller.describe() if self.controller else None, "load": load,
+                "generation_tokens_by_dsla_layers": snap["generation_tokens_by_dsla_layers_total"],
+                "layer_conversions_total": snap["layer_conversions_total"],
+                "layer_reverts_total": snap["layer_reverts_total"], "history": history, "time": time.time()}
 
 
 def release_free_memory() -> None:
@@ -301,29 +405,3 @@ def release_free_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
-
-
-class Collector:
-    """A sink for synchronous callers (tests, scripts): gathers a request's outputs."""
-
-    def __init__(self) -> None:
-        self._q: queue.SimpleQueue[RequestOutput] = queue.SimpleQueue()
-        self.outputs: list[RequestOutput] = []
-
-    def __call__(self, out: RequestOutput) -> None:
-        self._q.put(out)
-
-    def wait(self, timeout: float = 60.0) -> list[RequestOutput]:
-        """Block until the request finishes; return all its outputs."""
-        deadline = time.monotonic() + timeout
-        while not (self.outputs and self.outputs[-1].finished):
-            self.outputs.append(self._q.get(timeout=max(0.0, deadline - time.monotonic())))
-        return self.outputs
-
-    @property
-    def token_ids(self) -> list[int]:
-        return [t for o in self.outputs for t in o.token_ids]
-
-    @property
-    def text(self) -> str:
-        return "".join(o.text for o in self.outputs)

@@ -55,15 +55,25 @@ class Metrics:
         "preemptions_total": "running requests preempted (cache freed, recomputed later)",
         "steps_total": "engine steps run",
         "step_errors_total": "engine steps whose forward raised",
-        "layer_conversions_total": "layer plan changes applied between steps",
+        "layer_conversions_total": "layers converted attention -> DSLA (in-flight KV folded into state)",
+        "layer_reverts_total": "layers reverted DSLA -> attention (for new requests)",
+        "conversion_freed_bytes_total": "cache bytes freed by folding in-flight KV into DSLA state",
     }
     GAUGES = {
         "requests_running": "requests holding a cache",
         "requests_waiting": "requests queued (new or preempted)",
         "cache_bytes_used": "bytes held by the live request caches",
         "cache_budget_bytes": "cache memory budget",
-        "dsla_layers": "layers that run DSLA for new requests",
+        "dsla_layers": "layers converted: they run DSLA for new requests",
         "num_layers": "layers in the model",
+        "queued_prompt_tokens": "prompt tokens not yet computed (waiting requests and unfinished prefills)",
+        "oldest_wait_seconds": "how long the oldest waiting request has waited",
+    }
+    # name -> (type, label, help): one series per label value
+    LABELLED = {
+        "layer_is_dsla": ("gauge", "layer", "1 when the layer runs DSLA for new requests, 0 for softmax attention"),
+        "generation_tokens_by_dsla_layers_total": (
+            "counter", "dsla_layers", "tokens generated, by the number of DSLA layers of the request's cache"),
     }
 
     def __init__(self) -> None:
@@ -72,6 +82,7 @@ class Metrics:
         self.counters = {k: 0.0 for k in self.COUNTERS}
         self.gauges = {k: 0.0 for k in self.GAUGES}
         self.finished: dict[str, int] = {}  # finish reason -> count
+        self.labelled: dict[str, dict[int, float]] = {k: {} for k in self.LABELLED}
 
     def inc(self, name: str, by: float = 1) -> None:
         with self.lock:
@@ -85,6 +96,15 @@ class Metrics:
         with self.lock:
             self.hist[name].observe(value)
 
+    def inc_labelled(self, name: str, label: int, by: float = 1) -> None:
+        with self.lock:
+            series = self.labelled[name]
+            series[label] = series.get(label, 0) + by
+
+    def set_labelled(self, name: str, label: int, value: float) -> None:
+        with self.lock:
+            self.labelled[name][label] = value
+
     def request_finished(self, reason: str) -> None:
         with self.lock:
             self.finished[reason] = self.finished.get(reason, 0) + 1
@@ -94,6 +114,7 @@ class Metrics:
         with self.lock:
             return {**self.counters, **self.gauges,
                     "requests_finished": dict(self.finished),
+                    **{k: {str(i): v for i, v in sorted(s.items())} for k, s in self.labelled.items()},
                     **{f"{k}_count": h.count for k, h in self.hist.items()}}
 
     def render(self) -> str:
@@ -107,6 +128,9 @@ class Metrics:
             name = f"{PREFIX}_requests_finished_total"
             out += [f"# HELP {name} requests ended, by finish reason", f"# TYPE {name} counter"]
             out += [f'{name}{{finish_reason="{r}"}} {c}' for r, c in sorted(self.finished.items())]
+            for k, (typ, label, help_) in self.LABELLED.items():
+                out += [f"# HELP {PREFIX}_{k} {help_}", f"# TYPE {PREFIX}_{k} {typ}"]
+                out += [f'{PREFIX}_{k}{{{label}="{i}"}} {float(v)!r}' for i, v in sorted(self.labelled[k].items())]
             for k, help_ in self.HISTOGRAMS.items():
                 out += self.hist[k].lines(f"{PREFIX}_{k}", help_)
             return "\n".join(out) + "\n"

@@ -11,6 +11,10 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dsla.serve.scheduler import CacheCost
 
 
 class RequestStatus(enum.Enum):
@@ -87,6 +91,7 @@ class Request:
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
     kv_capacity: int = 0  # tokens the request's KV buffers can hold (scheduler's accounting)
+    cache_cost: CacheCost | None = None  # byte cost of its cache's layer plan, while it holds one
     admitted_time: float | None = None  # first admission
     first_token_time: float | None = None
     finish_time: float | None = None

@@ -43,6 +43,7 @@ def token_logprobs(lp: Tensor, chosen: Sequence[int], k: int) -> list[TokenLogpr
 class ModelRunner:
     def __init__(self, model: HybridLM, dsla_layers: Iterable[int] = ()) -> None:
         self.model = model
+        self._costs: dict[tuple[int, ...], CacheCost] = {}
         self.plan: tuple[int, ...] = ()
         self.set_plan(dsla_layers)
         self.caches: dict[str, RequestCache] = {}
@@ -62,15 +63,36 @@ class ModelRunner:
         self.model.new_cache(plan)  # validates the layer indices and that DSLA modules exist
         self.plan = plan
 
-    def cache_cost(self) -> CacheCost:
-        """The byte cost of a request's cache under the current plan, measured on a fresh cache."""
-        probe = self.model.new_cache(self.plan)
-        cfg, elem = self.model.cfg, self.model.model.embed_tokens.weight.element_size()
-        n_attn = cfg.num_hidden_layers - len(self.plan)
-        per_token = 2 * cfg.num_key_value_heads * cfg.head_dim * elem * n_attn  # K and V
-        fixed = sum(s.nbytes for i, s in enumerate(probe.layers) if i in self.plan)
-        initial = (probe.nbytes - fixed) // per_token if per_token else 0
-        return CacheCost(kv_bytes_per_token=per_token, fixed_bytes=fixed, initial_capacity=initial)
+    def cache_cost(self, dsla_layers: Iterable[int] | None = None) -> CacheCost:
+        """The byte cost of a cache whose ``dsla_layers`` (default: the plan) run DSLA, measured on
+        a fresh cache. Folding a layer keeps the other layers' KV buffers as they are, so a
+        converted request's capacity stays valid under the cost of its new layer set."""
+        layers = tuple(sorted(set(self.plan if dsla_layers is None else dsla_layers)))
+        if layers not in self._costs:
+            probe = self.model.new_cache(layers)
+            cfg, elem = self.model.cfg, self.model.model.embed_tokens.weight.element_size()
+            n_attn = cfg.num_hidden_layers - len(layers)
+            per_token = 2 * cfg.num_key_value_heads * cfg.head_dim * elem * n_attn  # K and V
+            fixed = sum(s.nbytes for i, s in enumerate(probe.layers) if i in layers)
+            initial = (probe.nbytes - fixed) // per_token if per_token else 0
+            self._costs[layers] = CacheCost(kv_bytes_per_token=per_token, fixed_bytes=fixed, initial_capacity=initial)
+        return self._costs[layers]
+
+    def dsla_layers_of(self, request_id: str) -> tuple[int, ...]:
+        """Layers that run DSLA for a request holding a cache (its plan at admission + conversions)."""
+        return tuple(self.caches[request_id].dsla_layers())
+
+    def convert(self, layer: int) -> tuple[dict[str, int], dict[str, str]]:
+        """Fold ``layer``'s KV into DSLA state in every live cache (caches already DSLA there are
+        left alone). Returns the bytes freed per request (KV dropped minus state added) and, per
+        request whose fold failed (a non-finite state), the error; those caches are unchanged."""
+        freed, failed = {}, {}
+        for rid, cache in self.caches.items():
+            try:
+                freed[rid] = self.model.convert_layer(cache, layer)
+            except ValueError as e:
+                failed[rid] = str(e)
+        return freed, failed
 
     def cache_bytes(self) -> int:
         """Bytes all live caches hold right now (what the budget is about)."""

@@ -7,6 +7,10 @@ admits waiting requests (FIFO, preempted ones first). Admission is also bounded 
 for its caches. When a running request's cache would grow past the budget, the newest running
 request is preempted: its cache is freed and it goes back to the head of the queue, to be
 recomputed from its tokens later. Nobody fails for lack of memory.
+
+Each running request is priced with the ``CacheCost`` of its own cache (``Request.cache_cost``):
+requests admitted under different layer plans, or converted in flight, hold different caches.
+``cost`` is the price of a request admitted now.
 """
 
 from __future__ import annotations
@@ -126,7 +130,7 @@ class Scheduler:
         return bool(self.waiting or self.running or self._freed)
 
     def cache_bytes(self) -> int:
-        return sum(self.cost.bytes(r.kv_capacity) for r in self.running)
+        return sum(r.cache_cost.bytes(r.kv_capacity) for r in self.running)
 
     def check_fits(self, req: Request) -> None:
         """Raise ValueError when the request could not run even alone within the budget."""
@@ -155,17 +159,23 @@ class Scheduler:
         self.running.remove(req)
         self._freed.append(req.request_id)
         req.status, req.num_computed_tokens, req.kv_capacity = RequestStatus.WAITING, 0, 0
+        req.cache_cost = None  # recomputed under the plan of its readmission
         req.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(req)
 
     def set_cost(self, cost: CacheCost) -> None:
-        """Adopt a new cost model (the layer plan changed between steps)."""
+        """Price requests admitted from now on with ``cost`` (the layer plan changed between steps)."""
         self.cost = cost
+
+    def reprice(self, req: Request, cost: CacheCost) -> None:
+        """A running request's cache changed kind between steps (a layer was folded into state)."""
+        if req.status is RequestStatus.RUNNING:
+            req.cache_cost = cost
 
     # ---- the step -----------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
-        cfg, cost = self.config, self.cost
+        cfg = self.config
         budget = cfg.max_num_batched_tokens
         used = self.cache_bytes()
         chunks: dict[str, ScheduledChunk] = {}
@@ -178,13 +188,14 @@ class Scheduler:
             if req.status is not RequestStatus.RUNNING:  # preempted earlier in this loop
                 continue
             n = min(req.num_tokens - req.num_computed_tokens, budget)
+            cost = req.cache_cost
             while True:
                 cap = cost.grow(req.kv_capacity, req.num_computed_tokens + n)
                 extra = cost.bytes(cap) - cost.bytes(req.kv_capacity)
                 if used + extra <= cfg.cache_budget_bytes:
                     break
                 victim = self.running[-1]
-                used -= cost.bytes(victim.kv_capacity)
+                used -= victim.cache_cost.bytes(victim.kv_capacity)
                 if victim.request_id in chunks:
                     budget += chunks.pop(victim.request_id).num_tokens
                 self._preempt(victim)
@@ -198,13 +209,14 @@ class Scheduler:
             budget -= n
         # Admit waiting requests only in a step that preempted nobody (no thrashing), and only
         # when the whole of the request's tokens fits the budget next to everyone else's.
+        cost = self.cost
         while not preempted and self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
             req = self.waiting[0]
             if used + cost.bytes(cost.grow(0, req.num_tokens)) > cfg.cache_budget_bytes:
                 break
             self.waiting.popleft()
             n = min(req.num_tokens, budget)
-            req.status, req.kv_capacity = RequestStatus.RUNNING, cost.grow(0, n)
+            req.status, req.kv_capacity, req.cache_cost = RequestStatus.RUNNING, cost.grow(0, n), cost
             self.running.append(req)
             used += cost.bytes(req.kv_capacity)
             chunks[req.request_id] = ScheduledChunk(req, 0, n)

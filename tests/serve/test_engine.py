@@ -196,7 +196,7 @@ def test_plan_change_between_steps_applies_to_new_requests(serve_dir, serve_tok)
     try:
         before = run_all(engine, [PROMPTS[2]], 10)[0]
         assert before.token_ids == alone(model, PROMPTS[2], 10)
-        engine.run_between_steps(lambda e: e.runner.set_plan([0, 2])).result(30)
+        engine.run_between_steps(lambda e: e.set_plan([0, 2], reason="test")).result(30)
         assert engine.scheduler.cost.fixed_bytes > 0 and engine.runner.plan == (0, 2)
         after = run_all(engine, [PROMPTS[2]], 10)[0]
         assert after.token_ids == alone(model, PROMPTS[2], 10, dsla_layers=[0, 2])
