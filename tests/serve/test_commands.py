@@ -39,3 +39,36 @@ def test_cli_registers_serve():
     assert args.port == 9 and args.host == "127.0.0.1" and args.dsla_layers == "1,2"
     args = build_parser().parse_args(["bench", "serve", "--rate", "2", "--num-requests", "5"])
     assert args.rate == 2 and args.num_requests == 5
+
+
+@pytest.mark.skipif(importlib.util.find_spec("dsla.ops.dsla") is None, reason="DSLA ops not landed")
+def test_build_engine_adaptive_without_student_uses_every_layer(serve_dir):
+    from dsla.serve.policy import PolicyConfig
+
+    engine = build_engine(serve_dir, policy="adaptive", policy_config=PolicyConfig(max_ratio=0.5))
+    assert engine.controller is not None and engine.controller.order == (0, 1, 2)
+    assert engine.order == (0, 1, 2) and engine.runner.plan == ()
+    assert engine.plan_view()["controller"]["config"]["max_ratio"] == 0.5
+    with pytest.raises(ValueError, match="quality-report"):
+        build_engine(serve_dir, policy="adaptive", policy_config=PolicyConfig(quality_budget=0.1))
+    with pytest.raises(ValueError, match="static or adaptive"):
+        build_engine(serve_dir, policy="fast")
+
+
+def test_cli_policy_flags_and_curl_example():
+    import shlex
+
+    from dsla.cli import build_parser
+    from dsla.cliargs import dataclass_from_args
+    from dsla.serve.commands import curl_example
+    from dsla.serve.policy import PolicyConfig
+
+    args = build_parser().parse_args(["serve", "--policy", "adaptive", "--ttft-target-s", "2.5", "--max-ratio", "0.5",
+                                      "--quality-budget", "none", "--cooldown-s", "1"])
+    cfg = dataclass_from_args(PolicyConfig, args)
+    assert args.policy == "adaptive" and cfg.ttft_target_s == 2.5 and cfg.max_ratio == 0.5
+    assert cfg.quality_budget is None and cfg.cooldown_s == 1 and cfg.calm_s == PolicyConfig().calm_s
+    assert build_parser().parse_args(["serve"]).policy == "static"
+    cmd = shlex.split(curl_example("127.0.0.1", 8000, "m", api_key=True))
+    assert cmd[:2] == ["curl", "http://127.0.0.1:8000/v1/chat/completions"]
+    assert "Authorization: Bearer $DSLA_API_KEY" in cmd and '"model": "m"' in cmd[-1]
