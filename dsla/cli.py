@@ -27,7 +27,11 @@ COMMANDS = {
 BENCHES = {
     "decode": ("dsla.bench.decode:add_arguments:run", "prefill and decode speed of our model vs transformers"),
     "layer": ("dsla.bench.layer:add_arguments:run", "one layer: softmax attention vs DSLA, prefill/decode/memory/fold"),
-    "serve": ("dsla.bench.serve:add_arguments:run", "open-loop Poisson load against an OpenAI-compatible server"),
+    "serve": ("dsla.bench.serve:add_arguments:run",
+              "open-loop load (Poisson or a replayed trace) against an OpenAI-compatible server"),
+    "plot": ("dsla.bench.timeline:add_arguments:run", "plot the conversion ratio and queue of `bench serve` runs"),
+    "chaos": ("dsla.bench.chaos:add_arguments:run",
+              "concurrent streams with random forced conversions/reverts: check nothing breaks"),
 }
 
 

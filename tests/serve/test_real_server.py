@@ -109,6 +109,8 @@ def test_bench_client_against_the_server(server, serve_tok):
     import random
 
     from dsla.bench.serve import cut_prompts, lognormal_lengths, run_load, summarize
+    from dsla.bench.timeline import token_fractions
+    from dsla.bench.trace import poisson_trace
 
     url, _ = server
     rng = random.Random(0)
@@ -116,12 +118,13 @@ def test_bench_client_against_the_server(server, serve_tok):
     olens = lognormal_lengths(rng, 6, 8, 0.6, 2, 30)
     texts = ["The quick brown fox jumps over the lazy dog. " * 20, "A hybrid model mixes attention. " * 30]
     prompts = cut_prompts(texts, serve_tok, plens, rng)
-    records, wall = asyncio.run(run_load(url, MODEL, prompts, plens, olens, rate=50.0, seed=0, timeout=60,
-                                         api_key="k"))
+    trace = poisson_trace(random.Random(1), 50.0, plens, olens)
+    records, wall, plan = asyncio.run(run_load(url, MODEL, prompts, trace, timeout=60, api_key="k", poll_s=0.05))
     s = summarize(records, wall)
-    assert s["completed"] == 6 and s["failed"] == 0, s["errors"]
+    assert s["completed"] == 6 and s["failed"] == 0 and s["rejected"] == 0, s["errors"]
     assert [r.output_tokens for r in records] == olens  # ignore_eos honoured, usage counted
-    assert s["ttft_p50_s"] > 0 and s["output_token_throughput"] > 0
-    bad, _ = asyncio.run(run_load(url, MODEL, prompts[:1], plens[:1], olens[:1], rate=50.0, seed=0, timeout=60,
-                                  api_key="wrong"))
+    assert s["ttft_p50_s"] > 0 and s["output_token_throughput"] > 0 and s["per_token_latency_mean_s"] > 0
+    assert plan["plan_before"]["policy"] == "static" and plan["timeline"]  # the server's plan was polled
+    assert token_fractions(plan["plan_before"], plan["plan_after"]) == {"0.000": 1.0}
+    bad, _, _ = asyncio.run(run_load(url, MODEL, prompts[:1], trace[:1], timeout=60, api_key="wrong"))
     assert bad[0].status == 401 and not bad[0].ok
