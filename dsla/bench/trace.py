@@ -130,8 +130,8 @@ class SyntheticTrace:
         if self.idle_s <= 0 or self.burst_s <= 0 or self.duration_s <= 0:
             raise ValueError("duration_s, idle_s and burst_s must be positive")
         if self.prompt_min > self.prompt_max or self.output_min > self.output_max or self.prompt_min < 1:
-            raise ValueError(f"length ranges must satisfy 1 <= min <= max (prompt {self.prompt_min}..{self.prompt_max}, "
-                             f"output {self.output_min}..{self.output_max})")
+            raise ValueError(f"length ranges must satisfy 1 <= min <= max (prompt {self.prompt_min}.."
+                             f"{self.prompt_max}, output {self.output_min}..{self.output_max})")
 
 
 def lognormal(rng: random.Random, median: float, sigma: float, lo: int, hi: int) -> int:

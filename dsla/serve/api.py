@@ -2,7 +2,8 @@
 
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health,
 GET /metrics, and GET/POST /v1/dsla/plan (the layer plan: which layers run DSLA, the order, the
-policy, recent changes; POST forces a ratio or a layer list). /v1/* needs ``Authorization: Bearer <key>`` when an API key is set; /health and
+policy, recent changes; POST forces a ratio or a layer list). /v1/* needs
+``Authorization: Bearer <key>`` when an API key is set; /health and
 /metrics stay open for probes and scrapers. A request whose client disconnects is aborted (its
 cache is freed at the engine's next step).
 """

@@ -34,7 +34,7 @@ class PolicyConfig:
     threshold (at or below it: calm); the gap between them is the hysteresis.
     """
 
-    convert_queued_tokens: int = 4096  # prompt tokens not yet prefilled (waiting + unfinished prefills): the paper's signal
+    convert_queued_tokens: int = 4096  # prompt tokens not yet prefilled (waiting + unfinished prefills; the paper's)
     revert_queued_tokens: int = 512  # ... calm at or below this
     convert_queue_depth: int = 16  # requests waiting for admission
     revert_queue_depth: int = 1

@@ -74,3 +74,27 @@ def engine(serve_model, serve_tok):
     e = make_engine(serve_model, serve_tok)
     yield e
     e.shutdown()
+
+
+def serve_in_thread(app):
+    """Run ``app`` on uvicorn at 127.0.0.1 on an ephemeral port; return (base url, stop function)."""
+    import threading
+    import time
+
+    import uvicorn
+
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not srv.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    port = srv.servers[0].sockets[0].getsockname()[1]
+
+    def stop():
+        srv.should_exit = True
+        thread.join(10)
+
+    return f"http://127.0.0.1:{port}", stop
+

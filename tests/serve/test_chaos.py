@@ -1,0 +1,46 @@
+"""`dsla bench chaos` for a few seconds against a real uvicorn: forced conversions under load break nothing."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+
+import pytest
+
+from dsla.bench import chaos
+from tests.serve.conftest import make_engine, serve_in_thread
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("dsla.ops.dsla") is None, reason="DSLA ops not landed")
+
+
+def test_check_stream():
+    ok = ['data: {"object": "text_completion", "choices": [{"text": "a", "finish_reason": null}]}', "",
+          'data: {"object": "text_completion", "choices": [{"text": "b", "finish_reason": "length"}]}',
+          'data: {"object": "text_completion", "choices": [], "usage": {"completion_tokens": 2}}', "data: [DONE]"]
+    assert chaos.check_stream(ok, chat=False, max_tokens=2) is None
+    assert "DONE" in chaos.check_stream(ok[:-1], chat=False, max_tokens=2)
+    assert "completion_tokens" in chaos.check_stream(ok, chat=False, max_tokens=3)
+    assert "invalid JSON" in chaos.check_stream(["data: {oops", "data: [DONE]"], chat=False, max_tokens=1)
+    assert "object" in chaos.check_stream(ok, chat=True, max_tokens=2)
+
+
+def test_chaos_run_against_a_real_server(serve_dir, serve_tok):
+    from dsla.model.loading import load_teacher
+    from dsla.serve.api import create_app
+
+    model = load_teacher(serve_dir)
+    model.add_dsla([0, 1, 2])
+    engine = make_engine(model, serve_tok, max_num_seqs=4, max_num_batched_tokens=32)
+    url, stop = serve_in_thread(create_app(engine, "tiny", api_key="k"))
+    try:
+        p = argparse.ArgumentParser()
+        chaos.add_arguments(p)
+        args = p.parse_args(["--url", url, "--api-key", "k", "--duration", "4", "--concurrency", "3",
+                             "--plan-interval", "0.2", "--max-tokens", "12", "--max-prompt-words", "40"])
+        report = chaos.asyncio.run(chaos.chaos(args))
+    finally:
+        stop()
+        engine.shutdown()
+    assert report["violations"] == [], report["violations"]
+    assert report["completed"] >= 3 and report["plan_changes"] >= 3 and report["layers_converted"] > 0
+    assert report["end"]["server_finished"] == report["completed"] and engine.error is None
