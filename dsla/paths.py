@@ -19,6 +19,11 @@ def default_teacher_dir(home: Path | None = None) -> Path:
     return (home or dsla_home()) / "teachers" / DEFAULT_TEACHER_NAME
 
 
+def default_student_dir(home: Path | None = None) -> Path:
+    """Directory of the default student (`make run` distils the default teacher into it)."""
+    return (home or dsla_home()) / "students" / "default"
+
+
 def resolve_teacher(teacher: str | os.PathLike | None, home: Path | None = None) -> Path:
     """Return the teacher directory to use, or raise ``FileNotFoundError`` saying what to do.
 

@@ -352,7 +352,7 @@ def plan_request(engine: Engine, body: Any) -> tuple[list[int], str]:
         if isinstance(r, bool) or not isinstance(r, (int, float)):
             raise OpenAIError(400, f"ratio must be a number in [0, 1], got {r!r}", param="ratio", code="invalid_value")
         try:
-            return engine.layers_for_ratio(float(r)), f"ratio {r}{note}"
+            return engine.layers_for_ratio(float(r)), f"ratio {r:.4g}{note}"
         except ValueError as e:
             raise OpenAIError(400, str(e), param="ratio", code="invalid_value") from None
     layers, n = body["layers"], engine.num_layers

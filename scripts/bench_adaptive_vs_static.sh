@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Adaptive vs static full attention on the same trace and seed, one server at a time.
+#
+#   scripts/bench_adaptive_vs_static.sh OUT_DIR [extra `dsla bench serve` flags...]
+#
+# For each policy: start `dsla serve` (loopback, $PORT), wait for /health, replay the trace with
+# `dsla bench serve --policy P --server-pid PID --out OUT_DIR/trace_P.json`, stop the server.
+# Then print one table of both runs and draw OUT_DIR/trace_timeline.png.
+# Environment: STUDENT (default: the default student), PORT (8000), THREADS (1),
+# SERVE_FLAGS (extra `dsla serve` flags for both servers, e.g. --cache-budget-mb 700),
+# ADAPTIVE_FLAGS (extra flags for the adaptive server only), TRACE (default: synthetic).
+set -euo pipefail
+OUT=${1:?usage: $0 OUT_DIR [bench flags...]}
+shift
+BIN=${BIN:-.venv/bin}
+PORT=${PORT:-8000}
+THREADS=${THREADS:-1}
+TRACE=${TRACE:-synthetic}
+STUDENT=${STUDENT:-$($BIN/python -c 'from dsla.paths import default_student_dir; print(default_student_dir())')}
+mkdir -p "$OUT"
+
+for policy in static adaptive; do
+  flags=()
+  [ "$policy" = adaptive ] && flags=(${ADAPTIVE_FLAGS:-})
+  $BIN/dsla serve --threads "$THREADS" --port "$PORT" --student "$STUDENT" --policy "$policy" \
+    ${SERVE_FLAGS:-} "${flags[@]}" > "$OUT/server_$policy.log" 2>&1 &
+  pid=$!
+  trap 'kill $pid 2>/dev/null || true' EXIT
+  for _ in $(seq 120); do
+    curl -sf "http://127.0.0.1:$PORT/health" > /dev/null && break
+    kill -0 $pid 2>/dev/null || { echo "server ($policy) died:"; tail "$OUT/server_$policy.log"; exit 1; }
+    sleep 1
+  done
+  $BIN/dsla bench serve --url "http://127.0.0.1:$PORT" --trace "$TRACE" --policy "$policy" --label "$policy" \
+    --server-pid $pid --timeout 3600 --save-trace "$OUT/trace.csv" --out "$OUT/trace_$policy.json" "$@"
+  kill $pid
+  wait $pid 2>/dev/null || true
+  trap - EXIT
+done
+
+$BIN/python - "$OUT" <<'EOF'
+import json, sys
+from pathlib import Path
+from dsla.bench.common import format_table
+out = Path(sys.argv[1])
+rows = [json.loads((out / f"trace_{p}.json").read_text())["summary"] for p in ("static", "adaptive")]
+cols = ["label", "requests", "completed", "rejected", "failed", "per_token_latency_mean_s", "ttft_p50_s", "ttft_p99_s",
+        "e2e_p50_s", "e2e_p99_s", "output_token_throughput", "mean_token_ratio", "plan_changes"]
+print(format_table(rows, cols))
+s, a = rows[0]["per_token_latency_mean_s"], rows[1]["per_token_latency_mean_s"]
+if s and a:
+    print(f"mean per-token latency, static / adaptive: {s / a:.2f}x")
+print("adaptive: output tokens by conversion ratio:", rows[1]["token_fraction_by_ratio"])
+EOF
+$BIN/dsla bench plot "$OUT/trace_static.json" "$OUT/trace_adaptive.json" --out "$OUT/trace_timeline.png" \
+  --title "adaptive vs static full attention, same trace"
