@@ -87,15 +87,15 @@ def build_engine(teacher: str | Path, dtype: str = "float32", student: str | Pat
     return Engine(runner, Tokenizer(teacher), config or SchedulerConfig(), controller=controller, order=order)
 
 
-def read_quality_report(path: str | Path):
-    """The per-ratio quality curve from a `dsla eval ppl` report.json (or its directory)."""
+def read_quality_report(path: str | Path, student: str | Path | None = None):
+    """The per-ratio quality curve from a `dsla eval` report.json (or its directory)."""
     from dsla.serve.policy import quality_curve_from_report
 
     p = Path(path)
     p = p / "report.json" if p.is_dir() else p
     if not p.is_file():
-        raise FileNotFoundError(f"quality report {p} not found: run `dsla eval ppl --student DIR --out REPORT_DIR`")
-    return quality_curve_from_report(json.loads(p.read_text()))
+        raise FileNotFoundError(f"quality report {p} not found: run `dsla eval --student DIR --out REPORT_DIR`")
+    return quality_curve_from_report(json.loads(p.read_text()), student=None if student is None else str(student))
 
 
 def curl_example(host: str, port: int, model: str, api_key: bool) -> str:
@@ -138,7 +138,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-body-kb", type=int, default=1024, help="request bodies over this get 413")
     g = p.add_argument_group("adaptive policy (--policy adaptive; see dsla/serve/policy.py for each field)")
     g.add_argument("--quality-report", default=None,
-                   help="report.json of `dsla eval ppl` for the student: per-ratio perplexity for --quality-budget")
+                   help="report.json of `dsla eval` for the student: per-ratio perplexity for --quality-budget")
     add_dataclass_arguments(g, PolicyConfig)
 
 
@@ -156,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
     config = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                              cache_budget_bytes=int(args.cache_budget_mb * 2**20), max_waiting=args.max_waiting)
     layers = parse_list(args.dsla_layers, int) if args.dsla_layers else None
-    quality = read_quality_report(args.quality_report) if args.quality_report else ()
+    quality = read_quality_report(args.quality_report, args.student) if args.quality_report else ()
     engine = build_engine(teacher, args.dtype, args.student, layers, args.dsla_ratio, config, args.policy,
                           dataclass_from_args(PolicyConfig, args), quality)
     name = args.served_model_name or teacher.name

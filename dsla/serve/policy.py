@@ -133,26 +133,37 @@ def expected_increase(curve: QualityCurve, ratio: float) -> float:
     return pts[-1][1]
 
 
-def quality_curve_from_report(report: dict[str, Any], split: str = "test") -> QualityCurve:
-    """Per-ratio expected perplexity increase from a `dsla eval ppl` report.json.
+def quality_curve_from_report(report: dict[str, Any], split: str = "test", student: str | None = None) -> QualityCurve:
+    """Per-ratio expected perplexity increase from a `dsla eval` report.json.
 
-    Uses the rows of ``split`` (or of the first split present when it is absent), averaging the
-    relative perplexity (``ppl_over_teacher``, else ppl over the ratio-0 row) over corpora.
+    Reads both report layouts: ``"runs"`` (format dsla-eval-report/1: per model label and ratio,
+    ``ppl[split][corpus]``, the teacher's ratio-0 run as the base; ``student`` picks the model by
+    label or directory when the report holds several) and the older flat ``"rows"``. Uses
+    ``split`` (or the first split present), averaging perplexity over the teacher's across corpora.
     """
-    rows = report.get("rows") or []
-    splits = [r["split"] for r in rows]
+    if "runs" in report:
+        labels = [m["label"] for m in report.get("models", []) if m["label"] != "teacher"]
+        if student is not None:
+            labels = [m["label"] for m in report.get("models", []) if m["label"] != "teacher"
+                      and student in (m["label"], str(m.get("dir")))] or labels
+        if not labels:
+            raise ValueError("the eval report has no student runs: run `dsla eval --student DIR`")
+        rows = [{"ratio": r["ratio"], "ppl": r["ppl"], "model": r["model"]} for r in report["runs"]
+                if "ppl" in r and (r["model"] == labels[0] or (r["model"] == "teacher" and r["ratio"] == 0))]
+        rows = [{"ratio": r["ratio"], "split": s, "ppl": v} for r in rows for s, v in r["ppl"].items()]
+    else:
+        rows = report.get("rows") or []
     if not rows:
-        raise ValueError("the eval report has no rows: run `dsla eval ppl --student DIR --out REPORT_DIR`")
+        raise ValueError("the eval report has no perplexity rows: run `dsla eval` with the ppl suite")
+    splits = [r["split"] for r in rows]
     use = split if split in splits else splits[0]
     rows = [r for r in rows if r["split"] == use]
     base = next((r["ppl"] for r in rows if r["ratio"] == 0), None)
-    out = []
-    for r in rows:
-        rel = r.get("ppl_over_teacher") or ({c: v / base[c] for c, v in r["ppl"].items()} if base else None)
-        if rel is None:
-            raise ValueError("the eval report has no ratio-0 row to compare against: include ratio 0")
-        out.append((float(r["ratio"]), sum(rel.values()) / len(rel) - 1.0))
-    return tuple(sorted(out))
+    if base is None:
+        raise ValueError("the eval report has no ratio-0 (teacher) perplexity to compare against: include ratio 0")
+    by_ratio = {float(r["ratio"]): sum(v / base[c] for c, v in r["ppl"].items()) / len(r["ppl"]) - 1.0
+                for r in rows}
+    return tuple(sorted(by_ratio.items()))
 
 
 def _signals(cfg: PolicyConfig, load: LoadSnapshot) -> list[tuple[str, float, float, float]]:

@@ -121,12 +121,22 @@ def test_config_checks():
 
 
 def test_quality_curve_from_an_eval_report():
-    report = {"rows": [
+    flat = {"rows": [
         {"ratio": 0.0, "split": "test", "ppl": {"a": 10.0, "b": 20.0}},
         {"ratio": 0.5, "split": "test", "ppl": {"a": 11.0, "b": 24.0}},
         {"ratio": 0.5, "split": "validation", "ppl": {"a": 99.0, "b": 99.0}}]}
-    curve = quality_curve_from_report(report)
+    curve = quality_curve_from_report(flat)
     assert curve[0] == (0.0, 0.0) and curve[1][0] == 0.5 and math.isclose(curve[1][1], 0.15)
+    runs = {"format": "dsla-eval-report/1",
+            "models": [{"label": "teacher"}, {"label": "s1", "dir": "/x/s1"}, {"label": "s2", "dir": "/x/s2"}],
+            "runs": [{"model": "teacher", "ratio": 0.0, "layers": [], "ppl": {"test": {"a": 10.0, "b": 20.0}}},
+                     {"model": "s1", "ratio": 0.5, "layers": [1], "ppl": {"test": {"a": 11.0, "b": 24.0}}},
+                     {"model": "s2", "ratio": 0.5, "layers": [1], "ppl": {"test": {"a": 20.0, "b": 40.0}}},
+                     {"model": "s1", "ratio": 0.25, "layers": [1], "passkey": {}}]}
+    assert quality_curve_from_report(runs) == curve
+    assert quality_curve_from_report(runs, student="/x/s2")[1] == (0.5, 1.0)
+    with pytest.raises(ValueError, match="ratio-0"):
+        quality_curve_from_report({"rows": [{"ratio": 0.5, "split": "test", "ppl": {"a": 1.0}}]})
 
 
 def test_policy_imports_no_torch():
