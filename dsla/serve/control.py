@@ -46,7 +46,7 @@ class Controller:
     def __init__(self, config: PolicyConfig, order: Sequence[int], quality: QualityCurve = ()) -> None:
         if config.quality_budget is not None and not quality:
             raise ValueError("a quality budget needs the student's per-ratio perplexity: pass --quality-report "
-                             "(report.json of `dsla eval ppl`), or drop --quality-budget")
+                             "(report.json of `dsla eval`), or drop --quality-budget")
         self.config, self.order, self.quality = config, tuple(order), tuple(quality)
         self.calm_since: float | None = None
         self.next_tick = float("-inf")
