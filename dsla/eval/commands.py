@@ -1,79 +1,298 @@
-"""`dsla eval [SUITE ...]`: quality of students at several conversion ratios."""
+"""`dsla eval [SUITE ...]`: quality of students at several conversion ratios, as a report.
+
+Ratio r converts the first round(r * L) layers of a student's order. The teacher (ratio 0) is
+evaluated once and stands for every student's ratio 0. Suite inputs (windows, questions, passkey
+prompts) are built once from the seed, so every model sees exactly the same ones.
+"""
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import logging
+import shlex
 import time
 from pathlib import Path
 
-SUITES = ("ppl",)
+log = logging.getLogger(__name__)
+
+SUITES = ("ppl", "position", "mc", "passkey")
 
 
-def _ratios(text: str) -> list[float]:
-    try:
-        vals = [float(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--ratios expects comma-separated numbers, got {text!r}") from None
-    bad = [v for v in vals if not 0 <= v <= 1]
-    if bad or not vals:
-        raise argparse.ArgumentTypeError(f"ratios must lie in [0, 1], got {bad or text!r}")
-    return vals
+def _floats(name: str, lo: float | None = None, hi: float | None = None):
+    def parse(text: str) -> list[float]:
+        try:
+            vals = [float(t) for t in text.split(",") if t.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} expects comma-separated numbers, got {text!r}") from None
+        bad = [v for v in vals if (lo is not None and v < lo) or (hi is not None and v > hi)]
+        if bad or not vals:
+            raise argparse.ArgumentTypeError(f"{name} must lie in [{lo}, {hi}], got {bad or text!r}")
+        return vals
+    return parse
+
+
+def _ints(name: str):
+    def parse(text: str) -> list[int]:
+        try:
+            vals = [int(t) for t in text.split(",") if t.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} expects comma-separated integers, got {text!r}") from None
+        if not vals or min(vals) <= 0:
+            raise argparse.ArgumentTypeError(f"{name} must be positive integers, got {text!r}")
+        return vals
+    return parse
+
+
+_ratios = _floats("--ratios", 0.0, 1.0)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from dsla.cli import add_model_arguments
+    from dsla.data.bigbench import TASKS
 
     add_model_arguments(p)
     p.add_argument("suites", nargs="*", default=list(SUITES), help=f"suites to run (default: all of {SUITES})")
-    p.add_argument("--student", type=Path, default=None, help="student directory (omit for the teacher alone)")
-    p.add_argument("--ratios", type=_ratios, default=[0.0, 0.25, 0.5, 0.75, 1.0])
-    p.add_argument("--out", type=Path, default=None, help="report directory (report.json)")
-    p.add_argument("--splits", default="test", help="comma-separated: validation,test")
-    p.add_argument("--seq-len", type=int, default=1024)
-    p.add_argument("--max-tokens", type=int, default=16384, help="tokens per corpus and split")
+    p.add_argument("--student", type=Path, action="append", default=[],
+                   help="student directory; repeat to compare several side by side (omit: the teacher alone)")
+    p.add_argument("--ratios", type=_ratios, default=[0.0, 0.25, 0.5, 0.75, 1.0], help="conversion ratios in [0, 1]")
+    p.add_argument("--out", type=Path, default=None, help="report directory (report.json, report.md, *.png)")
+    p.add_argument("--seed", type=int, default=0, help="seed for question order, windows, keys and filler")
+    p.add_argument("--limit", type=int, default=None,
+                   help="quick run: at most N questions per task, passkey trials per cell, position "
+                        "windows and ppl windows per corpus")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    g = p.add_argument_group("ppl")
+    g.add_argument("--splits", default="test", help="comma-separated: validation,test")
+    g.add_argument("--seq-len", type=int, default=1024, help="tokens per perplexity window")
+    g.add_argument("--max-tokens", type=int, default=16384, help="tokens per corpus and split")
+    g = p.add_argument_group("position")
+    g.add_argument("--position-window", type=int, default=8192, help="tokens per window (capped at the context)")
+    g.add_argument("--position-windows", type=int, default=8, help="number of windows")
+    g = p.add_argument_group("mc")
+    g.add_argument("--tasks", default=",".join(TASKS), help="comma-separated BIG-bench tasks")
+    g.add_argument("--mc-max", type=int, default=500, help="questions per task, drawn with the seed (0: all)")
+    g = p.add_argument_group("passkey")
+    g.add_argument("--contexts", type=_ints("--contexts"), default=[1024, 2048, 4096, 8192], help="prompt lengths")
+    g.add_argument("--depths", type=_floats("--depths", 0.0, 1.0), default=[0.1, 0.5, 0.9], help="key depths")
+    g.add_argument("--trials", type=int, default=20, help="trials per (context, depth) cell")
+    g.add_argument("--filler", default="wikipedia,lee", help="corpora whose test text is the filler")
+    g.add_argument("--plain", action="store_true", help="plain-text passkey prompt instead of the chat template")
 
 
-def run(args: argparse.Namespace) -> int:
-    from dsla.cli import DTYPES
+def _cap(value: int, limit: int | None) -> int:
+    return value if limit is None else min(value, limit)
+
+
+def _validate(args: argparse.Namespace) -> None:
+    from dsla.data.bigbench import check_tasks
     from dsla.data.corpora import CORPORA
-    from dsla.distill.artifact import load_student
-    from dsla.eval.ppl import layers_for_ratio, perplexity
-    from dsla.fileio import atomic_write_json
-    from dsla.model.loading import load_teacher, teacher_hash
-    from dsla.paths import resolve_teacher
 
     unknown = [s for s in args.suites if s not in SUITES]
     if unknown:
         raise ValueError(f"unknown suite(s) {unknown}: choose from {list(SUITES)}")
+    args.suites = [s for s in SUITES if s in args.suites]  # canonical order, no repeats
+    args.tasks = check_tasks(t for t in args.tasks.split(",") if t)
+    args.filler = [c for c in args.filler.split(",") if c]
+    args.splits = [s for s in args.splits.split(",") if s]
+    bad = [c for c in args.filler if c not in CORPORA] + [s for s in args.splits if s not in ("validation", "test")]
+    if bad or not args.filler or not args.splits:
+        raise ValueError(f"bad --filler/--splits {bad}: corpora are {list(CORPORA)}, splits validation,test")
+    for flag in ("limit", "trials", "position_windows", "position_window", "seq_len", "max_tokens"):
+        v = getattr(args, flag)
+        if v is not None and v <= 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {v}")
+    if len({p.resolve() for p in args.student}) != len(args.student):
+        raise ValueError("the same --student directory is given twice")
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The command line that reproduces this run: the suites plus every flag not at its default."""
+    defaults = argparse.ArgumentParser()
+    add_arguments(defaults)
+    parts = ["dsla", "eval", *args.suites]
+    for action in defaults._actions:
+        name, dest = (action.option_strings or [None])[-1], action.dest
+        if name is None or dest in ("help", "suites", "threads") or not hasattr(args, dest):
+            continue
+        v, d = getattr(args, dest), action.default
+        if dest in ("tasks", "filler", "splits") and isinstance(v, list):
+            v = ",".join(v)
+        if v == d:
+            continue
+        if isinstance(action, argparse._StoreTrueAction):
+            parts.append(name)
+        elif dest == "student":
+            parts += [x for p in v for x in (name, str(p))]
+        else:
+            parts += [name, ",".join(f"{x:g}" if isinstance(x, float) else str(x) for x in v)
+                      if isinstance(v, list) else str(v)]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def _labels(dirs: list[Path]) -> list[str]:
+    names = [d.resolve().name for d in dirs]
+    return [f"{d.resolve().parent.name}/{n}" if names.count(n) > 1 else n for d, n in zip(dirs, names)]
+
+
+def _prepare_inputs(args, teacher: Path, tok, cfg) -> tuple[dict, dict, list[str]]:
+    """Build every suite's inputs once; return (inputs, report config, notes)."""
+    from dsla.data.corpora import CORPORA, load_documents, load_texts
+
+    inputs, conf, notes = {}, {}, []
+    lim = args.limit
+    if "ppl" in args.suites:
+        conf["ppl"] = {"splits": args.splits, "seq_len": args.seq_len,
+                       "max_tokens": _cap(args.max_tokens, None if lim is None else lim * args.seq_len)}
+    if "position" in args.suites:
+        from dsla.eval.position import select_windows
+
+        window = min(args.position_window, cfg.max_position_embeddings)
+        docs = {c: load_documents(teacher, c, "test") for c in CORPORA}
+        w = select_windows(docs, window, _cap(args.position_windows, lim), args.seed)
+        inputs["position"] = w
+        conf["position"] = {"window": window, "windows": len(w.sources), "sources": list(w.sources),
+                            "concatenated": w.concatenated}
+        if w.concatenated:
+            notes.append(f"position: no test document has {window} tokens, so each corpus' test documents "
+                         "were concatenated and windows may span document boundaries")
+    if "mc" in args.suites:
+        from dsla.data.bigbench import load_task
+        from dsla.eval.mc import build_items
+
+        per_task = args.mc_max or None
+        if lim is not None:
+            per_task = min(per_task or lim, lim)
+        inputs["mc"] = {t: build_items(load_task(t), tok.encode, per_task, args.seed) for t in args.tasks}
+        conf["mc"] = {"tasks": args.tasks, "max_per_task": per_task, "source": "bigbench==1.0.0 sdist, zero-shot"}
+    if "passkey" in args.suites:
+        from dsla.eval.passkey import PasskeyBuilder, build_trials, filler_sentences
+
+        too_long = [c for c in args.contexts if c > cfg.max_position_embeddings]
+        if too_long:
+            raise ValueError(f"passkey contexts {too_long} exceed the model's context of "
+                             f"{cfg.max_position_embeddings} tokens: pass smaller --contexts")
+        texts = [t for c in args.filler for t in load_texts(c, "test", teacher)]
+        builder = PasskeyBuilder(tok, filler_sentences(texts, tok.encode), chat=not args.plain)
+        trials = _cap(args.trials, lim)
+        inputs["passkey"] = build_trials(builder, args.contexts, args.depths, trials, args.seed)
+        conf["passkey"] = {"contexts": args.contexts, "depths": args.depths, "trials": trials,
+                           "filler": args.filler, "chat": not args.plain}
+    return inputs, conf, notes
+
+
+def _run_suites(model, teacher: Path, tok, args, inputs: dict, conf: dict, layers: list[int],
+                stop_ids: set[int], show: bool) -> tuple[dict, dict]:
+    from dsla.data.corpora import CORPORA
+
+    res, secs = {}, {}
+    for suite in args.suites:
+        t0 = time.time()
+        if suite == "ppl":
+            from dsla.eval.ppl import perplexity
+
+            c = conf["ppl"]
+            res["ppl"] = {s: perplexity(model, teacher, layers, list(CORPORA), s, c["seq_len"], c["max_tokens"])
+                          for s in c["splits"]}
+        elif suite == "position":
+            from dsla.eval.position import run_position
+
+            res["position"] = run_position(model, inputs["position"], layers, show)
+        elif suite == "mc":
+            from dsla.eval.mc import run_mc
+
+            res["mc"] = run_mc(model, inputs["mc"], layers, show)
+        else:
+            from dsla.eval.passkey import run_passkey
+
+            res["passkey"] = run_passkey(model, tok, inputs["passkey"], layers, stop_ids, show_progress=show)
+        secs[suite] = round(time.time() - t0, 1)
+    return res, secs
+
+
+def _summary(run: dict) -> str:
+    parts = [f"{run['model']} @ {run['ratio']:.2f} ({len(run['layers'])} DSLA layers):"]
+    for split, v in run.get("ppl", {}).items():
+        parts.append(f"ppl[{split}] " + " ".join(f"{c}={x:.2f}" for c, x in v.items()))
+    if "position" in run:
+        parts.append("loss by position " + " ".join(f"{b}={x:.3f}" for b, x in zip(run["position"]["buckets"], run["position"]["loss"])))
+    if "mc" in run:
+        parts.append("mc acc " + " ".join(f"{t.split('/')[-1]}={m['acc']:.3f}" for t, m in run["mc"].items()))
+    if "passkey" in run:
+        parts.append(f"passkey mean {run['passkey']['mean_acc']:.2f}")
+    return "\n  ".join(parts)
+
+
+def run(args: argparse.Namespace) -> int:
+    from dsla.cli import DTYPES
+    from dsla.distill.artifact import load_student, read_manifest
+    from dsla.eval.ppl import layers_for_ratio
+    from dsla.eval.report import TEACHER, FORMAT, write_report
+    from dsla.model.loading import load_teacher, teacher_hash
+    from dsla.model.tokenizer import Tokenizer
+    from dsla.paths import resolve_teacher
+
+    _validate(args)
+    t_start = time.time()
     teacher = resolve_teacher(args.teacher)
+    sha = teacher_hash(teacher)
+    manifests = [read_manifest(d) for d in args.student]
+    for d, m in zip(args.student, manifests):  # fail before any work, not halfway through the report
+        if m["teacher"]["sha256"] != sha:
+            raise ValueError(f"student {d} was distilled from teacher {m['teacher']['name']} (sha256 "
+                             f"{m['teacher']['sha256'][:12]}...) but --teacher {teacher} hashes to {sha[:12]}...: "
+                             "use the matching --teacher or distill a new student")
     model = load_teacher(teacher, dtype=DTYPES[args.dtype])
-    order, done = [], []
-    ratios = args.ratios
-    if args.student is not None:
-        m = load_student(model, args.student, teacher_hash(teacher))
-        order, done = m["order"], m["layers_done"]
-    elif any(r > 0 for r in ratios):
-        print("no --student: evaluating the teacher alone (ratio 0)")
-        ratios = [0.0]
     L = model.cfg.num_hidden_layers
-    rows = []
-    t0 = time.time()
-    for r in ratios:
-        layers = layers_for_ratio(order, L, r, done)
-        for split in args.splits.split(","):
-            ppl = perplexity(model, teacher, layers, list(CORPORA), split, args.seq_len, args.max_tokens)
-            rows.append({"ratio": r, "layers": layers, "split": split, "ppl": ppl})
-            print(f"ratio {r:.2f} ({len(layers):2d} layers) {split:10s} " +
-                  "  ".join(f"{c}={v:8.3f}" for c, v in ppl.items()), flush=True)
-    base = {(row["split"]): row["ppl"] for row in rows if row["ratio"] == 0}
-    if base:
-        print("relative to the teacher (ratio 0):")
-        for row in rows:
-            rel = {c: row["ppl"][c] / base[row["split"]][c] for c in row["ppl"]}
-            row["ppl_over_teacher"] = rel
-            print(f"  ratio {row['ratio']:.2f} {row['split']:10s} " + "  ".join(f"{c}={v:.3f}x" for c, v in rel.items()))
+    for d, m in zip(args.student, manifests):
+        for r in args.ratios:
+            layers_for_ratio(m["order"], L, r, m["layers_done"])
+    tok = Tokenizer(teacher)
+    stop_ids = set(model.cfg.eos_token_id) | {i for i in [tok.token_id(tok.special("eos_token"))] if i is not None}
+    labels = _labels(args.student)
+    ratios = sorted(set(args.ratios))
+    notes = []
+    if not args.student and any(r > 0 for r in ratios):
+        notes.append("no --student given: only the teacher (ratio 0) was evaluated")
+        log.warning(notes[-1])
+    inputs, conf, more = _prepare_inputs(args, teacher, tok, model.cfg)
+    notes += more
+    report = {
+        "format": FORMAT, "complete": False,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": _command(args),
+        "config": {"teacher": {"path": str(teacher), "name": teacher.name, "sha256": sha},
+                   "suites": args.suites, "ratios": ratios, "seed": args.seed, "limit": args.limit,
+                   "dtype": args.dtype, **conf},
+        "models": [{"label": TEACHER, "dir": None}] + [
+            {"label": lab, "dir": str(d), "num_states": m["config"]["dsla"].get("num_states"),
+             "layers_done": len(m["layers_done"]), "order": m["order"]}
+            for lab, d, m in zip(labels, args.student, manifests)],
+        "notes": notes, "runs": [],
+    }
+    plan = ([(TEACHER, None, 0.0)] if 0.0 in ratios or not args.student else [])
+    plan += [(lab, d, r) for lab, d in zip(labels, args.student) for r in ratios if r > 0]
+    show = not args.no_progress
+    loaded = None
+    for label, student_dir, r in plan:
+        layers: list[int] = []
+        if student_dir is not None:
+            if loaded != student_dir:
+                model.dsla.clear()  # the previous student's layers must not leak into this one
+                load_student(model, student_dir, sha)
+                loaded = student_dir
+            m = manifests[args.student.index(student_dir)]
+            layers = layers_for_ratio(m["order"], L, r, m["layers_done"])
+        res, secs = _run_suites(model, teacher, tok, args, inputs, report["config"], layers, stop_ids, show)
+        report["runs"].append({"model": label, "ratio": r, "layers": layers, "seconds": secs, **res})
+        print(_summary(report["runs"][-1]), flush=True)
+        report["wall_time_s"] = round(time.time() - t_start, 1)
+        if args.out is not None:
+            write_report(args.out, report, plots=False)
+    report["complete"] = True
+    report["wall_time_s"] = round(time.time() - t_start, 1)
     if args.out is not None:
-        atomic_write_json(args.out / "report.json", {
-            "teacher": str(teacher), "student": str(args.student) if args.student else None,
-            "seq_len": args.seq_len, "max_tokens": args.max_tokens, "rows": rows, "wall_time_s": time.time() - t0})
+        write_report(args.out, report, plots=not args.no_plots)
+        print(f"report written to {args.out / 'report.md'}")
     return 0
