@@ -148,7 +148,6 @@ async def chaos(args) -> dict[str, Any]:
 
     url = args.url.rstrip("/")
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    rng = random.Random(args.seed)
     stats: dict[str, Any] = {k: 0 for k in ("sent", "completed", "rejected", "tokens", "plan_changes", "refused_plans",
                                             "layers_converted", "layers_reverted", "in_flight_folds")}
     stats["violations"] = []

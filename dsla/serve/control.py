@@ -14,7 +14,7 @@ import statistics
 from collections import deque
 from typing import TYPE_CHECKING, Any, Sequence
 
-from dsla.serve.policy import Decision, LoadSnapshot, PolicyConfig, PolicyState, QualityCurve, decide
+from dsla.serve.policy import Decision, PolicyConfig, PolicyState, QualityCurve, decide
 
 if TYPE_CHECKING:
     from dsla.serve.engine import Engine

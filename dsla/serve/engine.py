@@ -155,7 +155,10 @@ class Engine:
                 now = time.monotonic()
                 self._load_metrics(now)
                 if self.controller is not None:
-                    self.controller.tick(self, now)
+                    try:
+                        self.controller.tick(self, now)
+                    except Exception:  # a policy bug must not stop serving: keep the plan as it is
+                        log.exception("the layer policy failed; plan unchanged")
                 if self.scheduler.has_work:
                     self.step()
                     busy = True
@@ -301,7 +304,6 @@ class Engine:
         if reason is not FinishReason.ABORT:
             self._emit(t, text + t.detok.flush(), finished=True, error=error)
 
-
     # ---- layer plans (engine thread, between steps) ----------------------------------------------
     def set_plan(self, layers: Sequence[int], reason: str, source: str = "api") -> dict[str, Any]:
         """Make ``layers`` the DSLA layers; return the change as recorded in ``plan_history``.
@@ -359,18 +361,23 @@ class Engine:
                              f"layers can be converted (order {list(self.order)})")
         return list(self.order[:k])
 
-    def load(self, now: float) -> LoadSnapshot:
-        """The load the policy sees (engine thread)."""
+    def _queue(self, now: float) -> tuple[int, float]:
+        """Prompt tokens not yet computed (waiting + unfinished prefills), oldest wait in seconds."""
         s = self.scheduler
         queued = sum(r.num_tokens for r in s.waiting) + sum(
             n for r in s.running if (n := r.num_tokens - r.num_computed_tokens) > 1)
-        oldest = max((now - r.arrival_time for r in s.waiting), default=0.0)
+        return queued, max((now - r.arrival_time for r in s.waiting), default=0.0)
+
+    def load(self, now: float) -> LoadSnapshot:
+        """The load the policy sees (engine thread)."""
+        s = self.scheduler
+        queued, oldest = self._queue(now)
         return LoadSnapshot(queued, s.num_waiting, oldest, s.cache_bytes(), self.config.cache_budget_bytes,
                             self.recent_ttft.median(now), self.recent_tpot.median(now))
 
     def _load_metrics(self, now: float) -> None:
-        load = self.load(now)
-        self.metrics.set(queued_prompt_tokens=load.queued_prompt_tokens, oldest_wait_seconds=load.oldest_wait_s)
+        queued, oldest = self._queue(now)
+        self.metrics.set(queued_prompt_tokens=queued, oldest_wait_seconds=oldest)
 
     def _plan_metrics(self) -> None:
         plan = set(self.runner.plan)
