@@ -101,3 +101,21 @@ def test_finish_while_waiting_and_config_checks():
         SchedulerConfig(max_num_batched_tokens=4, max_num_seqs=8)
     with pytest.raises(ValueError, match="max_tokens=0"):
         SamplingOptions(max_tokens=0)
+
+
+def test_each_running_request_keeps_the_price_of_its_own_cache():
+    cheap = CacheCost(kv_bytes_per_token=10, fixed_bytes=500, initial_capacity=16)
+    s = Scheduler(SchedulerConfig(max_num_batched_tokens=100, max_num_seqs=4), COST)
+    a = req("a", 10)
+    s.add(a)
+    run_step(s)
+    s.set_cost(cheap)  # the plan changed: new requests are priced with the new cost
+    b = req("b", 10)
+    s.add(b)
+    run_step(s)
+    assert a.cache_cost is COST and b.cache_cost is cheap
+    assert s.cache_bytes() == COST.bytes(a.kv_capacity) + cheap.bytes(b.kv_capacity)
+    s.reprice(a, cheap)  # a's cache was converted in flight
+    assert s.cache_bytes() == cheap.bytes(a.kv_capacity) + cheap.bytes(b.kv_capacity)
+    s._preempt(b)
+    assert b.cache_cost is None and s.cache_bytes() == cheap.bytes(a.kv_capacity)
