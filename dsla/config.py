@@ -154,16 +154,17 @@ class DistillConfig:
     dsla: DSLAConfig = field(default_factory=DSLAConfig)  # the layer being trained
     order: str = "entropy"  # entropy: low attention entropy first; reverse: high first; given: --layers
     layers: tuple[int, ...] = ()  # explicit order for order='given' (also limits which layers to train)
-    seq_len: int = 512  # tokens per training window
+    seq_len: int = 256  # tokens per training window
     attn_sequences: int = 32  # windows per layer for attention-output matching (stage 1)
-    attn_epochs: int = 3  # passes over those windows
+    attn_steps: int = 150  # optimiser steps of stage 1 (batches drawn in passes over the windows)
     val_sequences: int = 4  # held-out windows per layer for the stage-1 validation metric
-    batch_size: int = 8  # windows per optimiser step
-    lr: float = 3e-3  # Adam lr of the feature maps, gates and mix in stage 1 (q_proj/o_proj frozen there)
-    e2e_sequences: int = 8  # windows per layer for the end-to-end logit-KL stage (0: stage off)
+    batch_size: int = 4  # windows per optimiser step
+    lr: float = 3e-3  # peak Adam lr of the feature maps, gates and mix in stage 1 (warm-up, cosine decay)
+    train_projections: bool = True  # stage 1 also trains q_proj/o_proj, on the layer output after o_proj
+    proj_lr: float = 1e-3  # peak Adam lr of q_proj/o_proj in stage 1
+    e2e_sequences: int = 0  # windows per layer for the optional end-to-end logit-KL stage (0: off)
     e2e_lr: float = 3e-4  # Adam lr (all DSLA params of the layer) in the KL stage
     rank_sequences: int = 16  # calibration windows for the entropy ranking
-    frozen_dtype: str = "bfloat16"  # dtype of the frozen teacher forwards that produce inputs/targets
     seed: int = 0  # everything random derives from this (and the layer index)
 
     def __post_init__(self) -> None:
@@ -176,8 +177,6 @@ class DistillConfig:
         for name in ("seq_len", "attn_sequences", "batch_size", "rank_sequences"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
-        for name in ("attn_epochs", "val_sequences", "e2e_sequences"):
+        for name in ("attn_steps", "val_sequences", "e2e_sequences"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
-        if self.frozen_dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"frozen_dtype={self.frozen_dtype!r} must be float32 or bfloat16")

@@ -4,7 +4,9 @@ For each layer in the sensitivity order, inside the model that already runs the 
 as DSLA:
   1. collect that layer's attention inputs and the teacher attention's outputs on training
      windows (frozen forward through the partially converted model);
-  2. train the layer's DSLA parameters to reproduce those outputs (normalised MSE);
+  2. train the layer's DSLA parameters to reproduce those outputs (normalised MSE of the layer
+     output after o_proj, q_proj/o_proj trainable; or per head with only the DSLA-specific
+     parameters: feature maps, gates, mix);
   3. optionally, a short end-to-end stage: KL(teacher logits || hybrid logits), only this
      layer's DSLA parameters trainable;
   4. save the artifact atomically (a killed run resumes after the last finished layer).
@@ -15,13 +17,14 @@ uninterrupted run exactly.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from dsla.config import DistillConfig
 from dsla.distill.artifact import FORMAT, config_dict, load_student, read_manifest, save_student
@@ -42,10 +45,12 @@ def collect_layer_io(model: HybridLM, layer: int, windows: Tensor, dsla_layers: 
                      batch_size: int) -> dict[str, Tensor]:
     """What ``layer``'s attention sees and produces on ``windows`` (n, T), earlier layers converted.
 
-    Returns q (n, Hq, T, D) after RoPE, k_raw / k (n, Hkv, T, D) before / after RoPE,
-    v (n, Hkv, T, D) and the teacher's per-head attention output o (n, Hq, T, D), all float32.
+    Returns x (n, T, hidden), the attention input (after the block's norm); k_raw / k
+    (n, Hkv, T, D) before / after RoPE; v (n, Hkv, T, D); the teacher's per-head attention output
+    o (n, Hq, T, D); and the RoPE tables cos / sin (T, D) of positions 0..T-1. All float32.
     """
-    parts: dict[str, list[Tensor]] = {name: [] for name in ("q", "k_raw", "k", "v", "o")}
+    parts: dict[str, list[Tensor]] = {name: [] for name in ("x", "k_raw", "k", "v", "o")}
+    tables: dict[str, Tensor] = {}
     attn = model.model.layers[layer].self_attn
     Hq = model.cfg.num_attention_heads
 
@@ -56,8 +61,9 @@ def collect_layer_io(model: HybridLM, layer: int, windows: Tensor, dsla_layers: 
         q = batch(apply_rope(split_heads(module.q_proj(x), Hq), cos, sin))
         k_raw, k, v = (batch(t) for t in module.project_kv(x, cos, sin))
         o = causal_attention(q, k, v)
-        for name, t in zip(parts, (q, k_raw, k, v, o)):
+        for name, t in zip(parts, (x.view(B, T, -1), k_raw, k, v, o)):
             parts[name].append(t.float())
+        tables["cos"], tables["sin"] = cos[:T].float(), sin[:T].float()
         raise _Stop
 
     handle = attn.register_forward_pre_hook(hook)
@@ -70,7 +76,7 @@ def collect_layer_io(model: HybridLM, layer: int, windows: Tensor, dsla_layers: 
                 pass
     finally:
         handle.remove()
-    return {name: torch.cat(ts) for name, ts in parts.items()}
+    return {**{name: torch.cat(ts) for name, ts in parts.items()}, **tables}
 
 
 def normalized_mse(pred: Tensor, target: Tensor) -> Tensor:
@@ -82,35 +88,72 @@ def layer_seed(cfg: DistillConfig, layer: int, salt: int) -> int:
 
 
 def attend_batch(mod, io: dict[str, Tensor], idx: Tensor) -> tuple[Tensor, Tensor]:
-    """DSLA per-head output and the teacher's for the windows ``idx``, both (H, N, D)."""
-    flat = lambda t: t[idx].transpose(0, 1).reshape(t.shape[1], -1, t.shape[-1])  # noqa: E731
-    T = io["q"].shape[2]
+    """DSLA per-head output and the teacher's for the windows ``idx``, both (Hq, N, D).
+
+    q is recomputed from the stored attention input with the DSLA layer's own q_proj, so a
+    trainable q_proj gets its gradient.
+    """
+    flat = lambda t: t[idx].transpose(0, 1).reshape(t.shape[1], -1, t.shape[-1])  # noqa: E731  (H, N, D)
+    B, T = len(idx), io["x"].shape[1]
     dt = mod.q_proj.weight.dtype
-    out = mod.attend(*(flat(io[n]).to(dt) for n in ("q", "k_raw", "k", "v")), [T] * len(idx), None)
+    x = io["x"][idx].reshape(B * T, -1).to(dt)  # (N, hidden)
+    cos, sin = io["cos"].repeat(B, 1), io["sin"].repeat(B, 1)  # (N, D)
+    q = apply_rope(split_heads(mod.q_proj(x), mod.lcfg.num_attention_heads), cos, sin)  # (Hq, N, D)
+    out = mod.attend(q, *(flat(io[n]).to(dt) for n in ("k_raw", "k", "v")), [T] * B, None)
     return out, flat(io["o"])
+
+
+def stage1_loss(mod, teacher_o_proj: nn.Linear, out: Tensor, target: Tensor, on_output: bool) -> Tensor:
+    """Normalised MSE per head (Hq, N, D), or of the layer's output after o_proj (N, hidden)."""
+    if not on_output:
+        return normalized_mse(out, target)
+    merge = lambda t: t.transpose(0, 1).reshape(t.shape[1], -1)  # noqa: E731  (Hq, N, D) -> (N, Hq*D)
+    with torch.no_grad():
+        y_target = teacher_o_proj(merge(target).to(teacher_o_proj.weight.dtype))
+    return normalized_mse(mod.o_proj(merge(out).to(mod.o_proj.weight.dtype)), y_target.float())
+
+
+def warmup_cosine(steps: int, warmup: float = 0.1) -> Callable[[int], float]:
+    """lr multiplier: linear warm-up over the first ``warmup`` of the steps, then cosine to zero."""
+    w = max(1, int(steps * warmup))
+    return lambda s: (s + 1) / w if s < w else 0.5 * (1 + math.cos(math.pi * (s - w) / max(1, steps - w)))
 
 
 def train_attention_stage(model: HybridLM, layer: int, io: dict[str, Tensor], cfg: DistillConfig,
                           on_step: Callable[[float], None] | None = None) -> list[float]:
-    """Fit the DSLA feature maps, gates and mix of ``layer`` to the teacher's per-head outputs.
+    """Fit ``layer``'s DSLA layer to the teacher attention on stored inputs (stage 1).
 
-    q/k/v are the teacher's (q_proj and o_proj stay at their teacher values in this stage), so a
-    step costs only the small DSLA parameters: many steps fit in a small budget.
+    The feature maps, gates and mix always train (lr ``cfg.lr``); with ``cfg.train_projections``
+    q_proj and o_proj train too (lr ``cfg.proj_lr``) and the loss is on the layer's output after
+    o_proj, the quantity the residual stream sees. The teacher's k/v are fixed inputs, so a step
+    costs one small layer, not the model.
     """
     mod = model.dsla[str(layer)].requires_grad_(True)
-    params = [p for n, p in mod.named_parameters() if not n.startswith(("q_proj", "o_proj"))]
-    opt = torch.optim.Adam(params, lr=cfg.lr)
-    n = io["q"].shape[0]
+    proj = ("q_proj", "o_proj")
+    small = [p for n, p in mod.named_parameters() if not n.startswith(proj)]
+    groups = [{"params": small, "lr": cfg.lr}]
+    if cfg.train_projections:
+        groups.append({"params": [p for n, p in mod.named_parameters() if n.startswith(proj)], "lr": cfg.proj_lr})
+    else:
+        mod.q_proj.requires_grad_(False)
+        mod.o_proj.requires_grad_(False)
+    opt = torch.optim.Adam(groups)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.attn_steps))
+    teacher_o = model.model.layers[layer].self_attn.o_proj
+    n = io["x"].shape[0]
     g = torch.Generator().manual_seed(layer_seed(cfg, layer, 1))
-    losses = []
-    for _ in range(cfg.attn_epochs):
-        perm = torch.randperm(n, generator=g)
+    losses: list[float] = []
+    while len(losses) < cfg.attn_steps:
+        perm = torch.randperm(n, generator=g)  # a fresh pass over the windows
         for s in range(0, n, cfg.batch_size):
+            if len(losses) == cfg.attn_steps:
+                break
             out, target = attend_batch(mod, io, perm[s: s + cfg.batch_size])
-            loss = normalized_mse(out, target)
+            loss = stage1_loss(mod, teacher_o, out, target, cfg.train_projections)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            sched.step()
             losses.append(loss.item())
             if on_step:
                 on_step(losses[-1])
@@ -118,9 +161,11 @@ def train_attention_stage(model: HybridLM, layer: int, io: dict[str, Tensor], cf
 
 
 @torch.no_grad()
-def eval_attention_stage(model: HybridLM, layer: int, io: dict[str, Tensor]) -> float:
-    out, target = attend_batch(model.dsla[str(layer)], io, torch.arange(io["q"].shape[0]))
-    return float(normalized_mse(out, target))
+def eval_attention_stage(model: HybridLM, layer: int, io: dict[str, Tensor], on_output: bool) -> float:
+    """The stage-1 objective on held-out windows."""
+    mod = model.dsla[str(layer)]
+    out, target = attend_batch(mod, io, torch.arange(io["x"].shape[0]))
+    return float(stage1_loss(mod, model.model.layers[layer].self_attn.o_proj, out, target, on_output))
 
 
 def train_e2e_stage(model: HybridLM, layer: int, windows: Tensor, dsla_layers: list[int],
@@ -178,8 +223,7 @@ def distill(model: HybridLM, teacher_dir: Path, teacher_sha: str, out_dir: Path,
     bar = None
     if progress:
         from tqdm import tqdm
-        steps = len(todo) * (cfg.attn_epochs * -(-cfg.attn_sequences // cfg.batch_size)
-                             + -(-cfg.e2e_sequences // cfg.batch_size))
+        steps = len(todo) * (cfg.attn_steps + -(-cfg.e2e_sequences // cfg.batch_size))
         bar = tqdm(total=steps, desc="distill", unit="step", dynamic_ncols=True)
     try:
         for layer in todo:
@@ -191,7 +235,7 @@ def distill(model: HybridLM, teacher_dir: Path, teacher_sha: str, out_dir: Path,
                                   done, cfg.batch_size)
             io_val = collect_layer_io(model, layer, val_windows(cfg.val_sequences, layer_seed(cfg, layer, 3)),
                                       done, cfg.batch_size) if cfg.val_sequences else None
-            val_before = eval_attention_stage(model, layer, io_val) if io_val else None
+            val_before = eval_attention_stage(model, layer, io_val, cfg.train_projections) if io_val else None
 
             def on_step(loss: float, stage: str = "attn") -> None:
                 if bar is not None:
@@ -200,7 +244,7 @@ def distill(model: HybridLM, teacher_dir: Path, teacher_sha: str, out_dir: Path,
 
             with torch.enable_grad():
                 attn_losses = train_attention_stage(model, layer, io, cfg, on_step)
-                val_after = eval_attention_stage(model, layer, io_val) if io_val else None
+                val_after = eval_attention_stage(model, layer, io_val, cfg.train_projections) if io_val else None
                 del io, io_val
                 e2e_losses = []
                 if cfg.e2e_sequences:
@@ -214,7 +258,7 @@ def distill(model: HybridLM, teacher_dir: Path, teacher_sha: str, out_dir: Path,
                 "position": len(done), "attn_train_loss_first": attn_losses[0], "attn_train_loss_last": attn_losses[-1],
                 "attn_val_nmse_before": val_before, "attn_val_nmse_after": val_after,
                 "kl_first": e2e_losses[0] if e2e_losses else None, "kl_last": e2e_losses[-1] if e2e_losses else None,
-                "tokens_attn": cfg.attn_sequences * cfg.seq_len * cfg.attn_epochs,
+                "tokens_attn": cfg.attn_sequences * cfg.seq_len, "steps_attn": cfg.attn_steps,
                 "tokens_e2e": cfg.e2e_sequences * cfg.seq_len, "wall_time_s": elapsed}
             manifest["wall_time_s"] += elapsed
             save_student(out_dir, model, manifest)

@@ -23,8 +23,8 @@ def windows_fn(salt: int):
 
 
 def tiny_cfg(**kw) -> DistillConfig:
-    base = dict(dsla=DSLAConfig(feature_dim=8, chunk_size=8), seq_len=32, attn_sequences=8, attn_epochs=2,
-                val_sequences=2, batch_size=4, e2e_sequences=4, rank_sequences=4, frozen_dtype="float32")
+    base = dict(dsla=DSLAConfig(feature_dim=8, chunk_size=8), seq_len=32, attn_sequences=8, attn_steps=4,
+                val_sequences=2, batch_size=4, e2e_sequences=4, rank_sequences=4)
     base.update(kw)
     return DistillConfig(**base)
 
@@ -38,10 +38,20 @@ def run(tiny_dir, out, cfg, **kw):
 
 
 def test_training_lowers_the_layer_loss(tiny_dir, tmp_path):
-    _, m = run(tiny_dir, tmp_path / "s", tiny_cfg(attn_epochs=4))
+    # Per-head objective, DSLA-specific parameters only: the held-out loss falls.
+    _, m = run(tiny_dir, tmp_path / "s", tiny_cfg(attn_steps=20, train_projections=False))
     for i in m["layers_done"]:
         r = m["metrics"][str(i)]
         assert r["attn_val_nmse_after"] < r["attn_val_nmse_before"]
+
+
+def test_training_with_projections_lowers_the_output_loss(tiny_dir, tmp_path):
+    # q_proj/o_proj trainable, loss after o_proj. On random tokens a 3-layer random model has
+    # nothing to generalise at this size (held-out loss stays flat), so check the fit itself.
+    _, m = run(tiny_dir, tmp_path / "s", tiny_cfg(attn_steps=20, train_projections=True, proj_lr=1e-3))
+    for i in m["layers_done"]:
+        r = m["metrics"][str(i)]
+        assert r["attn_train_loss_last"] < 0.8 * r["attn_train_loss_first"]
 
 
 def test_chained_order_is_respected(tiny_dir, tmp_path, monkeypatch):
