@@ -65,8 +65,14 @@ def _against_ratio(report: dict, suite: str, panels: list[str], value: Callable[
         ax.set_title(panel, fontsize=9)
         ax.set_xlabel("conversion ratio")
         ax.set_ylabel(ylabel)
-        if logy:
+        lo, hi = ax.get_ylim()
+        if logy and lo > 0 and hi / lo > 4:  # wide ranges (a collapsed student) on a log axis, plain labels
+            from matplotlib.ticker import FuncFormatter
+
             ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.tick_params(axis="y", which="minor", labelsize=7)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
@@ -108,7 +114,8 @@ def plot_passkey(report: dict, out: Path) -> None:
         if not runs:
             continue
         fig, axes = _grid(len(runs), width=3.4, height=3.0)
-        for ax, r in zip(axes, runs):
+        cols = min(len(runs), 4)
+        for k, (ax, r) in enumerate(zip(axes, runs)):
             p = r["passkey"]
             im = ax.imshow(p["acc"], vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="lower")
             ax.set_xticks(range(len(p["depths"])), [f"{d:.0%}" for d in p["depths"]])
@@ -119,7 +126,10 @@ def plot_passkey(report: dict, out: Path) -> None:
                             color="white" if v < 0.6 else "black")
             ax.set_title(f"{r['model']} @ ratio {r['ratio']:.2f}", fontsize=9)
             ax.set_xlabel("depth")
-        axes[0].set_ylabel("context (tokens)")
+            if k % cols == 0:
+                ax.set_ylabel("context (tokens)")
+            else:
+                ax.tick_params(labelleft=False)
         fig.colorbar(im, ax=axes, shrink=0.8, label="accuracy")
         _save(fig, out / f"passkey_{slug(label)}.png")
         plt.close("all")

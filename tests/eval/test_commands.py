@@ -1,0 +1,135 @@
+"""`dsla eval` end to end on a tiny model: several students side by side, the teacher once, the
+report and plots; reproducibility; bad input; an interrupted run leaves a whole (partial) report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dsla.cli import main
+from dsla.data import bigbench
+from dsla.eval import commands
+from dsla.eval.report import read_report
+
+from .conftest import make_student
+from .test_mc import TOY
+
+
+@pytest.fixture(autouse=True)
+def toy_tasks(monkeypatch):
+    """BIG-bench is not fetched in tests: every task name loads a small constructed task."""
+    monkeypatch.setattr(bigbench, "load_task", lambda name, home=None: bigbench.parse_task(name, TOY))
+
+
+@pytest.fixture(scope="module")
+def students(eval_teacher, tmp_path_factory):
+    root = tmp_path_factory.mktemp("students")
+    return (make_student(eval_teacher, root / "dual", 2, seed=0),
+            make_student(eval_teacher, root / "single", 1, seed=1))
+
+
+def small_args(teacher, out, *extra: str) -> list[str]:
+    """Suites (the leading words of ``extra``), small settings, then the rest of ``extra``."""
+    suites = [e for e in extra[: next((i for i, e in enumerate(extra) if e.startswith("--")), len(extra))]]
+    return ["eval", *suites, "--teacher", str(teacher), "--out", str(out), "--limit", "2", "--seq-len", "64",
+            "--position-window", "256", "--contexts", "200", "--depths", "0.5", "--tasks",
+            "social_iqa,timedial", "--no-progress", *extra[len(suites):]]
+
+
+def test_two_students_side_by_side(eval_teacher, students, tmp_path, capsys):
+    out = tmp_path / "report"
+    args = small_args(eval_teacher, out, "--student", str(students[0]), "--student", str(students[1]),
+                      "--ratios", "0,0.5,1")
+    assert main(args) == 0
+    rep = read_report(out)
+    assert rep["complete"] and [m["label"] for m in rep["models"]] == ["teacher", "dual", "single"]
+    assert [m.get("num_states") for m in rep["models"]] == [None, 2, 1]
+    assert [(r["model"], r["ratio"], len(r["layers"])) for r in rep["runs"]] == [
+        ("teacher", 0.0, 0), ("dual", 0.5, 2), ("dual", 1.0, 3), ("single", 0.5, 2), ("single", 1.0, 3)]
+    assert rep["runs"][1]["layers"] == [2, 0]  # the first layers of the student's order
+    for r in rep["runs"]:
+        assert set(r["seconds"]) == {"ppl", "position", "mc", "passkey"}
+        assert set(r["mc"]) == {"social_iqa", "timedial"} and r["mc"]["social_iqa"]["n"] == 2
+        assert r["passkey"]["n"] == [[2]] and r["position"]["windows"] == 2
+    # different students give different numbers; the same student agrees with itself at ratio 0
+    assert rep["runs"][1]["ppl"] != rep["runs"][3]["ppl"]
+    assert {p.name for p in out.glob("*.png")} >= {"ppl.png", "mc.png", "passkey.png", "passkey_dual.png",
+                                                   "passkey_single.png", "position_dual.png", "position_single.png"}
+    md = (out / "report.md").read_text()
+    assert "| single | 0.50 | 2 |" in md and rep["command"].startswith("dsla eval ppl position mc passkey --teacher")
+    assert "--student" in rep["command"] and "--limit 2" in rep["command"]
+    assert "dual @ 1.00 (3 DSLA layers)" in capsys.readouterr().out
+
+
+def test_results_are_reproducible_from_the_seed(eval_teacher, students, tmp_path):
+    def once(name, seed):
+        out = tmp_path / name
+        assert main(small_args(eval_teacher, out, "mc", "passkey", "position", "--student", str(students[0]),
+                               "--ratios", "0.5", "--seed", str(seed), "--no-plots")) == 0
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in read_report(out)["runs"]]
+
+    a = once("a", 3)
+    assert len(a) == 1 and a[0]["model"] == "dual"  # no ratio 0 asked: no teacher run
+    assert once("b", 3) == a
+    assert json.dumps(once("c", 4)) != json.dumps(a)
+
+
+def test_teacher_alone(eval_teacher, tmp_path):
+    out = tmp_path / "t"
+    assert main(small_args(eval_teacher, out, "ppl", "--ratios", "0,0.5")) == 0
+    rep = read_report(out)
+    assert [(r["model"], r["ratio"]) for r in rep["runs"]] == [("teacher", 0.0)]
+    assert any("only the teacher" in n for n in rep["notes"])
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["perplexity"], "unknown suite(s) ['perplexity']"),
+    (["mc", "--tasks", "social_iqa,nope"], "unknown multiple-choice task(s) ['nope']"),
+    (["passkey", "--contexts", "1024"], "exceed the model's context of 512"),
+    (["ppl", "--filler", "news"], "bad --filler"),
+])
+def test_bad_input_is_a_clear_error(eval_teacher, tmp_path, capsys, extra, message):
+    out = tmp_path / "r"
+    assert main(small_args(eval_teacher, out, *extra)) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("ratios", ["1.5", "-0.1", "a,b"])
+def test_ratio_outside_unit_interval_is_refused(eval_teacher, tmp_path, capsys, ratios):
+    with pytest.raises(SystemExit) as e:
+        main(small_args(eval_teacher, tmp_path / "r", "--ratios", ratios))
+    assert e.value.code == 2 and "--ratios" in capsys.readouterr().err
+
+
+def test_student_of_another_teacher_is_refused(eval_teacher, tmp_path, capsys):
+    other = make_student(eval_teacher, tmp_path / "other", sha="f" * 64)
+    out = tmp_path / "r"
+    assert main(small_args(eval_teacher, out, "ppl", "--student", str(other))) == 2
+    assert "was distilled from teacher" in capsys.readouterr().err and not out.exists()
+
+
+def test_ratio_beyond_the_distilled_layers_is_refused(eval_teacher, tmp_path, capsys):
+    partial = make_student(eval_teacher, tmp_path / "partial", order=(2,))
+    assert main(small_args(eval_teacher, tmp_path / "r", "ppl", "--student", str(partial), "--ratios", "1")) == 2
+    assert "finish `dsla distill`" in capsys.readouterr().err
+
+
+def test_interrupted_run_leaves_a_whole_partial_report(eval_teacher, students, tmp_path, monkeypatch):
+    real = commands._run_suites
+    calls = {"n": 0}
+
+    def dies_on_second(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(commands, "_run_suites", dies_on_second)
+    out = tmp_path / "r"
+    assert main(small_args(eval_teacher, out, "ppl", "--student", str(students[0]), "--ratios", "0,1")) == 130
+    rep = read_report(out)
+    assert not rep["complete"] and [r["model"] for r in rep["runs"]] == ["teacher"]
+    assert "**Incomplete**" in (out / "report.md").read_text()
+    assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md"]
