@@ -47,14 +47,23 @@ def _ints(name: str):
 _ratios = _floats("--ratios", 0.0, 1.0)
 
 
+def _student(text: str) -> tuple[Path, list[float] | None]:
+    """``DIR`` or ``DIR@R1,R2``: a student directory and, optionally, its own ratios."""
+    head, at, tail = text.rpartition("@")
+    if at and head:
+        return Path(head), _floats(f"--student {text}: ratios after @", 0.0, 1.0)(tail)
+    return Path(text), None
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from dsla.cli import add_model_arguments
     from dsla.data.bigbench import TASKS
 
     add_model_arguments(p)
     p.add_argument("suites", nargs="*", default=list(SUITES), help=f"suites to run (default: all of {SUITES})")
-    p.add_argument("--student", type=Path, action="append", default=[],
-                   help="student directory; repeat to compare several side by side (omit: the teacher alone)")
+    p.add_argument("--student", type=_student, action="append", default=[], metavar="DIR[@RATIOS]",
+                   help="student directory, optionally with its own ratios (DIR@0.5); repeat to compare "
+                        "several side by side (omit: the teacher alone)")
     p.add_argument("--ratios", type=_ratios, default=[0.0, 0.25, 0.5, 0.75, 1.0], help="conversion ratios in [0, 1]")
     p.add_argument("--out", type=Path, default=None, help="report directory (report.json, report.md, *.png)")
     p.add_argument("--seed", type=int, default=0, help="seed for question order, windows, keys and filler")
@@ -103,7 +112,7 @@ def _validate(args: argparse.Namespace) -> None:
         v = getattr(args, flag)
         if v is not None and v <= 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {v}")
-    if len({p.resolve() for p in args.student}) != len(args.student):
+    if len({p.resolve() for p, _ in args.student}) != len(args.student):
         raise ValueError("the same --student directory is given twice")
 
 
@@ -124,7 +133,7 @@ def _command(args: argparse.Namespace) -> str:
         if isinstance(action, argparse._StoreTrueAction):
             parts.append(name)
         elif dest == "student":
-            parts += [x for p in v for x in (name, str(p))]
+            parts += [x for p, rs in v for x in (name, str(p) + ("@" + ",".join(f"{r:g}" for r in rs) if rs else ""))]
         else:
             parts += [name, ",".join(f"{x:g}" if isinstance(x, float) else str(x) for x in v)
                       if isinstance(v, list) else str(v)]
@@ -237,23 +246,25 @@ def run(args: argparse.Namespace) -> int:
     t_start = time.time()
     teacher = resolve_teacher(args.teacher)
     sha = teacher_hash(teacher)
-    manifests = [read_manifest(d) for d in args.student]
-    for d, m in zip(args.student, manifests):  # fail before any work, not halfway through the report
+    dirs = [d for d, _ in args.student]
+    own = [sorted(set(rs if rs is not None else args.ratios)) for _, rs in args.student]
+    manifests = [read_manifest(d) for d in dirs]
+    for d, m in zip(dirs, manifests):  # fail before any work, not halfway through the report
         if m["teacher"]["sha256"] != sha:
             raise ValueError(f"student {d} was distilled from teacher {m['teacher']['name']} (sha256 "
                              f"{m['teacher']['sha256'][:12]}...) but --teacher {teacher} hashes to {sha[:12]}...: "
                              "use the matching --teacher or distill a new student")
     model = load_teacher(teacher, dtype=DTYPES[args.dtype])
     L = model.cfg.num_hidden_layers
-    for d, m in zip(args.student, manifests):
-        for r in args.ratios:
+    for d, m, rs in zip(dirs, manifests, own):
+        for r in rs:
             layers_for_ratio(m["order"], L, r, m["layers_done"])
     tok = Tokenizer(teacher)
     stop_ids = set(model.cfg.eos_token_id) | {i for i in [tok.token_id(tok.special("eos_token"))] if i is not None}
-    labels = _labels(args.student)
-    ratios = sorted(set(args.ratios))
+    labels = _labels(dirs)
+    ratios = sorted(set(args.ratios).union(*own))
     notes = []
-    if not args.student and any(r > 0 for r in ratios):
+    if not dirs and any(r > 0 for r in ratios):
         notes.append("no --student given: only the teacher (ratio 0) was evaluated")
         log.warning(notes[-1])
     inputs, conf, more = _prepare_inputs(args, teacher, tok, model.cfg)
@@ -263,26 +274,25 @@ def run(args: argparse.Namespace) -> int:
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": _command(args),
         "config": {"teacher": {"path": str(teacher), "name": teacher.name, "sha256": sha},
-                   "suites": args.suites, "ratios": ratios, "seed": args.seed, "limit": args.limit,
-                   "dtype": args.dtype, **conf},
+                   "suites": args.suites, "ratios": ratios if dirs else [0.0], "seed": args.seed,
+                   "limit": args.limit, "dtype": args.dtype, **conf},
         "models": [{"label": TEACHER, "dir": None}] + [
             {"label": lab, "dir": str(d), "num_states": m["config"]["dsla"].get("num_states"),
-             "layers_done": len(m["layers_done"]), "order": m["order"]}
-            for lab, d, m in zip(labels, args.student, manifests)],
+             "layers_done": len(m["layers_done"]), "order": m["order"], "ratios": rs}
+            for lab, d, m, rs in zip(labels, dirs, manifests, own)],
         "notes": notes, "runs": [],
     }
-    plan = ([(TEACHER, None, 0.0)] if 0.0 in ratios or not args.student else [])
-    plan += [(lab, d, r) for lab, d in zip(labels, args.student) for r in ratios if r > 0]
+    plan = [(TEACHER, None, None, 0.0)] if not dirs or any(0.0 in rs for rs in own) else []
+    plan += [(lab, d, m, r) for lab, d, m, rs in zip(labels, dirs, manifests, own) for r in rs if r > 0]
     show = not args.no_progress
     loaded = None
-    for label, student_dir, r in plan:
+    for label, student_dir, m, r in plan:
         layers: list[int] = []
         if student_dir is not None:
             if loaded != student_dir:
                 model.dsla.clear()  # the previous student's layers must not leak into this one
                 load_student(model, student_dir, sha)
                 loaded = student_dir
-            m = manifests[args.student.index(student_dir)]
             layers = layers_for_ratio(m["order"], L, r, m["layers_done"])
         res, secs = _run_suites(model, teacher, tok, args, inputs, report["config"], layers, stop_ids, show)
         report["runs"].append({"model": label, "ratio": r, "layers": layers, "seconds": secs, **res})

@@ -36,6 +36,12 @@ def _labels(report: dict) -> list[str]:
     return students(report) or [TEACHER]
 
 
+def _legend(report: dict, label: str) -> str:
+    """The label, with the number of states when the manifest says it (dual vs single ablations)."""
+    n = next((m.get("num_states") for m in report["models"] if m["label"] == label), None)
+    return f"{label} ({n}-state)" if n else label
+
+
 def _grid(n: int, width: float = 3.6, height: float = 3.0):
     cols = min(n, 4)
     rows = math.ceil(n / cols)
@@ -56,7 +62,7 @@ def _against_ratio(report: dict, suite: str, panels: list[str], value: Callable[
             if not runs:
                 continue
             xs = [r["ratio"] for r in runs]
-            line, = ax.plot(xs, [value(r, panel) for r in runs], marker="o", label=label)
+            line, = ax.plot(xs, [value(r, panel) for r in runs], marker="o", label=_legend(report, label))
             if band is not None:
                 lo, hi = zip(*(band(r, panel) for r in runs))
                 ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15)
@@ -150,7 +156,7 @@ def plot_position(report: dict, out: Path) -> None:
             ax.set_xticks(list(xs), p["buckets"])
         ax.set_xlabel("token position")
         ax.set_ylabel("loss (nats/token)")
-        ax.set_title(f"loss by position: {label}", fontsize=10)
+        ax.set_title(f"loss by position: {_legend(report, label)}", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()

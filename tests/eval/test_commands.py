@@ -4,10 +4,11 @@ report and plots; reproducibility; bad input; an interrupted run leaves a whole 
 from __future__ import annotations
 
 import json
+import shlex
 
 import pytest
 
-from dsla.cli import main
+from dsla.cli import build_parser, main
 from dsla.data import bigbench
 from dsla.eval import commands
 from dsla.eval.report import read_report
@@ -39,14 +40,14 @@ def small_args(teacher, out, *extra: str) -> list[str]:
 
 def test_two_students_side_by_side(eval_teacher, students, tmp_path, capsys):
     out = tmp_path / "report"
-    args = small_args(eval_teacher, out, "--student", str(students[0]), "--student", str(students[1]),
+    args = small_args(eval_teacher, out, "--student", str(students[0]), "--student", f"{students[1]}@0.5",
                       "--ratios", "0,0.5,1")
     assert main(args) == 0
     rep = read_report(out)
     assert rep["complete"] and [m["label"] for m in rep["models"]] == ["teacher", "dual", "single"]
     assert [m.get("num_states") for m in rep["models"]] == [None, 2, 1]
     assert [(r["model"], r["ratio"], len(r["layers"])) for r in rep["runs"]] == [
-        ("teacher", 0.0, 0), ("dual", 0.5, 2), ("dual", 1.0, 3), ("single", 0.5, 2), ("single", 1.0, 3)]
+        ("teacher", 0.0, 0), ("dual", 0.5, 2), ("dual", 1.0, 3), ("single", 0.5, 2)]  # single: its own ratios
     assert rep["runs"][1]["layers"] == [2, 0]  # the first layers of the student's order
     for r in rep["runs"]:
         assert set(r["seconds"]) == {"ppl", "position", "mc", "passkey"}
@@ -58,8 +59,11 @@ def test_two_students_side_by_side(eval_teacher, students, tmp_path, capsys):
                                                    "passkey_single.png", "position_dual.png", "position_single.png"}
     md = (out / "report.md").read_text()
     assert "| single | 0.50 | 2 |" in md and rep["command"].startswith("dsla eval ppl position mc passkey --teacher")
-    assert "--student" in rep["command"] and "--limit 2" in rep["command"]
+    assert f"--student {students[1]}@0.5" in rep["command"] and "--limit 2" in rep["command"]
     assert "dual @ 1.00 (3 DSLA layers)" in capsys.readouterr().out
+    again = build_parser().parse_args(shlex.split(rep["command"])[1:])  # the recorded command re-parses
+    assert again.student == [(students[0], None), (students[1], [0.5])] and again.limit == 2
+    assert again.ratios == [0.0, 0.5, 1.0] and again.tasks == "social_iqa,timedial" and again.seq_len == 64
 
 
 def test_results_are_reproducible_from_the_seed(eval_teacher, students, tmp_path):
