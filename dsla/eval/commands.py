@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import logging
 import shlex
 import time
@@ -70,6 +71,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=None,
                    help="quick run: at most N questions per task, passkey trials per cell, position "
                         "windows and ppl windows per corpus")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse the runs already in --out's report.json (same settings) instead of recomputing them")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     g = p.add_argument_group("ppl")
@@ -123,7 +126,7 @@ def _command(args: argparse.Namespace) -> str:
     parts = ["dsla", "eval", *args.suites]
     for action in defaults._actions:
         name, dest = (action.option_strings or [None])[-1], action.dest
-        if name is None or dest in ("help", "suites", "threads") or not hasattr(args, dest):
+        if name is None or dest in ("help", "suites", "threads", "resume", "no_progress") or not hasattr(args, dest):
             continue
         v, d = getattr(args, dest), action.default
         if dest in ("tasks", "filler", "splits") and isinstance(v, list):
@@ -233,6 +236,24 @@ def _summary(run: dict) -> str:
     return "\n  ".join(parts)
 
 
+def _resumable_runs(args: argparse.Namespace, report: dict) -> dict[tuple[str, float], dict]:
+    """Runs of the report already in --out that this invocation would repeat exactly."""
+    from dsla.eval.report import read_report
+
+    if args.out is None or not (args.out / "report.json").is_file():
+        return {}
+    old = read_report(args.out)
+    same = {k: v for k, v in old["config"].items() if k != "ratios"} == \
+        {k: v for k, v in json.loads(json.dumps(report["config"])).items() if k != "ratios"}
+    if not same:
+        raise ValueError(f"--resume: {args.out / 'report.json'} was made with other settings (suites, seed, "
+                         "limits or teacher): use another --out or drop --resume")
+    dirs = {m["label"]: m.get("dir") for m in report["models"]}
+    old_dirs = {m["label"]: m.get("dir") for m in old["models"]}
+    return {(r["model"], r["ratio"]): r for r in old["runs"]
+            if r["model"] in dirs and dirs[r["model"]] == old_dirs.get(r["model"])}
+
+
 def run(args: argparse.Namespace) -> int:
     from dsla.cli import DTYPES
     from dsla.distill.artifact import load_student, read_manifest
@@ -284,9 +305,14 @@ def run(args: argparse.Namespace) -> int:
     }
     plan = [(TEACHER, None, None, 0.0)] if not dirs or any(0.0 in rs for rs in own) else []
     plan += [(lab, d, m, r) for lab, d, m, rs in zip(labels, dirs, manifests, own) for r in rs if r > 0]
+    done = _resumable_runs(args, report) if args.resume else {}
     show = not args.no_progress
     loaded = None
     for label, student_dir, m, r in plan:
+        if (label, r) in done:
+            report["runs"].append(done[(label, r)])
+            print(f"{label} @ {r:.2f}: reused from the previous report", flush=True)
+            continue
         layers: list[int] = []
         if student_dir is not None:
             if loaded != student_dir:

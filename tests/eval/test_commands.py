@@ -120,7 +120,8 @@ def test_ratio_beyond_the_distilled_layers_is_refused(eval_teacher, tmp_path, ca
     assert "finish `dsla distill`" in capsys.readouterr().err
 
 
-def test_interrupted_run_leaves_a_whole_partial_report(eval_teacher, students, tmp_path, monkeypatch):
+def test_interrupted_run_leaves_a_whole_partial_report_and_resumes(eval_teacher, students, tmp_path, monkeypatch,
+                                                                   capsys):
     real = commands._run_suites
     calls = {"n": 0}
 
@@ -137,3 +138,11 @@ def test_interrupted_run_leaves_a_whole_partial_report(eval_teacher, students, t
     assert not rep["complete"] and [r["model"] for r in rep["runs"]] == ["teacher"]
     assert "**Incomplete**" in (out / "report.md").read_text()
     assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md"]
+
+    monkeypatch.setattr(commands, "_run_suites", real)  # resume: the teacher's run is reused as it was
+    assert main(small_args(eval_teacher, out, "ppl", "--student", str(students[0]), "--ratios", "0,1",
+                           "--resume")) == 0
+    again = read_report(out)
+    assert again["complete"] and again["runs"][0] == rep["runs"][0] and again["runs"][1]["model"] == "dual"
+    assert main(small_args(eval_teacher, out, "ppl", "--seed", "9", "--resume")) == 2  # other settings
+    assert "made with other settings" in capsys.readouterr().err and read_report(out) == again
