@@ -246,7 +246,9 @@ class Engine:
                 self.metrics.observe("time_to_first_token_seconds", now - req.arrival_time)
                 self.recent_ttft.add(now, now - req.arrival_time)
             if (tok in req.eos_token_ids and not o.ignore_eos) or tok in o.stop_token_ids:
-                reason = FinishReason.STOP  # the stop token itself is not part of the output
+                reason = FinishReason.STOP  # the stop token itself is not part of the output...
+                if res.logprob is not None:  # ...but its logprob is (OpenAI's echo: prompt + 1 entries)
+                    req.output_logprobs.append(res.logprob)
             else:
                 req.output_token_ids.append(tok)
                 if res.logprob is not None:
@@ -273,7 +275,8 @@ class Engine:
         prompt_lp = None
         if req.options.prompt_logprobs and not t.sent_prompt_logprobs and (finished or req.num_output_tokens):
             prompt_lp, t.sent_prompt_logprobs = tuple(req.prompt_logprobs), True
-        out = RequestOutput(req.request_id, text, tuple(req.output_token_ids[new]), tuple(req.output_logprobs[new]),
+        logprobs = tuple(req.output_logprobs[t.sent_tokens:])  # may end with the stop token's
+        out = RequestOutput(req.request_id, text, tuple(req.output_token_ids[new]), logprobs,
                             prompt_lp, finished, req.finish_reason if finished else None,
                             req.num_prompt_tokens, req.num_output_tokens, error)
         t.sent_tokens = req.num_output_tokens

@@ -20,7 +20,7 @@ class RequestOutput:
     request_id: str
     text: str  # new text, safe to show (stop strings held back until resolved)
     token_ids: tuple[int, ...]  # new output tokens
-    logprobs: tuple[TokenLogprob, ...]  # one per new token, when logprobs were asked for
+    logprobs: tuple[TokenLogprob, ...]  # one per new token (+ the stop token's at the end), when asked for
     prompt_logprobs: tuple[TokenLogprob, ...] | None  # in the first output, when asked for
     finished: bool
     finish_reason: FinishReason | None

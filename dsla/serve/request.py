@@ -83,6 +83,7 @@ class Request:
     eos_token_ids: frozenset[int] = frozenset()
     arrival_time: float = field(default_factory=time.monotonic)
     output_token_ids: list[int] = field(default_factory=list)
+    # One per output token, plus the stop token's last when the request ended on EOS or a stop token id.
     output_logprobs: list[TokenLogprob] = field(default_factory=list)
     # prompt_logprobs[i] scores prompt token i + 1 (token 0 has no context and no logprob).
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
