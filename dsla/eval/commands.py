@@ -186,11 +186,14 @@ def _prepare_inputs(args, teacher: Path, tok, cfg) -> tuple[dict, dict, list[str
             raise ValueError(f"passkey contexts {too_long} exceed the model's context of "
                              f"{cfg.max_position_embeddings} tokens: pass smaller --contexts")
         texts = [t for c in args.filler for t in load_texts(c, "test", teacher)]
-        builder = PasskeyBuilder(tok, filler_sentences(texts, tok.encode), chat=not args.plain)
+        chat = not args.plain and tok.chat_template is not None
+        if not args.plain and not chat:
+            notes.append("passkey: the tokenizer has no chat template, so the prompt is plain text")
+        builder = PasskeyBuilder(tok, filler_sentences(texts, tok.encode), chat=chat)
         trials = _cap(args.trials, lim)
         inputs["passkey"] = build_trials(builder, args.contexts, args.depths, trials, args.seed)
         conf["passkey"] = {"contexts": args.contexts, "depths": args.depths, "trials": trials,
-                           "filler": args.filler, "chat": not args.plain}
+                           "filler": args.filler, "chat": chat}
     return inputs, conf, notes
 
 

@@ -11,6 +11,7 @@ chat template (the default teacher is an instruct model) and starts the assistan
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
@@ -65,7 +66,7 @@ def parse_key(text: str) -> str | None:
 
 
 class PasskeyBuilder:
-    """Builds prompts of an exact token budget from a filler sentence list and a tokenizer."""
+    """Builds prompts within a token budget from a filler sentence list and a tokenizer."""
 
     def __init__(self, tokenizer, sentences: Sequence[tuple[str, int]], chat: bool = True,
                  answer_tokens: int = 12) -> None:
@@ -158,22 +159,26 @@ def greedy_answers(model: HybridLM, prompts: Sequence[Sequence[int]], max_new: i
 def run_passkey(model: HybridLM, tokenizer, trials: dict[tuple[int, float], list[PasskeyPrompt]],
                 dsla_layers: Iterable[int] = (), stop_ids: Iterable[int] = (), max_new: int = 10,
                 show_progress: bool = False, examples: int = 3) -> dict:
-    """Accuracy per (context, depth) cell, as a context x depth grid, plus a few wrong answers."""
+    """Accuracy per (context, depth) cell as a context x depth grid (also the achieved needle
+    position and seconds per cell), plus a few wrong answers."""
     contexts = sorted({c for c, _ in trials})
     depths = sorted({d for _, d in trials})
     acc = [[float("nan")] * len(depths) for _ in contexts]
     n = [[0] * len(depths) for _ in contexts]
     achieved = [[0.0] * len(depths) for _ in contexts]
+    seconds = [[0.0] * len(depths) for _ in contexts]
     wrong = []
     layers = list(dsla_layers)
     for (c, d), ps in progress(list(trials.items()), "passkey", enabled=show_progress, unit="cell"):
+        t0 = time.time()
         answers = greedy_answers(model, [p.ids for p in ps], max_new, stop_ids, layers)
         texts = [tokenizer.decode(a) for a in answers]
         ok = [parse_key(t) == p.key for t, p in zip(texts, ps)]
         i, j = contexts.index(c), depths.index(d)
         acc[i][j], n[i][j] = sum(ok) / len(ok), len(ok)
         achieved[i][j] = float(np.mean([p.needle_start / len(p.ids) for p in ps]))
+        seconds[i][j] = round(time.time() - t0, 1)
         wrong += [{"context": c, "depth": d, "key": p.key, "answer": t}
                   for t, p, good in zip(texts, ps, ok) if not good][:examples]
-    return {"contexts": contexts, "depths": depths, "acc": acc, "n": n, "needle_position": achieved,
+    return {"contexts": contexts, "depths": depths, "acc": acc, "n": n, "needle_position": achieved, "seconds": seconds,
             "mean_acc": float(np.nanmean(acc)), "wrong_examples": wrong}
