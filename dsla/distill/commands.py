@@ -56,7 +56,7 @@ def run_distill(args: argparse.Namespace) -> int:
     m = distill(model, teacher, sha, args.out, cfg, train_w, val_w, max_layers=args.max_layers)
     if args.loss_delta and len(m["layers_done"]) == len(m["order"]) and "loss_delta" not in m:
         windows = val_w(cfg.rank_sequences, layer_seed(cfg, -1, 6))
-        deltas = loss_delta(model, windows, m["layers_done"], batch_size=max(1, cfg.batch_size // 2))
+        deltas = loss_delta(model, windows, m["layers_done"], batch_size=max(1, cfg.batch_size // 2), progress=True)
         m["loss_delta"] = {str(i): d for i, d in deltas.items()}
         if m["ranking"].get("scores"):
             ent = [m["ranking"]["scores"][i] for i in m["layers_done"]]
@@ -101,7 +101,7 @@ def run_rank(args: argparse.Namespace) -> int:
         if args.student is None:
             raise ValueError("--metric loss-delta needs --student DIR (distilled DSLA layers to convert)")
         m = load_student(model, args.student, sha)
-        deltas = loss_delta(model, val_w(args.sequences, args.seed), m["layers_done"])
+        deltas = loss_delta(model, val_w(args.sequences, args.seed), m["layers_done"], progress=True)
         scores = [deltas.get(i, float("nan")) for i in range(L)]
     order = order_from_scores(scores, "entropy")
     atomic_write_json(args.out, {"metric": args.metric, "scores": scores, "order": order,

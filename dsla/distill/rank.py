@@ -72,9 +72,13 @@ def mean_loss(model: HybridLM, windows: Tensor, dsla_layers: Iterable[int] = (),
     return total / n
 
 
-def loss_delta(model: HybridLM, windows: Tensor, layers: Sequence[int], batch_size: int = 4) -> dict[int, float]:
+def loss_delta(model: HybridLM, windows: Tensor, layers: Sequence[int], batch_size: int = 4,
+               progress: bool = False) -> dict[int, float]:
     """Increase of mean loss when each layer alone runs DSLA (needs its DSLA module)."""
     base = mean_loss(model, windows, (), batch_size)
+    if progress:
+        from tqdm import tqdm
+        layers = tqdm(layers, desc="loss-delta", unit="layer", dynamic_ncols=True)
     return {i: mean_loss(model, windows, [i], batch_size) - base for i in layers}
 
 
