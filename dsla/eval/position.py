@@ -1,7 +1,7 @@
 """Loss by token position on long test documents: where a recency bias shows.
 
 Windows of ``window`` tokens are cut from test-split documents at least that long (non-overlapping,
-from each document's start). Only when no document is long enough are the documents of each
+from each document's start, spread over as many documents as possible). Only when no document is long enough are the documents of each
 corpus' test split concatenated, and the result says so. A token's position is its index in the
 window (the number of tokens the model saw before predicting it, minus one).
 """
@@ -40,22 +40,24 @@ def buckets_for(window: int) -> list[tuple[int, int]]:
 
 def select_windows(docs_by_corpus: dict[str, Sequence[np.ndarray]], window: int, num: int,
                    seed: int) -> PositionWindows:
-    """``num`` windows (fewer if there are not that many), chosen with the seed among all
-    non-overlapping windows of long documents; concatenated documents only as a fallback."""
-    cands = [(c, i, off) for c, docs in docs_by_corpus.items() for i, d in enumerate(docs)
-             for off in range(0, len(d) - window + 1, window)]
-    concatenated = not cands
+    """``num`` windows (fewer if there are not that many) of long documents, spread over as many
+    documents as possible: every document's first window (from its start) in an order drawn
+    with the seed, then every document's second window, and so on. Documents are concatenated
+    only as a fallback, when none is long enough."""
+    docs = {c: list(ds) for c, ds in docs_by_corpus.items()}
+    concatenated = not any(len(d) >= window for ds in docs.values() for d in ds)
     if concatenated:
-        docs_by_corpus = {c: [np.concatenate(list(docs))] for c, docs in docs_by_corpus.items() if len(docs)}
-        cands = [(c, 0, off) for c, docs in docs_by_corpus.items()
-                 for off in range(0, len(docs[0]) - window + 1, window)]
-        if not cands:
-            raise ValueError(f"the test splits hold fewer than {window} tokens even concatenated: "
-                             "lower the window")
+        docs = {c: [np.concatenate(ds)] for c, ds in docs.items() if len(ds)}
+    long_docs = [(c, i) for c, ds in docs.items() for i, d in enumerate(ds) if len(d) >= window]
+    if not long_docs:
+        raise ValueError(f"the test splits hold fewer than {window} tokens even concatenated: lower the window")
     rng = np.random.default_rng(seed)
-    pick = sorted(rng.permutation(len(cands))[:num].tolist())
-    rows = [docs_by_corpus[c][i][off: off + window] for c, i, off in (cands[j] for j in pick)]
-    sources = tuple(f"{c}/{'concat' if concatenated else f'doc{i}'}@{off}" for c, i, off in (cands[j] for j in pick))
+    long_docs = [long_docs[j] for j in rng.permutation(len(long_docs))]
+    cands = [(c, i, k * window) for k in range(max(len(docs[c][i]) // window for c, i in long_docs))
+             for c, i in long_docs if (k + 1) * window <= len(docs[c][i])]
+    pick = cands[:num]
+    rows = [docs[c][i][off: off + window] for c, i, off in pick]
+    sources = tuple(f"{c}/{'concat' if concatenated else f'doc{i}'}@{off}" for c, i, off in pick)
     return PositionWindows(torch.from_numpy(np.stack(rows).astype(np.int64)), sources, concatenated)
 
 

@@ -28,15 +28,17 @@ def test_token_losses_equal_a_full_forward(tiny_dir, layers):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_windows_come_from_single_long_documents():
+def test_windows_come_from_single_long_documents_spread_over_them():
     docs = {"a": [np.arange(10), np.arange(100, 350)], "b": [np.arange(1000, 1130)]}
     w = select_windows(docs, 100, 10, seed=0)
     assert not w.concatenated and w.tokens.shape == (3, 100)
     assert sorted(w.sources) == ["a/doc1@0", "a/doc1@100", "b/doc0@0"]
-    assert w.tokens[0].tolist() == list(range(100, 200))
-    small = select_windows(docs, 100, 2, seed=0)
-    assert small.tokens.shape == (2, 100) and select_windows(docs, 100, 2, seed=0).sources == small.sources
-    assert {select_windows(docs, 100, 1, seed=s).sources for s in range(10)} != {small.sources[:1]}
+    assert w.sources[-1] == "a/doc1@100"  # every document's start comes before second windows
+    assert w.tokens[w.sources.index("a/doc1@0")].tolist() == list(range(100, 200))
+    two = select_windows(docs, 100, 2, seed=0)
+    assert sorted(two.sources) == ["a/doc1@0", "b/doc0@0"]
+    assert select_windows(docs, 100, 2, seed=0).sources == two.sources
+    assert {select_windows(docs, 100, 1, seed=s).sources for s in range(10)} == {("a/doc1@0",), ("b/doc0@0",)}
 
 
 def test_short_documents_are_concatenated_and_flagged():
