@@ -115,6 +115,8 @@ def _validate(args: argparse.Namespace) -> None:
         v = getattr(args, flag)
         if v is not None and v <= 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {v}")
+    if args.mc_max < 0:
+        raise ValueError(f"--mc-max must be 0 (all questions) or positive, got {args.mc_max}")
     if len({p.resolve() for p, _ in args.student}) != len(args.student):
         raise ValueError("the same --student directory is given twice")
 

@@ -97,6 +97,8 @@ def test_teacher_alone(eval_teacher, tmp_path):
     (["mc", "--tasks", "social_iqa,nope"], "unknown multiple-choice task(s) ['nope']"),
     (["passkey", "--contexts", "1024"], "exceed the model's context of 512"),
     (["ppl", "--filler", "news"], "bad --filler"),
+    (["mc", "--mc-max", "-1"], "--mc-max must be 0"),
+    (["passkey", "--trials", "0"], "--trials must be positive"),
 ])
 def test_bad_input_is_a_clear_error(eval_teacher, tmp_path, capsys, extra, message):
     out = tmp_path / "r"
