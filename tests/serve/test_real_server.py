@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests.serve.conftest import make_engine
+from tests.serve.conftest import make_engine, serve_in_thread
 
 MODEL = "tiny"
 
@@ -15,23 +15,12 @@ MODEL = "tiny"
 @pytest.fixture
 def server(serve_model, serve_tok):
     """(base url, engine) of a uvicorn serving the tiny model on 127.0.0.1, an ephemeral port."""
-    import uvicorn
-
     from dsla.serve.api import create_app
 
     engine = make_engine(serve_model, serve_tok)
-    app = create_app(engine, MODEL, api_key="k")
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not srv.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    port = srv.servers[0].sockets[0].getsockname()[1]
-    yield f"http://127.0.0.1:{port}", engine
-    srv.should_exit = True
-    thread.join(10)
+    url, stop = serve_in_thread(create_app(engine, MODEL, api_key="k"))
+    yield url, engine
+    stop()
     engine.shutdown()
 
 
