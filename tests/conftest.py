@@ -29,6 +29,29 @@ def make_tiny_hf_dir(path, tie: bool = True, rope_scaling: dict | None = None, s
     return model
 
 
+
+BPE_SPECIALS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]  # ids 0..4; </s> = 2 = the tiny model's EOS
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def make_bpe_tokenizer_dir(path, texts, vocab_size: int) -> None:
+    """Train a byte-level BPE on ``texts``; save tokenizer.json + tokenizer_config.json (chat template)."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=BPE_SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    assert tok.get_vocab_size() <= vocab_size and tok.token_to_id("</s>") == 2
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "chat_template": CHAT_TEMPLATE}))
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """A tiny tied-embedding Llama (3 layers, 6 query heads, 2 KV heads, head dim 8)."""

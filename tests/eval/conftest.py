@@ -3,17 +3,13 @@ template, corpora of generated text prepared into a temporary DSLA_HOME, and tin
 
 from __future__ import annotations
 
-import json
 import random
 
 import pytest
 
-from tests.conftest import make_tiny_hf_dir
+from tests.conftest import make_bpe_tokenizer_dir, make_tiny_hf_dir
 
 VOCAB = 1000
-SPECIALS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]  # </s> = 2 = the model's EOS
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 WORDS = ("river stone light green quiet market letter winter garden paper window silver "
          "morning harbour engine castle forest question").split()
 
@@ -27,21 +23,12 @@ def document(rng: random.Random, sentences: int) -> str:
 
 
 def write_tokenizer(path) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    """A byte-level BPE trained on generated text and the passkey prompt's words, with the chat template."""
     from dsla.eval import passkey as pk
 
     rng = random.Random(0)
     prompt = " ".join([pk.INSTRUCTION, pk.NEEDLE, pk.QUESTION, pk.ANSWER_START, "system user assistant"])
-    tok.train_from_iterator([document(rng, 5) for _ in range(20)] + [prompt] * 20, trainer)
-    tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "chat_template": CHAT_TEMPLATE}))
+    make_bpe_tokenizer_dir(path, [document(rng, 5) for _ in range(20)] + [prompt] * 20, VOCAB)
 
 
 @pytest.fixture(scope="session")

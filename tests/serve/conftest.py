@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
-from tests.conftest import make_tiny_hf_dir
+from tests.conftest import make_bpe_tokenizer_dir, make_tiny_hf_dir
 
 VOCAB = 320  # 256 bytes + specials + a few merges; the tiny model's vocab matches
-SPECIALS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]  # ids 0..4; </s> = 2 = the model's EOS
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
     "A hybrid model mixes softmax attention with linear attention layers.",
@@ -22,19 +17,8 @@ SENTENCES = [
 
 
 def make_tokenizer_dir(path) -> None:
-    """Train a byte-level BPE on a few sentences; save tokenizer.json + tokenizer_config.json."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(SENTENCES * 4, trainer)
-    assert tok.get_vocab_size() <= VOCAB and tok.token_to_id("</s>") == 2
-    tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "chat_template": CHAT_TEMPLATE}))
+    """A byte-level BPE trained on a few sentences, with the chat template."""
+    make_bpe_tokenizer_dir(path, SENTENCES * 4, VOCAB)
 
 
 @pytest.fixture(scope="session")
