@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from dsla.config import DistillConfig
 from dsla.distill.artifact import FORMAT, config_dict, load_student, read_manifest, save_student
@@ -47,9 +47,10 @@ def collect_layer_io(model: HybridLM, layer: int, windows: Tensor, dsla_layers: 
 
     Returns x (n, T, hidden), the attention input (after the block's norm); k_raw / k
     (n, Hkv, T, D) before / after RoPE; v (n, Hkv, T, D); the teacher's per-head attention output
-    o (n, Hq, T, D); and the RoPE tables cos / sin (T, D) of positions 0..T-1. All float32.
+    o (n, Hq, T, D) and the layer's output after o_proj y (n, T, hidden); and the RoPE tables
+    cos / sin (T, D) of positions 0..T-1. All float32.
     """
-    parts: dict[str, list[Tensor]] = {name: [] for name in ("x", "k_raw", "k", "v", "o")}
+    parts: dict[str, list[Tensor]] = {name: [] for name in ("x", "k_raw", "k", "v", "o", "y")}
     tables: dict[str, Tensor] = {}
     attn = model.model.layers[layer].self_attn
     Hq = model.cfg.num_attention_heads
@@ -60,8 +61,9 @@ def collect_layer_io(model: HybridLM, layer: int, windows: Tensor, dsla_layers: 
         batch = lambda t: t.view(t.shape[0], B, T, -1).transpose(0, 1)  # noqa: E731  (H, N, D) -> (B, H, T, D)
         q = batch(apply_rope(split_heads(module.q_proj(x), Hq), cos, sin))
         k_raw, k, v = (batch(t) for t in module.project_kv(x, cos, sin))
-        o = causal_attention(q, k, v)
-        for name, t in zip(parts, (x.view(B, T, -1), k_raw, k, v, o)):
+        o = causal_attention(q, k, v)  # (B, Hq, T, D)
+        y = module.o_proj(o.transpose(1, 2).reshape(B, T, -1))  # (B, T, hidden)
+        for name, t in zip(parts, (x.view(B, T, -1), k_raw, k, v, o, y)):
             parts[name].append(t.float())
         tables["cos"], tables["sin"] = cos[:T].float(), sin[:T].float()
         raise _Stop
@@ -87,30 +89,32 @@ def layer_seed(cfg: DistillConfig, layer: int, salt: int) -> int:
     return cfg.seed * 1_000_003 + (layer + 1) * 101 + salt  # layer -1 (ranking) stays >= 0
 
 
-def attend_batch(mod, io: dict[str, Tensor], idx: Tensor) -> tuple[Tensor, Tensor]:
-    """DSLA per-head output and the teacher's for the windows ``idx``, both (Hq, N, D).
+def attend_batch(mod, io: dict[str, Tensor], idx: Tensor) -> Tensor:
+    """The DSLA layer's per-head output for the windows ``idx``, (Hq, N, D).
 
     q is recomputed from the stored attention input with the DSLA layer's own q_proj, so a
     trainable q_proj gets its gradient.
     """
-    flat = lambda t: t[idx].transpose(0, 1).reshape(t.shape[1], -1, t.shape[-1])  # noqa: E731  (H, N, D)
     B, T = len(idx), io["x"].shape[1]
     dt = mod.q_proj.weight.dtype
     x = io["x"][idx].reshape(B * T, -1).to(dt)  # (N, hidden)
     cos, sin = io["cos"].repeat(B, 1), io["sin"].repeat(B, 1)  # (N, D)
     q = apply_rope(split_heads(mod.q_proj(x), mod.lcfg.num_attention_heads), cos, sin)  # (Hq, N, D)
-    out = mod.attend(q, *(flat(io[n]).to(dt) for n in ("k_raw", "k", "v")), [T] * B, None)
-    return out, flat(io["o"])
+    return mod.attend(q, *(heads(io[n], idx).to(dt) for n in ("k_raw", "k", "v")), [T] * B, None)
 
 
-def stage1_loss(mod, teacher_o_proj: nn.Linear, out: Tensor, target: Tensor, on_output: bool) -> Tensor:
-    """Normalised MSE per head (Hq, N, D), or of the layer's output after o_proj (N, hidden)."""
+def heads(t: Tensor, idx: Tensor) -> Tensor:
+    """Windows ``idx`` of a stored (n, H, T, D) tensor, flattened to (H, N, D)."""
+    return t[idx].transpose(0, 1).reshape(t.shape[1], -1, t.shape[-1])
+
+
+def stage1_loss(mod, out: Tensor, io: dict[str, Tensor], idx: Tensor, on_output: bool) -> Tensor:
+    """Normalised MSE against the teacher per head (Hq, N, D), or of the layer output after o_proj."""
     if not on_output:
-        return normalized_mse(out, target)
-    merge = lambda t: t.transpose(0, 1).reshape(t.shape[1], -1)  # noqa: E731  (Hq, N, D) -> (N, Hq*D)
-    with torch.no_grad():
-        y_target = teacher_o_proj(merge(target).to(teacher_o_proj.weight.dtype))
-    return normalized_mse(mod.o_proj(merge(out).to(mod.o_proj.weight.dtype)), y_target.float())
+        return normalized_mse(out, heads(io["o"], idx))
+    merged = out.transpose(0, 1).reshape(out.shape[1], -1)  # (Hq, N, D) -> (N, Hq*D)
+    y_target = io["y"][idx].reshape(merged.shape[0], -1)  # (N, hidden)
+    return normalized_mse(mod.o_proj(merged.to(mod.o_proj.weight.dtype)), y_target)
 
 
 def warmup_cosine(steps: int, warmup: float = 0.1) -> Callable[[int], float]:
@@ -139,7 +143,6 @@ def train_attention_stage(model: HybridLM, layer: int, io: dict[str, Tensor], cf
         mod.o_proj.requires_grad_(False)
     opt = torch.optim.Adam(groups)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.attn_steps))
-    teacher_o = model.model.layers[layer].self_attn.o_proj
     n = io["x"].shape[0]
     g = torch.Generator().manual_seed(layer_seed(cfg, layer, 1))
     losses: list[float] = []
@@ -148,8 +151,8 @@ def train_attention_stage(model: HybridLM, layer: int, io: dict[str, Tensor], cf
         for s in range(0, n, cfg.batch_size):
             if len(losses) == cfg.attn_steps:
                 break
-            out, target = attend_batch(mod, io, perm[s: s + cfg.batch_size])
-            loss = stage1_loss(mod, teacher_o, out, target, cfg.train_projections)
+            idx = perm[s: s + cfg.batch_size]
+            loss = stage1_loss(mod, attend_batch(mod, io, idx), io, idx, cfg.train_projections)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -164,8 +167,8 @@ def train_attention_stage(model: HybridLM, layer: int, io: dict[str, Tensor], cf
 def eval_attention_stage(model: HybridLM, layer: int, io: dict[str, Tensor], on_output: bool) -> float:
     """The stage-1 objective on held-out windows."""
     mod = model.dsla[str(layer)]
-    out, target = attend_batch(mod, io, torch.arange(io["x"].shape[0]))
-    return float(stage1_loss(mod, model.model.layers[layer].self_attn.o_proj, out, target, on_output))
+    idx = torch.arange(io["x"].shape[0])
+    return float(stage1_loss(mod, attend_batch(mod, io, idx), io, idx, on_output))
 
 
 def train_e2e_stage(model: HybridLM, layer: int, windows: Tensor, dsla_layers: list[int],
