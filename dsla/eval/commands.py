@@ -199,33 +199,28 @@ def _prepare_inputs(args, teacher: Path, tok, cfg) -> tuple[dict, dict, list[str
     return inputs, conf, notes
 
 
-def _run_suites(model, teacher: Path, tok, args, inputs: dict, conf: dict, layers: list[int],
-                stop_ids: set[int], show: bool) -> tuple[dict, dict]:
-    from dsla.data.corpora import CORPORA
+def _run_suite(suite: str, model, teacher: Path, tok, inputs: dict, conf: dict, layers: list[int],
+               stop_ids: set[int], show: bool, partial: dict | None = None, on_cell=None) -> dict:
+    """One suite's result for one model and plan (``partial``/``on_cell``: passkey cells, see run_passkey)."""
+    if suite == "ppl":
+        from dsla.data.corpora import CORPORA
+        from dsla.eval.ppl import perplexity
 
-    res, secs = {}, {}
-    for suite in args.suites:
-        t0 = time.time()
-        if suite == "ppl":
-            from dsla.eval.ppl import perplexity
+        c = conf["ppl"]
+        return {s: perplexity(model, teacher, layers, list(CORPORA), s, c["seq_len"], c["max_tokens"])
+                for s in c["splits"]}
+    if suite == "position":
+        from dsla.eval.position import run_position
 
-            c = conf["ppl"]
-            res["ppl"] = {s: perplexity(model, teacher, layers, list(CORPORA), s, c["seq_len"], c["max_tokens"])
-                          for s in c["splits"]}
-        elif suite == "position":
-            from dsla.eval.position import run_position
+        return run_position(model, inputs["position"], layers, show)
+    if suite == "mc":
+        from dsla.eval.mc import run_mc
 
-            res["position"] = run_position(model, inputs["position"], layers, show)
-        elif suite == "mc":
-            from dsla.eval.mc import run_mc
+        return run_mc(model, inputs["mc"], layers, show)
+    from dsla.eval.passkey import run_passkey
 
-            res["mc"] = run_mc(model, inputs["mc"], layers, show)
-        else:
-            from dsla.eval.passkey import run_passkey
-
-            res["passkey"] = run_passkey(model, tok, inputs["passkey"], layers, stop_ids, show_progress=show)
-        secs[suite] = round(time.time() - t0, 1)
-    return res, secs
+    return run_passkey(model, tok, inputs["passkey"], layers, stop_ids, show_progress=show, previous=partial,
+                       on_cell=on_cell)
 
 
 def _summary(run: dict) -> str:
@@ -242,7 +237,8 @@ def _summary(run: dict) -> str:
 
 
 def _resumable_runs(args: argparse.Namespace, report: dict) -> dict[tuple[str, float], dict]:
-    """Runs of the report already in --out that this invocation would repeat exactly."""
+    """Runs (whole, or with some suites / passkey cells done) of the report already in --out that
+    this invocation would repeat exactly."""
     from dsla.eval.report import read_report
 
     if args.out is None or not (args.out / "report.json").is_file():
@@ -313,9 +309,20 @@ def run(args: argparse.Namespace) -> int:
     done = _resumable_runs(args, report) if args.resume else {}
     show = not args.no_progress
     loaded = None
+
+    def save(entry: dict) -> None:
+        """Write the report with ``entry`` (the current run, as far as it got) as its last run."""
+        if not report["runs"] or report["runs"][-1] is not entry:
+            report["runs"].append(entry)
+        report["wall_time_s"] = round(time.time() - t_start, 1)
+        if args.out is not None:
+            write_report(args.out, report, plots=False)
+
     for label, student_dir, m, r in plan:
-        if (label, r) in done:
-            report["runs"].append(done[(label, r)])
+        prev = done.get((label, r), {})
+        todo = [s for s in args.suites if s not in prev]
+        if not todo:
+            report["runs"].append(prev)
             print(f"{label} @ {r:.2f}: reused from the previous report", flush=True)
             continue
         layers: list[int] = []
@@ -325,12 +332,27 @@ def run(args: argparse.Namespace) -> int:
                 load_student(model, student_dir, sha)
                 loaded = student_dir
             layers = layers_for_ratio(m["order"], L, r, m["layers_done"])
-        res, secs = _run_suites(model, teacher, tok, args, inputs, report["config"], layers, stop_ids, show)
-        report["runs"].append({"model": label, "ratio": r, "layers": layers, "seconds": secs, **res})
-        print(_summary(report["runs"][-1]), flush=True)
-        report["wall_time_s"] = round(time.time() - t_start, 1)
-        if args.out is not None:
-            write_report(args.out, report, plots=False)
+        if prev:
+            print(f"{label} @ {r:.2f}: resuming ({', '.join(todo)} to do)", flush=True)
+        entry = {"model": label, "ratio": r, "layers": layers, "seconds": dict(prev.get("seconds", {})),
+                 **{s: prev[s] for s in args.suites if s in prev}}
+        if "passkey_partial" in prev:
+            entry["passkey_partial"] = prev["passkey_partial"]
+
+        def on_cell(partial: dict, entry: dict = entry) -> None:  # keep an interrupted run's passkey cells
+            entry["passkey_partial"] = partial
+            save(entry)
+
+        for suite in todo:
+            t0 = time.time()
+            entry[suite] = _run_suite(suite, model, teacher, tok, inputs, report["config"], layers, stop_ids, show,
+                                      entry.pop("passkey_partial", None) if suite == "passkey" else None, on_cell)
+            if suite == "passkey":  # its cells' times, those of an interrupted run included
+                entry["seconds"][suite] = round(sum(map(sum, entry[suite]["seconds"])), 1)
+            else:
+                entry["seconds"][suite] = round(time.time() - t0, 1)
+            save(entry)
+        print(_summary(entry), flush=True)
     report["complete"] = True
     report["wall_time_s"] = round(time.time() - t_start, 1)
     if args.out is not None:

@@ -158,18 +158,38 @@ def greedy_answers(model: HybridLM, prompts: Sequence[Sequence[int]], max_new: i
 
 def run_passkey(model: HybridLM, tokenizer, trials: dict[tuple[int, float], list[PasskeyPrompt]],
                 dsla_layers: Iterable[int] = (), stop_ids: Iterable[int] = (), max_new: int = 10,
-                show_progress: bool = False, examples: int = 3) -> dict:
+                show_progress: bool = False, examples: int = 3, previous: dict | None = None,
+                on_cell: Callable[[dict], None] | None = None) -> dict:
     """Accuracy per (context, depth) cell as a context x depth grid (also the achieved needle
-    position and seconds per cell), plus a few wrong answers."""
+    position and seconds per cell), plus a few wrong answers.
+
+    ``previous``: a partial (or whole) result of the same trials, e.g. from an interrupted run; its
+    finished cells (n equal to the cell's trials) are kept, not recomputed. ``on_cell`` gets the
+    result so far (``"complete": False`` until the last cell) after each computed cell, so a
+    caller can save it.
+    """
     contexts = sorted({c for c, _ in trials})
     depths = sorted({d for _, d in trials})
     acc = [[float("nan")] * len(depths) for _ in contexts]
     n = [[0] * len(depths) for _ in contexts]
     achieved = [[0.0] * len(depths) for _ in contexts]
     seconds = [[0.0] * len(depths) for _ in contexts]
-    wrong = []
+    wrong: list[dict] = []
+    result = {"contexts": contexts, "depths": depths, "acc": acc, "n": n, "needle_position": achieved,
+              "seconds": seconds, "wrong_examples": wrong}
+    todo = []
+    for (c, d), ps in trials.items():
+        i, j = contexts.index(c), depths.index(d)
+        if previous is not None and _finished(previous, c, d, len(ps)):
+            pi, pj = previous["contexts"].index(c), previous["depths"].index(d)
+            for key in ("acc", "n", "needle_position", "seconds"):
+                result[key][i][j] = previous[key][pi][pj]
+            wrong += [w for w in previous["wrong_examples"] if (w["context"], w["depth"]) == (c, d)]
+        else:
+            todo.append((c, d))
     layers = list(dsla_layers)
-    for (c, d), ps in progress(list(trials.items()), "passkey", enabled=show_progress, unit="cell"):
+    for c, d in progress(todo, "passkey", enabled=show_progress, unit="cell"):
+        ps = trials[(c, d)]
         t0 = time.time()
         answers = greedy_answers(model, [p.ids for p in ps], max_new, stop_ids, layers)
         texts = [tokenizer.decode(a) for a in answers]
@@ -180,5 +200,15 @@ def run_passkey(model: HybridLM, tokenizer, trials: dict[tuple[int, float], list
         seconds[i][j] = round(time.time() - t0, 1)
         wrong += [{"context": c, "depth": d, "key": p.key, "answer": t}
                   for t, p, good in zip(texts, ps, ok) if not good][:examples]
-    return {"contexts": contexts, "depths": depths, "acc": acc, "n": n, "needle_position": achieved, "seconds": seconds,
-            "mean_acc": float(np.nanmean(acc)), "wrong_examples": wrong}
+        if on_cell is not None and (c, d) != todo[-1]:
+            on_cell(result | {"complete": False, "mean_acc": float(np.nanmean(acc))})
+    order = {(c, d): k for k, (c, d) in enumerate((c, d) for c in contexts for d in depths)}
+    wrong.sort(key=lambda w: order[(w["context"], w["depth"])])  # the same order resumed or not
+    return result | {"mean_acc": float(np.nanmean(acc))}
+
+
+def _finished(previous: dict, context: int, depth: float, trials: int) -> bool:
+    """Whether ``previous`` holds a finished cell (context, depth) of ``trials`` trials."""
+    if context not in previous.get("contexts", ()) or depth not in previous.get("depths", ()):
+        return False
+    return previous["n"][previous["contexts"].index(context)][previous["depths"].index(depth)] == trials

@@ -2,8 +2,10 @@
 
 Every file is written atomically (temporary sibling, then rename), so an interrupted run leaves
 the previous file or the new one, never half of one. ``report.json`` is rewritten after every
-finished (model, ratio) run with ``"complete": false`` (report.md too), and a last time with
-``true``, when the plots are drawn.
+finished suite of a (model, ratio) run and every passkey cell with ``"complete": false``
+(report.md too), and a last time with ``true``, when the plots are drawn. A run interrupted inside
+the passkey suite keeps its finished cells as ``"passkey_partial"`` (same layout as ``"passkey"``,
+unfinished cells with n = 0) until a ``--resume`` finishes it.
 
 Layout of report.json (``FORMAT``)::
 

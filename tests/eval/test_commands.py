@@ -129,7 +129,7 @@ def test_ratio_beyond_the_distilled_layers_is_refused(eval_teacher, tmp_path, ca
 
 def test_interrupted_run_leaves_a_whole_partial_report_and_resumes(eval_teacher, students, tmp_path, monkeypatch,
                                                                    capsys):
-    real = commands._run_suites
+    real = commands._run_suite
     calls = {"n": 0}
 
     def dies_on_second(*a, **k):
@@ -138,7 +138,7 @@ def test_interrupted_run_leaves_a_whole_partial_report_and_resumes(eval_teacher,
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(commands, "_run_suites", dies_on_second)
+    monkeypatch.setattr(commands, "_run_suite", dies_on_second)
     out = tmp_path / "r"
     assert main(small_args(eval_teacher, out, "ppl", "--student", str(students[0]), "--ratios", "0,1")) == 130
     rep = read_report(out)
@@ -146,10 +146,41 @@ def test_interrupted_run_leaves_a_whole_partial_report_and_resumes(eval_teacher,
     assert "**Incomplete**" in (out / "report.md").read_text()
     assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md"]
 
-    monkeypatch.setattr(commands, "_run_suites", real)  # resume: the teacher's run is reused as it was
+    monkeypatch.setattr(commands, "_run_suite", real)  # resume: the teacher's run is reused as it was
     assert main(small_args(eval_teacher, out, "ppl", "--student", str(students[0]), "--ratios", "0,1",
                            "--resume")) == 0
     again = read_report(out)
     assert again["complete"] and again["runs"][0] == rep["runs"][0] and again["runs"][1]["model"] == "dual"
     assert main(small_args(eval_teacher, out, "ppl", "--seed", "9", "--resume")) == 2  # other settings
     assert "made with other settings" in capsys.readouterr().err and read_report(out) == again
+
+
+def test_interrupted_passkey_keeps_its_finished_cells_and_resumes_from_them(eval_teacher, tmp_path, monkeypatch):
+    from dsla.eval import passkey
+
+    args = small_args(eval_teacher, tmp_path / "whole", "ppl", "passkey", "--contexts", "150,200,250")
+    assert main(args) == 0
+    whole = read_report(tmp_path / "whole")["runs"][0]
+
+    real, calls = passkey.greedy_answers, []
+
+    def dies_on_third(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(passkey, "greedy_answers", dies_on_third)
+    out = tmp_path / "r"
+    args = small_args(eval_teacher, out, "ppl", "passkey", "--contexts", "150,200,250")
+    assert main(args) == 130
+    run = read_report(out)["runs"][0]
+    assert "ppl" in run and "passkey" not in run and run["passkey_partial"]["n"] == [[2], [2], [0]]
+
+    calls.clear()
+    assert main(args + ["--resume"]) == 0
+    assert len(calls) == 1  # only the unfinished cell ran again
+    again = read_report(out)["runs"][0]
+    assert "passkey_partial" not in again and again["ppl"] == whole["ppl"]
+    for key in ("acc", "n", "needle_position", "wrong_examples", "mean_acc"):
+        assert again["passkey"][key] == whole["passkey"][key]
