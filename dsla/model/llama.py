@@ -66,8 +66,8 @@ class LlamaAttention(nn.Module):
         v = split_heads(self.v_proj(x), self.cfg.num_key_value_heads)
         return k_raw, apply_rope(k_raw, cos, sin), v
 
-    def new_state(self, dtype: torch.dtype, device: torch.device) -> KVState:
-        return KVState(self.cfg.num_key_value_heads, self.cfg.head_dim, dtype, device)
+    def new_state(self, dtype: torch.dtype, device: torch.device, capacity: int = 64) -> KVState:
+        return KVState(self.cfg.num_key_value_heads, self.cfg.head_dim, dtype, device, capacity)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, seq_lens: Sequence[int],
                 states: Sequence[KVState] | None = None) -> Tensor:
@@ -179,8 +179,9 @@ class HybridLM(nn.Module):
         if not 0 <= i < self.cfg.num_hidden_layers:
             raise ValueError(f"layer index {i} is out of range for a {self.cfg.num_hidden_layers}-layer model")
 
-    def new_cache(self, dsla_layers: Iterable[int] = ()) -> RequestCache:
-        """An empty cache for a new request; layers in ``dsla_layers`` run DSLA for it."""
+    def new_cache(self, dsla_layers: Iterable[int] = (), capacity: int = 64) -> RequestCache:
+        """An empty cache for a new request; layers in ``dsla_layers`` run DSLA for it, the others
+        get KV buffers with room for ``capacity`` tokens (they grow when needed)."""
         dset = set(dsla_layers)
         for i in dset:
             self._check_layer(i)
@@ -189,7 +190,7 @@ class HybridLM(nn.Module):
         w = self.model.embed_tokens.weight
         return RequestCache([
             self.dsla[str(i)].new_state(w.device) if i in dset
-            else self.model.layers[i].self_attn.new_state(w.dtype, w.device)
+            else self.model.layers[i].self_attn.new_state(w.dtype, w.device, capacity)
             for i in range(self.cfg.num_hidden_layers)])
 
     def convert_layer(self, cache: RequestCache, i: int) -> int:

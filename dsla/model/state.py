@@ -12,11 +12,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from dsla.model.capacity import grown_capacity
+
 
 class KVState:
     """Keys (after RoPE) and values of one attention layer for one request.
 
-    Storage grows by doubling so appending is amortised O(1) per token.
+    Storage starts at ``capacity`` tokens and grows by ``grown_capacity``.
     ``k``/``v`` views: (H, T, D) with H = KV heads.
     """
 
@@ -38,7 +40,7 @@ class KVState:
         """Append (H, L, D) keys and values; return all keys and values so far, (H, T, D) each."""
         new_len = self.length + k.shape[1]
         if new_len > self._k.shape[1]:
-            cap = max(new_len, 2 * self._k.shape[1])
+            cap = grown_capacity(self._k.shape[1], new_len)
             grow = lambda buf: torch.cat(  # noqa: E731 - tiny local helper
                 [buf[:, : self.length], buf.new_empty(buf.shape[0], cap - self.length, buf.shape[2])], dim=1)
             self._k, self._v = grow(self._k), grow(self._v)

@@ -135,6 +135,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="cache memory for all running requests, MiB (over it: preempt the newest)")
     p.add_argument("--max-waiting", type=int, default=d.max_waiting,
                    help="queued requests beyond which new ones get 503 + Retry-After")
+    p.add_argument("--decode-reserve-tokens", type=int, default=d.decode_reserve_tokens,
+                   help="KV room reserved at admission for output tokens, beyond the prompt")
     p.add_argument("--max-body-kb", type=int, default=1024, help="request bodies over this get 413")
     g = p.add_argument_group("adaptive policy (--policy adaptive; see dsla/serve/policy.py for each field)")
     g.add_argument("--quality-report", default=None,
@@ -154,7 +156,8 @@ def run(args: argparse.Namespace) -> int:
 
     teacher = resolve_teacher(args.teacher)
     config = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                             cache_budget_bytes=int(args.cache_budget_mb * 2**20), max_waiting=args.max_waiting)
+                             cache_budget_bytes=int(args.cache_budget_mb * 2**20), max_waiting=args.max_waiting,
+                             decode_reserve_tokens=args.decode_reserve_tokens)
     layers = parse_list(args.dsla_layers, int) if args.dsla_layers else None
     quality = read_quality_report(args.quality_report, args.student) if args.quality_report else ()
     engine = build_engine(teacher, args.dtype, args.student, layers, args.dsla_ratio, config, args.policy,

@@ -128,7 +128,8 @@ class ModelRunner:
             if cache is None:
                 if c.start != 0:
                     raise RuntimeError(f"request {req.request_id} resumes at token {c.start} without a cache")
-                cache = self.caches[req.request_id] = self.model.new_cache(self.plan)
+                # KV buffers sized as the scheduler reserved them (its accounting replays them)
+                cache = self.caches[req.request_id] = self.model.new_cache(self.plan, req.kv_capacity)
             base = len(ids)
             ids += req.token_ids(c.start, c.start + c.num_tokens)
             seq_lens.append(c.num_tokens)

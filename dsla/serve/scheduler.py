@@ -4,9 +4,11 @@ Each step: running requests get the tokens they still lack (one for a decode, a 
 unfinished prefill), decodes first, within a per-step token budget; what is left of the budget
 admits waiting requests (FIFO, preempted ones first). Admission is also bounded by
 ``max_num_seqs`` and by a cache memory budget in bytes, from the ``CacheCost`` the runner reports
-for its caches. When a running request's cache would grow past the budget, the newest running
-request is preempted: its cache is freed and it goes back to the head of the queue, to be
-recomputed from its tokens later. Nobody fails for lack of memory.
+for its caches. An admitted request's KV buffers are sized at once for its whole prompt plus up
+to ``decode_reserve_tokens`` of output (so a chunked prefill never regrows them, and admission
+counts what the request will really hold). When a running request's cache would still grow past
+the budget, the newest running request is preempted: its cache is freed and it goes back to the
+head of the queue, to be recomputed from its tokens later. Nobody fails for lack of memory.
 
 Each running request is priced with the ``CacheCost`` of its own cache (``Request.cache_cost``):
 requests admitted under different layer plans, or converted in flight, hold different caches.
@@ -19,6 +21,7 @@ import math
 from collections import deque
 from dataclasses import dataclass
 
+from dsla.model.capacity import KV_GROWTH, grown_capacity
 from dsla.serve.request import FinishReason, Request, RequestStatus
 
 
@@ -26,21 +29,20 @@ from dsla.serve.request import FinishReason, Request, RequestStatus
 class CacheCost:
     """Bytes one request's cache holds, as a function of its KV buffer capacity in tokens.
 
-    Reported by the runner for the current layer plan. KV buffers start at
-    ``initial_capacity`` tokens and, when a step needs more, grow to
-    ``max(needed, growth * current)`` (the policy of ``dsla.model.state.KVState``); the
-    scheduler replays that rule so its accounting equals the caches' real ``nbytes``.
+    Reported by the runner for the current layer plan. KV buffers hold at least
+    ``initial_capacity`` tokens and, when a step needs more, grow by
+    ``dsla.model.capacity.grown_capacity`` (the rule of ``KVState``); the scheduler replays that
+    rule so its accounting equals the caches' real ``nbytes``.
     """
 
     kv_bytes_per_token: int  # K and V bytes per token, summed over the attention layers
     fixed_bytes: int  # DSLA states of the DSLA layers: independent of the token count
-    initial_capacity: int = 64  # tokens a fresh KV buffer holds
-    growth: float = 2.0  # growth factor of a KV buffer that runs out of room
+    initial_capacity: int = 64  # tokens a fresh KV buffer holds at least
+    growth: float = KV_GROWTH  # growth factor of a KV buffer that runs out of room (KVState's)
 
     def grow(self, capacity: int, needed: int) -> int:
         """Capacity after the buffer must hold ``needed`` tokens."""
-        capacity = max(capacity, self.initial_capacity)
-        return capacity if needed <= capacity else max(needed, int(self.growth * capacity))
+        return grown_capacity(max(capacity, self.initial_capacity), needed)
 
     def bytes(self, capacity: int) -> int:
         return self.fixed_bytes + self.kv_bytes_per_token * capacity
@@ -58,8 +60,11 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 512  # tokens per step: decode tokens plus prefill chunks
     cache_budget_bytes: int = 1 << 30  # cache memory of all running requests together, bytes
     max_waiting: int = 256  # requests queued beyond this are refused (HTTP 503 + Retry-After)
+    decode_reserve_tokens: int = 256  # output tokens of KV room reserved at admission, beyond the prompt
 
     def __post_init__(self) -> None:
+        if self.decode_reserve_tokens < 0:
+            raise ValueError(f"decode_reserve_tokens={self.decode_reserve_tokens} must be non-negative")
         for name in ("max_num_seqs", "max_num_batched_tokens", "cache_budget_bytes", "max_waiting"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
@@ -164,6 +169,12 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(req)
 
+    def reservation(self, req: Request, cost: CacheCost) -> int:
+        """KV capacity (tokens) a request gets at admission: its tokens so far (prompt, and output
+        when it was preempted) plus up to ``decode_reserve_tokens`` of what it may still generate."""
+        more = min(req.max_total_tokens - req.num_tokens, self.config.decode_reserve_tokens)
+        return cost.grow(0, req.num_tokens + max(more, 0))
+
     def set_cost(self, cost: CacheCost) -> None:
         """Price requests admitted from now on with ``cost`` (the layer plan changed between steps)."""
         self.cost = cost
@@ -208,15 +219,17 @@ class Scheduler:
             chunks[req.request_id] = ScheduledChunk(req, req.num_computed_tokens, n)
             budget -= n
         # Admit waiting requests only in a step that preempted nobody (no thrashing), and only
-        # when the whole of the request's tokens fits the budget next to everyone else's.
+        # when the request's reservation (all its tokens so far plus the decode reserve) fits the
+        # budget next to everyone else's.
         cost = self.cost
         while not preempted and self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
             req = self.waiting[0]
-            if used + cost.bytes(cost.grow(0, req.num_tokens)) > cfg.cache_budget_bytes:
+            cap = self.reservation(req, cost)
+            if used + cost.bytes(cap) > cfg.cache_budget_bytes:
                 break
             self.waiting.popleft()
             n = min(req.num_tokens, budget)
-            req.status, req.kv_capacity, req.cache_cost = RequestStatus.RUNNING, cost.grow(0, n), cost
+            req.status, req.kv_capacity, req.cache_cost = RequestStatus.RUNNING, cap, cost
             self.running.append(req)
             used += cost.bytes(req.kv_capacity)
             chunks[req.request_id] = ScheduledChunk(req, 0, n)

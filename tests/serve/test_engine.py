@@ -71,7 +71,8 @@ def test_budget_preempts_instead_of_overflowing(serve_model, serve_tok):
     engine = make_engine(serve_model, serve_tok, start=False, max_num_batched_tokens=64)
     cost = engine.scheduler.cost
     budget = 2 * cost.bytes(256) + 1  # room for two requests at 256 tokens of KV capacity
-    engine = make_engine(serve_model, serve_tok, start=False, max_num_batched_tokens=64, cache_budget_bytes=budget)
+    engine = make_engine(serve_model, serve_tok, start=False, max_num_batched_tokens=64, cache_budget_bytes=budget,
+                         decode_reserve_tokens=0)  # no output room reserved: decodes grow the caches
     seen = []
     real_step = engine.step
 

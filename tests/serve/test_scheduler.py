@@ -25,9 +25,37 @@ def run_step(s: Scheduler, sample: bool = True):
 
 
 def test_cost_replays_kv_growth():
-    assert COST.grow(0, 10) == 16 and COST.grow(16, 17) == 32 and COST.grow(16, 100) == 100
-    assert COST.bytes(32) == 1000 + 3200
+    assert COST.grow(0, 10) == 16 and COST.grow(16, 17) == 20 and COST.grow(16, 100) == 100
+    assert COST.grow(40, 41) == 50 and COST.bytes(32) == 1000 + 3200
     assert COST.worst_case_bytes(100) >= COST.bytes(COST.grow(COST.grow(0, 99), 100))
+
+
+def test_kv_state_grows_as_the_cost_says():
+    import torch
+
+    from dsla.model.state import KVState
+
+    kv, cap = KVState(2, 4, torch.float32, capacity=16), 16
+    for n in (3, 14, 1, 5, 30, 1):
+        kv.append(torch.zeros(2, n, 4), torch.zeros(2, n, 4))
+        cap = COST.grow(cap, kv.length)
+        assert kv.nbytes == 2 * 2 * 4 * 4 * cap
+
+
+def test_admission_reserves_the_prompt_and_the_decode_reserve():
+    s = Scheduler(SchedulerConfig(max_num_batched_tokens=10, max_num_seqs=4, decode_reserve_tokens=5), COST)
+    a, b = req("a", 40, max_tokens=3), req("b", 40, max_tokens=100)
+    s.add(a)
+    s.add(b)
+    out = run_step(s)  # a chunked prefill: the buffers are sized for the whole prompt at once
+    assert a.kv_capacity == 43 and out.chunks[0].num_tokens == 10
+    for _ in range(3):
+        run_step(s)
+    assert a.kv_capacity == 43  # never regrown during the prefill
+    s.finish(a, FinishReason.STOP)
+    for _ in range(5):
+        run_step(s)
+    assert b.kv_capacity == 45  # 40 prompt + 5 reserved of its 100
 
 
 def test_prefill_is_chunked_by_the_token_budget_and_decodes_come_first():
@@ -60,7 +88,7 @@ def test_max_num_seqs_limits_admission():
 
 def test_admission_waits_for_the_byte_budget():
     budget = 2 * COST.bytes(32)
-    s = Scheduler(SchedulerConfig(max_num_batched_tokens=100, cache_budget_bytes=budget), COST)
+    s = Scheduler(SchedulerConfig(max_num_batched_tokens=100, cache_budget_bytes=budget, decode_reserve_tokens=2), COST)
     for n in "abc":
         s.add(req(n, 30, max_tokens=2))
     out = run_step(s)
@@ -69,14 +97,15 @@ def test_admission_waits_for_the_byte_budget():
 
 def test_growth_over_budget_preempts_the_newest():
     budget = 2 * COST.bytes(16) + 10
-    s = Scheduler(SchedulerConfig(max_num_batched_tokens=100, cache_budget_bytes=budget), COST)
+    s = Scheduler(SchedulerConfig(max_num_batched_tokens=100, cache_budget_bytes=budget, decode_reserve_tokens=0),
+                  COST)
     a, b = req("a", 15, 5), req("b", 10, 5)
     s.add(a)
     s.add(b)
     run_step(s)
     run_step(s)
     assert s.num_running == 2 and a.num_tokens == 17
-    out = run_step(s)  # a's 17th token overflows its 16-token buffer: it doubles, b must go
+    out = run_step(s)  # a's 17th token overflows its 16-token buffer: it grows, b must go
     assert out.preempted == ("b",) and "b" in out.freed
     assert b.status is RequestStatus.WAITING and b.num_computed_tokens == 0 and b.num_preemptions == 1
     assert [c.request.request_id for c in out.chunks] == ["a"] and out.cache_bytes <= budget
