@@ -154,6 +154,12 @@ def _passkey_section(report: dict, runs: list[dict]) -> list[str]:
     return out + [""]
 
 
+def _cells_done(passkey: dict) -> str:
+    """'k of n' finished cells of a (partial) passkey result."""
+    n = [c for row in passkey["n"] for c in row]
+    return f"{sum(c > 0 for c in n)} of {len(n)}"
+
+
 def to_markdown(report: dict) -> str:
     """report.md: settings, then one section per suite that was run, then run times."""
     cfg = report["config"]
@@ -175,6 +181,12 @@ def to_markdown(report: dict) -> str:
     for suite in cfg["suites"]:
         if any(suite in r for r in runs):
             out += sections[suite](report, runs)
+    partial = [r for r in runs if "passkey_partial" in r]
+    if partial:
+        out += ["## In progress", ""]
+        out += [f"- {r['model']} @ {r['ratio']:.2f}: passkey {_cells_done(r['passkey_partial'])} cells done "
+                f"(mean so far {r['passkey_partial']['mean_acc']:.2f}; finish with `--resume`)" for r in partial]
+        out += [""]
     suites = cfg["suites"]
     rows = [_name(r) + [_f(r.get("seconds", {}).get(s), 0) for s in suites] for r in runs]
     out += ["## Run time (seconds)", "", _table(["model", "ratio", "DSLA layers", *suites], rows), "",

@@ -74,8 +74,12 @@ def test_series_uses_the_teacher_for_ratio_zero():
 
 def test_partial_report_has_no_plots_and_says_incomplete(tmp_path):
     rep = fake_report(complete=False)
+    last = rep["runs"][-1]
+    pk = last.pop("passkey")
+    last["passkey_partial"] = pk | {"n": [[3, 0]] + [[0, 0]] * (len(pk["n"]) - 1)}
     write_report(tmp_path, rep)
-    assert "**Incomplete**" in (tmp_path / "report.md").read_text()
+    md = (tmp_path / "report.md").read_text()
+    assert "**Incomplete**" in md and f"{last['model']} @ {last['ratio']:.2f}: passkey 1 of " in md
     assert not list(tmp_path.glob("*.png"))
 
 
