@@ -336,7 +336,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"{label} @ {r:.2f}: resuming ({', '.join(todo)} to do)", flush=True)
         entry = {"model": label, "ratio": r, "layers": layers, "seconds": dict(prev.get("seconds", {})),
                  **{s: prev[s] for s in args.suites if s in prev}}
-        if "passkey_partial" in prev:
+        if "passkey_partial" in prev and "passkey" not in prev:
             entry["passkey_partial"] = prev["passkey_partial"]
 
         def on_cell(partial: dict, entry: dict = entry) -> None:  # keep an interrupted run's passkey cells
@@ -348,6 +348,7 @@ def run(args: argparse.Namespace) -> int:
             entry[suite] = _run_suite(suite, model, teacher, tok, inputs, report["config"], layers, stop_ids, show,
                                       entry.pop("passkey_partial", None) if suite == "passkey" else None, on_cell)
             if suite == "passkey":  # its cells' times, those of an interrupted run included
+                entry.pop("passkey_partial", None)  # finished: the partial copy saved on the way goes
                 entry["seconds"][suite] = round(sum(map(sum, entry[suite]["seconds"])), 1)
             else:
                 entry["seconds"][suite] = round(time.time() - t0, 1)

@@ -161,6 +161,7 @@ def test_interrupted_passkey_keeps_its_finished_cells_and_resumes_from_them(eval
     args = small_args(eval_teacher, tmp_path / "whole", "ppl", "passkey", "--contexts", "150,200,250")
     assert main(args) == 0
     whole = read_report(tmp_path / "whole")["runs"][0]
+    assert "passkey" in whole and "passkey_partial" not in whole  # the partial copy saved per cell is gone
 
     real, calls = passkey.greedy_answers, []
 
