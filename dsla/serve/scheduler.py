@@ -38,7 +38,6 @@ class CacheCost:
     kv_bytes_per_token: int  # K and V bytes per token, summed over the attention layers
     fixed_bytes: int  # DSLA states of the DSLA layers: independent of the token count
     initial_capacity: int = 64  # tokens a fresh KV buffer holds at least
-    growth: float = KV_GROWTH  # growth factor of a KV buffer that runs out of room (KVState's)
 
     def grow(self, capacity: int, needed: int) -> int:
         """Capacity after the buffer must hold ``needed`` tokens."""
@@ -49,7 +48,7 @@ class CacheCost:
 
     def worst_case_bytes(self, tokens: int) -> int:
         """An upper bound on the bytes of a request that reaches ``tokens`` tokens."""
-        return self.bytes(max(self.initial_capacity, math.ceil(self.growth * tokens)))
+        return self.bytes(max(self.initial_capacity, math.ceil(KV_GROWTH * tokens)))
 
 
 @dataclass(frozen=True)
