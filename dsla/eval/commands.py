@@ -346,7 +346,7 @@ def run(args: argparse.Namespace) -> int:
         for suite in todo:
             t0 = time.time()
             entry[suite] = _run_suite(suite, model, teacher, tok, inputs, report["config"], layers, stop_ids, show,
-                                      entry.pop("passkey_partial", None) if suite == "passkey" else None, on_cell)
+                                      entry.get("passkey_partial") if suite == "passkey" else None, on_cell)
             if suite == "passkey":  # its cells' times, those of an interrupted run included
                 entry.pop("passkey_partial", None)  # finished: the partial copy saved on the way goes
                 entry["seconds"][suite] = round(sum(map(sum, entry[suite]["seconds"])), 1)
