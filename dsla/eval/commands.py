@@ -310,13 +310,13 @@ def run(args: argparse.Namespace) -> int:
     show = not args.no_progress
     loaded = None
 
-    def save(entry: dict) -> None:
+    def save(entry: dict, plots: bool = False) -> None:
         """Write the report with ``entry`` (the current run, as far as it got) as its last run."""
         if not report["runs"] or report["runs"][-1] is not entry:
             report["runs"].append(entry)
         report["wall_time_s"] = round(time.time() - t_start, 1)
         if args.out is not None:
-            write_report(args.out, report, plots=False)
+            write_report(args.out, report, plots=plots and not args.no_plots)
 
     for label, student_dir, m, r in plan:
         prev = done.get((label, r), {})
@@ -353,6 +353,7 @@ def run(args: argparse.Namespace) -> int:
             else:
                 entry["seconds"][suite] = round(time.time() - t0, 1)
             save(entry)
+        save(entry, plots=True)  # the figures follow every finished run
         print(_summary(entry), flush=True)
     report["complete"] = True
     report["wall_time_s"] = round(time.time() - t_start, 1)

@@ -3,7 +3,8 @@
 Every file is written atomically (temporary sibling, then rename), so an interrupted run leaves
 the previous file or the new one, never half of one. ``report.json`` is rewritten after every
 finished suite of a (model, ratio) run and every passkey cell with ``"complete": false``
-(report.md too), and a last time with ``true``, when the plots are drawn. A run interrupted inside
+(report.md too, and the plots after each finished run, drawn from the finished suites only), and a
+last time with ``true``. A run interrupted inside
 the passkey suite keeps its finished cells as ``"passkey_partial"`` (same layout as ``"passkey"``,
 unfinished cells with n = 0) until a ``--resume`` finishes it.
 
@@ -195,11 +196,11 @@ def to_markdown(report: dict) -> str:
 
 
 def write_report(out_dir: str | Path, report: dict, plots: bool = True) -> None:
-    """Write report.json and report.md, then (for a finished report) the plots, each atomically."""
+    """Write report.json and report.md, then (``plots``) the plots of every finished suite, each atomically."""
     out_dir = Path(out_dir)
     atomic_write_json(out_dir / "report.json", report)
     atomic_write_text(out_dir / "report.md", to_markdown(report))
-    if report.get("complete") and plots:
+    if plots:
         from dsla.eval.plots import write_plots
 
         write_plots(out_dir, report)

@@ -144,7 +144,8 @@ def test_interrupted_run_leaves_a_whole_partial_report_and_resumes(eval_teacher,
     rep = read_report(out)
     assert not rep["complete"] and [r["model"] for r in rep["runs"]] == ["teacher"]
     assert "**Incomplete**" in (out / "report.md").read_text()
-    assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md"]
+    # nothing half-written; the plot of the finished suite is drawn
+    assert sorted(p.name for p in out.iterdir()) == ["ppl.png", "report.json", "report.md"]
 
     monkeypatch.setattr(commands, "_run_suite", real)  # resume: the teacher's run is reused as it was
     assert main(small_args(eval_teacher, out, "ppl", "--student", str(students[0]), "--ratios", "0,1",

@@ -72,15 +72,32 @@ def test_series_uses_the_teacher_for_ratio_zero():
     assert [r["model"] for r in series(rep, "single state")] == ["teacher", "single state"]
 
 
-def test_partial_report_has_no_plots_and_says_incomplete(tmp_path):
+def test_partial_report_says_incomplete_and_plots_only_finished_suites(tmp_path):
     rep = fake_report(complete=False)
     last = rep["runs"][-1]
     pk = last.pop("passkey")
-    last["passkey_partial"] = pk | {"n": [[3, 0]] + [[0, 0]] * (len(pk["n"]) - 1)}
-    write_report(tmp_path, rep)
+    last["passkey_partial"] = pk | {"n": [[3, 0]] + [[0, 0]] * (len(pk["n"]) - 1), "mean_acc": 0.123}
+    write_report(tmp_path, rep, plots=False)
     md = (tmp_path / "report.md").read_text()
     assert "**Incomplete**" in md and f"{last['model']} @ {last['ratio']:.2f}: passkey 1 of " in md
     assert not list(tmp_path.glob("*.png"))
+
+    drawn = []
+    import dsla.eval.plots as plots
+
+    real = plots._against_ratio
+
+    def spy(report, suite, *a, **k):
+        drawn.append((suite, [(r["model"], r["ratio"]) for r in report["runs"] if suite in r]))
+        return real(report, suite, *a, **k)
+
+    import unittest.mock
+    with unittest.mock.patch.object(plots, "_against_ratio", spy):
+        write_report(tmp_path, rep)
+    assert {p.name for p in tmp_path.glob("*.png")} >= {"ppl.png", "mc.png", "passkey.png", "passkey_a.png"}
+    passkey_runs = dict(drawn)["passkey"]  # the unfinished passkey run is not drawn
+    assert ("single state", 0.5) not in passkey_runs and ("a", 0.5) in passkey_runs
+    assert ("single state", 0.5) in dict(drawn)["ppl"]
 
 
 def test_interrupted_write_keeps_the_previous_report(tmp_path, monkeypatch):
