@@ -318,7 +318,7 @@ def run(args: argparse.Namespace) -> int:
         if args.out is not None:
             write_report(args.out, report, plots=plots and not args.no_plots)
 
-    for label, student_dir, m, r in plan:
+    for i, (label, student_dir, m, r) in enumerate(plan):
         prev = done.get((label, r), {})
         todo = [s for s in args.suites if s not in prev]
         if not todo:
@@ -353,7 +353,8 @@ def run(args: argparse.Namespace) -> int:
             else:
                 entry["seconds"][suite] = round(time.time() - t0, 1)
             save(entry)
-        save(entry, plots=True)  # the figures follow every finished run
+        if i < len(plan) - 1:  # the figures follow every finished run (the last one's: with the report below)
+            save(entry, plots=True)
         print(_summary(entry), flush=True)
     report["complete"] = True
     report["wall_time_s"] = round(time.time() - t_start, 1)

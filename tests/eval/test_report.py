@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from dsla.eval import plots
 from dsla.eval.report import FORMAT, read_report, series, to_markdown, write_report
 
 
@@ -72,7 +73,7 @@ def test_series_uses_the_teacher_for_ratio_zero():
     assert [r["model"] for r in series(rep, "single state")] == ["teacher", "single state"]
 
 
-def test_partial_report_says_incomplete_and_plots_only_finished_suites(tmp_path):
+def test_partial_report_says_incomplete_and_plots_only_finished_suites(tmp_path, monkeypatch):
     rep = fake_report(complete=False)
     last = rep["runs"][-1]
     pk = last.pop("passkey")
@@ -82,18 +83,14 @@ def test_partial_report_says_incomplete_and_plots_only_finished_suites(tmp_path)
     assert "**Incomplete**" in md and f"{last['model']} @ {last['ratio']:.2f}: passkey 1 of " in md
     assert not list(tmp_path.glob("*.png"))
 
-    drawn = []
-    import dsla.eval.plots as plots
-
-    real = plots._against_ratio
+    drawn, real = [], plots._against_ratio
 
     def spy(report, suite, *a, **k):
         drawn.append((suite, [(r["model"], r["ratio"]) for r in report["runs"] if suite in r]))
         return real(report, suite, *a, **k)
 
-    import unittest.mock
-    with unittest.mock.patch.object(plots, "_against_ratio", spy):
-        write_report(tmp_path, rep)
+    monkeypatch.setattr(plots, "_against_ratio", spy)
+    write_report(tmp_path, rep)
     assert {p.name for p in tmp_path.glob("*.png")} >= {"ppl.png", "mc.png", "passkey.png", "passkey_a.png"}
     passkey_runs = dict(drawn)["passkey"]  # the unfinished passkey run is not drawn
     assert ("single state", 0.5) not in passkey_runs and ("a", 0.5) in passkey_runs
