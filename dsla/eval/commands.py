@@ -311,12 +311,15 @@ def run(args: argparse.Namespace) -> int:
     loaded = None
 
     def save(entry: dict, plots: bool = False) -> None:
-        """Write the report with ``entry`` (the current run, as far as it got) as its last run."""
+        """Write the report with ``entry`` (the current run, as far as it got) as its last run, and the
+        previous report's runs of this plan not reached yet, so an interruption now loses none of them."""
         if not report["runs"] or report["runs"][-1] is not entry:
             report["runs"].append(entry)
         report["wall_time_s"] = round(time.time() - t_start, 1)
+        reached = {(e["model"], e["ratio"]) for e in report["runs"]}
+        later = [done[(p[0], p[3])] for p in plan if (p[0], p[3]) in done and (p[0], p[3]) not in reached]
         if args.out is not None:
-            write_report(args.out, report, plots=plots and not args.no_plots)
+            write_report(args.out, {**report, "runs": report["runs"] + later}, plots=plots and not args.no_plots)
 
     for i, (label, student_dir, m, r) in enumerate(plan):
         prev = done.get((label, r), {})

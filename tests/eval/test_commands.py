@@ -156,6 +156,37 @@ def test_interrupted_run_leaves_a_whole_partial_report_and_resumes(eval_teacher,
     assert "made with other settings" in capsys.readouterr().err and read_report(out) == again
 
 
+def test_interrupted_resume_keeps_the_finished_runs_it_had_not_reached(eval_teacher, students, tmp_path,
+                                                                       monkeypatch):
+    out = tmp_path / "r"
+    assert main(small_args(eval_teacher, out, "ppl", "mc", "--student", str(students[0]), "--ratios", "1")) == 0
+    finished = read_report(out)["runs"]
+    assert [(r["model"], r["ratio"]) for r in finished] == [("dual", 1.0)]
+    real, ran = commands._run_suite, []
+
+    def spy(*a, **k):
+        ran.append(a[6])  # the converted layers of the run
+        if len(ran) == 2 and dies:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    # the teacher's run (first in the plan) is interrupted after its first suite was saved
+    dies = True
+    monkeypatch.setattr(commands, "_run_suite", spy)
+    args = small_args(eval_teacher, out, "ppl", "mc", "--student", str(students[0]), "--ratios", "0,1", "--resume")
+    assert main(args) == 130
+    kept = read_report(out)["runs"]
+    assert [r for r in kept if r["model"] == "dual"] == finished  # still there
+    assert [r for r in kept if r["model"] == "teacher"][0].keys() >= {"ppl"}
+
+    ran.clear()
+    dies = False
+    assert main(args) == 0
+    again = read_report(out)
+    assert ran == [[]]  # only the teacher's mc ran: its ppl and the student's run were reused
+    assert again["complete"] and [r for r in again["runs"] if r["model"] == "dual"] == finished
+
+
 def test_interrupted_passkey_keeps_its_finished_cells_and_resumes_from_them(eval_teacher, tmp_path, monkeypatch):
     from dsla.eval import passkey
 
