@@ -310,6 +310,8 @@ def run(args: argparse.Namespace) -> int:
     show = not args.no_progress
     loaded = None
 
+    plan_keys = [(label, r) for label, _, _, r in plan]
+
     def save(entry: dict, plots: bool = False) -> None:
         """Write the report with ``entry`` (the current run, as far as it got) as its last run, and the
         previous report's runs of this plan not reached yet, so an interruption now loses none of them."""
@@ -317,7 +319,7 @@ def run(args: argparse.Namespace) -> int:
             report["runs"].append(entry)
         report["wall_time_s"] = round(time.time() - t_start, 1)
         reached = {(e["model"], e["ratio"]) for e in report["runs"]}
-        later = [done[(p[0], p[3])] for p in plan if (p[0], p[3]) in done and (p[0], p[3]) not in reached]
+        later = [done[k] for k in plan_keys if k in done and k not in reached]
         if args.out is not None:
             write_report(args.out, {**report, "runs": report["runs"] + later}, plots=plots and not args.no_plots)
 
@@ -355,9 +357,8 @@ def run(args: argparse.Namespace) -> int:
                 entry["seconds"][suite] = round(sum(map(sum, entry[suite]["seconds"])), 1)
             else:
                 entry["seconds"][suite] = round(time.time() - t0, 1)
-            save(entry)
-        if i < len(plan) - 1:  # the figures follow every finished run (the last one's: with the report below)
-            save(entry, plots=True)
+            # the figures follow every finished run (the last run's: with the finished report below)
+            save(entry, plots=suite == todo[-1] and i < len(plan) - 1)
         print(_summary(entry), flush=True)
     report["complete"] = True
     report["wall_time_s"] = round(time.time() - t_start, 1)
