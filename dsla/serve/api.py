@@ -3,9 +3,13 @@
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health,
 GET /metrics, and GET/POST /v1/dsla/plan (the layer plan: which layers run DSLA, the order, the
 policy, recent changes; POST forces a ratio or a layer list). /v1/* needs
-``Authorization: Bearer <key>`` when an API key is set; /health and
-/metrics stay open for probes and scrapers. A request whose client disconnects is aborted (its
-cache is freed at the engine's next step).
+``Authorization: Bearer <key>`` when an API key is set; /health and /metrics stay open for probes
+and scrapers. Every error, including an unexpected one, is an OpenAI-shaped JSON body. A request
+whose client disconnects is aborted (its cache is freed at the engine's next step).
+
+The edge validates, the engine trusts: ``Edge`` (dsla.serve.edge) checks Host, content type and
+size; the pydantic models (dsla.serve.protocol) check each field's type and range; the handlers
+check what needs the model (vocabulary, context length, queue size).
 """
 
 from __future__ import annotations
@@ -15,304 +19,265 @@ import hmac
 import json
 import time
 import uuid
-from typing import Any, AsyncIterator
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Sequence
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from dsla.serve.edge import Edge, read_json
 from dsla.serve.engine import Engine, EngineOverloaded, RequestOutput
 from dsla.serve.protocol import (ChatCompletionRequest, CompletionRequest, OpenAIError, TokenText, chat_logprobs,
-                                 completion_logprobs, echo_logprobs, parse, usage)
+                                 completion_logprobs, echo_logprobs, parse, short_repr, usage)
 from dsla.serve.request import SamplingOptions
 
-DISCONNECT_POLL_S = 1.0  # how often a waiting non-streaming request checks that its client is still there
 PLAN_CHANGE_TIMEOUT_S = 120.0  # a forced plan change waits this long for the engine's next step boundary
+DISCONNECTED = object()  # put on a request's output queue when its client goes away
 
 
-class BodyLimit:
-    """ASGI middleware: refuse request bodies over ``max_bytes`` with 413 before parsing them."""
+@dataclass(frozen=True)
+class ApiConfig:
+    """How the HTTP layer treats clients (the engine's limits live in ``SchedulerConfig``)."""
 
-    def __init__(self, app, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    model_name: str  # the model id clients must send
+    api_key: str | None = None  # require 'Authorization: Bearer KEY' on /v1/*; None: open
+    max_body_bytes: int = 1 << 20  # request bodies over this get 413
+    retry_after_s: int = 1  # Retry-After of a 503 for a full queue
+    allowed_hosts: tuple[str, ...] | None = None  # Host header names answered; None: any
 
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        too_big = declared is not None and declared.isdigit() and int(declared) > self.max_bytes
-        chunks, size, more = [], 0, True
-        while more and not too_big:
-            msg = await receive()
-            if msg["type"] != "http.request":
-                chunks.append(msg)
-                break
-            chunks.append(msg)
-            size += len(msg.get("body", b""))
-            more = msg.get("more_body", False)
-            too_big = size > self.max_bytes
-        if too_big:
-            err = OpenAIError(413, f"the request body is larger than {self.max_bytes} bytes", code="request_too_large")
-            body = json.dumps(err.body()).encode()
-            await send({"type": "http.response.start", "status": 413,
-                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-            await send({"type": "http.response.body", "body": body})
-            return
 
-        async def replay():
-            return chunks.pop(0) if chunks else await receive()
+def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """JSON with non-ASCII escaped: a client's lone surrogate echoed back cannot break the encoding."""
+    return Response(json.dumps(obj), status_code=status, headers=headers, media_type="application/json")
 
-        await self.app(scope, replay, send)
+
+def error_response(err: OpenAIError) -> Response:
+    return json_response(err.body(), err.status, err.headers)
 
 
 def sse(obj: Any) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
-def create_app(engine: Engine, model_name: str, api_key: str | None = None,
-               max_body_bytes: int = 1 << 20, retry_after_s: int = 1) -> FastAPI:
-    """The FastAPI app serving ``engine`` under the model id ``model_name``."""
-    app = FastAPI(title="dsla", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
-    tok = engine.tokenizer
-    text_of = TokenText(tok)
-    created = int(time.time())
+def envelope(rid: str, object_: str, model: str, choices: list, usage_: dict | None = None,
+             with_usage: bool = True) -> dict[str, Any]:
+    """The frame every completion response and stream chunk shares."""
+    obj = {"id": rid, "object": object_, "created": int(time.time()), "model": model, "choices": choices}
+    if with_usage:
+        obj["usage"] = usage_
+    return obj
 
-    @app.exception_handler(OpenAIError)
-    async def _openai_error(_: Request, e: OpenAIError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
-        err = OpenAIError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None)
-        return JSONResponse(err.body(), status_code=e.status_code)
+def stream(gen: AsyncIterator[str]) -> StreamingResponse:
+    """An SSE response that always ends with ``[DONE]``, after an error event if something failed."""
+    async def body() -> AsyncIterator[str]:
+        try:
+            async for piece in gen:
+                yield piece
+        except OpenAIError as e:
+            yield sse(e.body())
+        except Exception as e:  # the headers went out already: the error can only be an event
+            yield sse(OpenAIError(500, f"internal error: {type(e).__name__}", type_="server_error").body())
+        yield "data: [DONE]\n\n"
 
-    def check_auth(request: Request) -> None:
-        if api_key is not None:
+    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+class Gate:
+    """Checks shared by the handlers: auth, engine liveness, the prompt against model and queue."""
+
+    def __init__(self, engine: Engine, cfg: ApiConfig) -> None:
+        self.engine, self.cfg = engine, cfg
+
+    def auth(self, request: Request) -> None:
+        key = self.cfg.api_key
+        if key is not None:
             got = request.headers.get("authorization", "")
-            if not hmac.compare_digest(got.encode(), f"Bearer {api_key}".encode()):
+            if not hmac.compare_digest(got.encode(), f"Bearer {key}".encode()):
                 raise OpenAIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
                                   code="invalid_api_key")
 
-    async def read_json(request: Request) -> Any:
-        try:
-            return json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise OpenAIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
-
-    async def prepare(request: Request, model: type) -> Any:
-        check_auth(request)
-        req = parse(model, await read_json(request))
-        if req.model != model_name:
-            raise OpenAIError(400, f"model {req.model!r} is not served here; this server serves {model_name!r}",
-                              param="model", code="model_not_found")
-        if not engine.is_alive:
+    def alive(self) -> None:
+        if not self.engine.is_alive:
             raise OpenAIError(503, "the engine is not running", type_="server_error", headers={"Retry-After": "5"})
+        if not self.engine.admitting:
+            raise OpenAIError(503, "the server is shutting down", type_="server_error", code="shutting_down",
+                              headers={"Retry-After": "5"})
+
+    async def parse(self, request: Request, model: type) -> Any:
+        self.auth(request)
+        req = parse(model, read_json(await request.body()))
+        if req.model != self.cfg.model_name:
+            raise OpenAIError(400, f"model {short_repr(req.model)} is not served here; this server serves "
+                                   f"{self.cfg.model_name!r}", param="model", code="model_not_found")
+        self.alive()
         return req
 
-    def check_prompt(ids: list[int], max_tokens: int | None, default: int | None) -> int:
-        """Validate the prompt length; return max_tokens clipped to the context that is left."""
-        ctx = engine.max_model_len
-        if not ids:
-            raise OpenAIError(400, "the prompt is empty: give at least one token", param="prompt")
-        if len(ids) >= ctx:
-            raise OpenAIError(400, f"the prompt has {len(ids)} tokens but the model's context is {ctx}: "
-                                   "shorten it", param="prompt", code="context_length_exceeded")
-        want = max_tokens if max_tokens is not None else (default if default is not None else ctx)
-        return min(want, ctx - len(ids))
+    def token_ids(self, ids: Sequence[int], param: str) -> list[int]:
+        vocab = self.engine.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise OpenAIError(400, f"{param}: token id {short_repr(bad)} is outside the vocabulary [0, {vocab})",
+                              param=param, code="invalid_value")
+        return list(ids)
 
-    def submit(jobs: list[tuple[list[int], SamplingOptions]]) -> tuple[list[str], asyncio.Queue]:
-        """Queue every job with the engine (all or none); outputs arrive as (index, output)."""
-        loop, q = asyncio.get_running_loop(), asyncio.Queue()
-        ids: list[str] = []
-        try:
+    def max_tokens(self, n_prompt: int, asked: int | None, default: int | None, param: str = "max_tokens") -> int:
+        """Check the prompt length; return the output budget: ``asked`` (which must fit the context)
+        or else ``default`` clipped to the context that is left."""
+        ctx = self.engine.max_model_len
+        if not n_prompt:
+            raise OpenAIError(400, "the prompt is empty: give at least one token", param="prompt")
+        if n_prompt >= ctx:
+            raise OpenAIError(400, f"the prompt has {n_prompt} tokens but the model's context is {ctx}: "
+                                   "shorten it", param="prompt", code="context_length_exceeded")
+        if asked is not None and n_prompt + asked > ctx:
+            raise OpenAIError(400, f"{param}={asked} plus the prompt's {n_prompt} tokens is more than the model's "
+                                   f"context length of {ctx} tokens: ask for at most {ctx - n_prompt}",
+                              param=param, code="context_length_exceeded")
+        return asked if asked is not None else min(default if default is not None else ctx, ctx - n_prompt)
+
+    def stop_ids(self, ids: Sequence[int] | None) -> None:
+        if ids:
+            self.token_ids(ids, "stop_token_ids")
+
+    def batch(self, n: int) -> None:
+        limit = self.engine.config.max_waiting
+        if n > limit:
+            raise OpenAIError(400, f"prompt: {n} prompts in one request is more than this server queues "
+                                   f"({limit}): send at most {limit}", param="prompt", code="invalid_value")
+
+
+class Submission:
+    """Requests queued for one HTTP call, their outputs arriving on an asyncio queue."""
+
+    def __init__(self, engine: Engine, jobs: list[tuple[list[int], SamplingOptions]], retry_after_s: int) -> None:
+        loop, self.q = asyncio.get_running_loop(), asyncio.Queue()
+        self.engine, self.ids, self.disconnected = engine, [], False
+        try:  # all or none
             for i, (prompt_ids, opts) in enumerate(jobs):
-                sink = lambda out, i=i: loop.call_soon_threadsafe(q.put_nowait, (i, out))  # noqa: E731
-                ids.append(engine.submit(prompt_ids, opts, sink))
+                sink = lambda out, i=i: loop.call_soon_threadsafe(self.q.put_nowait, (i, out))  # noqa: E731
+                self.ids.append(engine.submit(prompt_ids, opts, sink))
         except EngineOverloaded as e:
-            for rid in ids:
-                engine.abort(rid)
+            self.abort_all()
             raise OpenAIError(503, str(e), type_="server_error", code="overloaded",
                               headers={"Retry-After": str(retry_after_s)}) from None
         except ValueError as e:
-            for rid in ids:
-                engine.abort(rid)
-            raise OpenAIError(400, str(e)) from None
-        return ids, q
+            self.abort_all()
+            raise OpenAIError(400, str(e), code="invalid_value") from None
 
-    async def outputs(request: Request, ids: list[str], q: asyncio.Queue,
-                      poll_disconnect: bool) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """Yield (choice index, output) until every request finished; abort the rest on exit."""
-        left = set(range(len(ids)))
+    def abort_all(self) -> None:
+        for rid in self.ids:
+            self.engine.abort(rid)
+
+    async def _watch(self, request: Request) -> None:
+        """Wait for the client to go away (the body is read: the next message is the disconnect)."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        self.q.put_nowait(DISCONNECTED)
+
+    async def outputs(self, request: Request | None = None) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Yield (choice index, output) until every request finished; abort the rest on exit.
+
+        With ``request`` (non-streaming calls) a client that disconnects ends the iteration at once,
+        mid-generation included, and sets ``disconnected``. Streams need no watcher: the server
+        closes their generator on disconnect.
+        """
+        left = set(range(len(self.ids)))
+        watch = asyncio.create_task(self._watch(request)) if request is not None else None
         try:
             while left:
-                try:
-                    i, out = await asyncio.wait_for(q.get(), DISCONNECT_POLL_S)
-                except asyncio.TimeoutError:
-                    if poll_disconnect and await request.is_disconnected():
-                        return
-                    continue
+                item = await self.q.get()
+                if item is DISCONNECTED:
+                    self.disconnected = True
+                    return
+                i, out = item
                 if out.finished:
                     left.discard(i)
                 if out.error is not None:
+                    if not self.engine.admitting:
+                        raise OpenAIError(503, f"generation stopped: {out.error}", type_="server_error",
+                                          code="shutting_down")
                     raise OpenAIError(500, f"generation failed: {out.error}", type_="server_error")
                 yield i, out
         finally:
+            if watch is not None:
+                watch.cancel()
             for i in left:
-                engine.abort(ids[i])
+                self.engine.abort(self.ids[i])
 
-    def stream(gen: AsyncIterator[str]) -> StreamingResponse:
-        async def body() -> AsyncIterator[str]:
-            try:
-                async for piece in gen:
-                    yield piece
-            except OpenAIError as e:
-                yield sse(e.body())
-            yield "data: [DONE]\n\n"
 
-        return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+# ---- handlers -----------------------------------------------------------------------------------
+class Handlers:
+    """One method per route; they share ``Gate`` (checks), ``Submission`` (engine I/O) and ``envelope``."""
 
-    # ---- /v1/completions --------------------------------------------------------------------------
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        req: CompletionRequest = await prepare(request, CompletionRequest)
+    def __init__(self, engine: Engine, cfg: ApiConfig) -> None:
+        self.engine, self.cfg, self.gate = engine, cfg, Gate(engine, cfg)
+        self.tok, self.text_of, self.created = engine.tokenizer, TokenText(engine.tokenizer), int(time.time())
+
+    def _encode(self, text: str, param: str) -> list[int]:
+        try:
+            return self.tok.encode(text)
+        except Exception as e:  # the tokenizer refused the text
+            raise OpenAIError(400, f"{param}: cannot tokenize: {e}"[:300], param=param, code="invalid_value") from None
+
+    # ---- /v1/completions ----------------------------------------------------------------------
+    async def completions(self, request: Request) -> Any:
+        req: CompletionRequest = await self.gate.parse(request, CompletionRequest)
         if req.max_tokens == 0 and not req.echo:
             raise OpenAIError(400, "max_tokens=0 is only allowed with echo=true (scoring the prompt)",
                               param="max_tokens")
+        prompts = req.prompts()
+        self.gate.batch(len(prompts))
+        self.gate.stop_ids(req.stop_token_ids)
         jobs, texts = [], []
-        for p in req.prompts():
-            ids = tok.encode(p) if isinstance(p, str) else list(p)
-            max_tokens = check_prompt(ids, req.max_tokens, 16)
+        for p in prompts:
+            ids = self._encode(p, "prompt") if isinstance(p, str) else list(p)
+            max_tokens = self.gate.max_tokens(len(ids), req.max_tokens, 16)
+            self.gate.token_ids(ids, "prompt")  # before decode(), which would choke on a bad id
             opts = req.options(max_tokens, req.logprobs, prompt_logprobs=req.echo and (
                 req.logprobs is not None or max_tokens == 0))
             jobs.append((ids, opts))
-            texts.append(p if isinstance(p, str) else tok.decode(ids))
-        rid = f"cmpl-{uuid.uuid4().hex}"
-        ids, q = submit(jobs)
-        with_lp, top = req.logprobs is not None, bool(req.logprobs)
+            texts.append(p if isinstance(p, str) else self.tok.decode(ids))
+        sub = Submission(self.engine, jobs, self.cfg.retry_after_s)
+        call = _CompletionCall(self, req, sub, jobs, texts)
+        return stream(call.chunks()) if req.stream else await call.whole(request)
 
-        def lp_obj(i: int, out: RequestOutput, offset: int) -> dict | None:
-            if not with_lp:
-                return None
-            if req.echo and out.prompt_logprobs is not None:
-                pre = echo_logprobs(text_of, jobs[i][0], out.prompt_logprobs, top)
-                lp = completion_logprobs(text_of, out.logprobs, offset + len(texts[i]), top)
-                return {k: pre[k] + lp[k] for k in lp}
-            return completion_logprobs(text_of, out.logprobs, offset, top)
-
-        def chunk(choices: list, use: dict | None = None) -> dict:
-            obj = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name,
-                   "choices": choices}
-            if req.include_usage:
-                obj["usage"] = use
-            return obj
-
-        if req.stream:
-            async def gen() -> AsyncIterator[str]:
-                n_prompt, n_out = [0] * len(jobs), [0] * len(jobs)
-                offsets, started = [0] * len(jobs), [False] * len(jobs)
-                async for i, out in outputs(request, ids, q, poll_disconnect=False):
-                    text = (texts[i] if req.echo and not started[i] else "") + out.text
-                    reason = out.finish_reason.value if out.finished else None
-                    if text or reason or (with_lp and out.token_ids):
-                        yield sse(chunk([{"index": i, "text": text, "logprobs": lp_obj(i, out, offsets[i]),
-                                          "finish_reason": reason}]))
-                    started[i], offsets[i] = True, offsets[i] + len(text)
-                    n_prompt[i], n_out[i] = out.num_prompt_tokens, out.num_output_tokens
-                if req.include_usage:
-                    yield sse(chunk([], usage(sum(n_prompt), sum(n_out))))
-            return stream(gen())
-
-        choices: list[dict] = [{"index": i, "text": texts[i] if req.echo else "", "logprobs": None,
-                                "finish_reason": None} for i in range(len(jobs))]
-        lps: list[list] = [[] for _ in jobs]
-        n_prompt, n_out = 0, 0
-        async for i, out in outputs(request, ids, q, poll_disconnect=True):
-            lps[i].append(out)
-            choices[i]["text"] += out.text
-            if out.finished:
-                choices[i]["finish_reason"] = out.finish_reason.value
-                n_prompt, n_out = n_prompt + out.num_prompt_tokens, n_out + out.num_output_tokens
-        if with_lp:
-            for i, outs in enumerate(lps):
-                merged = RequestOutput(ids[i], "", (), tuple(lp for o in outs for lp in o.logprobs),
-                                       next((o.prompt_logprobs for o in outs if o.prompt_logprobs is not None), None),
-                                       True, None, 0, 0)
-                choices[i]["logprobs"] = lp_obj(i, merged, 0)
-        return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name,
-                "choices": choices, "usage": usage(n_prompt, n_out)}
-
-    # ---- /v1/chat/completions ---------------------------------------------------------------------
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        req: ChatCompletionRequest = await prepare(request, ChatCompletionRequest)
+    # ---- /v1/chat/completions -----------------------------------------------------------------
+    async def chat_completions(self, request: Request) -> Any:
+        req: ChatCompletionRequest = await self.gate.parse(request, ChatCompletionRequest)
+        self.gate.stop_ids(req.stop_token_ids)
         try:
-            prompt = tok.apply_chat_template(req.chat_messages())
+            prompt = self.tok.apply_chat_template(req.chat_messages())
         except Exception as e:  # no template, or the template refused the messages
-            raise OpenAIError(400, f"cannot apply the chat template: {e}", param="messages") from None
-        prompt_ids = tok.encode(prompt)
-        max_tokens = check_prompt(prompt_ids, req.max_completion_tokens or req.max_tokens, None)
+            raise OpenAIError(400, f"cannot apply the chat template: {e}"[:300], param="messages") from None
+        prompt_ids = self._encode(prompt, "messages")
+        asked, param = ((req.max_completion_tokens, "max_completion_tokens") if req.max_completion_tokens
+                        else (req.max_tokens, "max_tokens"))
+        max_tokens = self.gate.max_tokens(len(prompt_ids), asked, None, param)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        ids, q = submit([(prompt_ids, req.options(max_tokens, logprobs))])
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        sub = Submission(self.engine, [(prompt_ids, req.options(max_tokens, logprobs))], self.cfg.retry_after_s)
+        call = _ChatCall(self, req, sub)
+        return stream(call.chunks()) if req.stream else await call.whole(request)
 
-        def chunk(delta: dict | None, reason: str | None, lp: dict | None = None, use: dict | None = None) -> dict:
-            choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": reason}]
-            obj = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model_name,
-                   "choices": choices}
-            if req.include_usage:
-                obj["usage"] = use
-            return obj
+    # ---- the rest -----------------------------------------------------------------------------
+    async def models(self, request: Request) -> Any:
+        self.gate.auth(request)
+        return {"object": "list", "data": [{"id": self.cfg.model_name, "object": "model", "created": self.created,
+                                            "owned_by": "dsla", "max_model_len": self.engine.max_model_len}]}
 
-        if req.stream:
-            async def gen() -> AsyncIterator[str]:
-                yield sse(chunk({"role": "assistant", "content": ""}, None))
-                n_prompt = n_out = 0
-                async for _, out in outputs(request, ids, q, poll_disconnect=False):
-                    reason = out.finish_reason.value if out.finished else None
-                    lp = chat_logprobs(text_of, out.logprobs) if req.logprobs else None
-                    if out.text or reason or lp:
-                        yield sse(chunk({"content": out.text} if out.text else {}, reason, lp))
-                    n_prompt, n_out = out.num_prompt_tokens, out.num_output_tokens
-                if req.include_usage:
-                    yield sse(chunk(None, None, use=usage(n_prompt, n_out)))
-            return stream(gen())
+    async def get_plan(self, request: Request) -> Any:
+        self.gate.auth(request)
+        return self.engine.plan_view()
 
-        text, lps, last = "", [], None
-        async for _, out in outputs(request, ids, q, poll_disconnect=True):
-            text += out.text
-            lps += out.logprobs
-            last = out
-        if last is None:  # the client went away
-            return JSONResponse({}, status_code=499)
-        return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model_name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "logprobs": chat_logprobs(text_of, lps) if req.logprobs else None,
-                             "finish_reason": last.finish_reason.value}],
-                "usage": usage(last.num_prompt_tokens, last.num_output_tokens)}
-
-    # ---- the rest ---------------------------------------------------------------------------------
-    @app.get("/v1/models")
-    async def models(request: Request):
-        check_auth(request)
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "dsla", "max_model_len": engine.max_model_len}]}
-
-    @app.get("/v1/dsla/plan")
-    async def get_plan(request: Request):
-        check_auth(request)
-        return engine.plan_view()
-
-    @app.post("/v1/dsla/plan")
-    async def force_plan(request: Request):
+    async def force_plan(self, request: Request) -> Any:
         """Body: {"ratio": R} (the first round(R * layers) of the order) or {"layers": [...]};
         optional "reason". Conversions fold in-flight KV; reverts apply to new requests."""
-        check_auth(request)
-        layers, what = plan_request(engine, await read_json(request))
-        if not engine.is_alive:
-            raise OpenAIError(503, "the engine is not running", type_="server_error", headers={"Retry-After": "5"})
+        self.gate.auth(request)
+        layers, what = plan_request(self.engine, read_json(await request.body()))
+        self.gate.alive()
         reason = f"forced via API: {what}"
-        fut = engine.run_between_steps(lambda e: e.set_plan(layers, reason, source="api"))
+        fut = self.engine.run_between_steps(lambda e: e.set_plan(layers, reason, source="api"))
         try:
             change = await asyncio.wait_for(asyncio.wrap_future(fut), PLAN_CHANGE_TIMEOUT_S)
         except ValueError as e:  # a layer without a DSLA module: nothing changed
@@ -320,18 +285,155 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
         except asyncio.TimeoutError:
             raise OpenAIError(503, f"the engine did not reach a step boundary within {PLAN_CHANGE_TIMEOUT_S:.0f} s",
                               type_="server_error", headers={"Retry-After": "5"}) from None
-        return {**engine.plan_view(), "change": change}
+        return {**self.engine.plan_view(), "change": change}
 
-    @app.get("/health")
-    async def health():
-        if not engine.is_alive:
-            return JSONResponse({"status": "engine not running"}, status_code=503)
+    async def health(self) -> Any:
+        if not self.engine.is_alive:
+            return json_response({"status": "engine not running"}, 503)
+        if not self.engine.admitting:
+            return json_response({"status": "shutting down"}, 503)
         return {"status": "ok"}
 
-    @app.get("/metrics")
-    async def metrics():
-        return PlainTextResponse(engine.metrics.render(), media_type="text/plain; version=0.0.4")
+    async def metrics(self) -> Any:
+        return PlainTextResponse(self.engine.metrics.render(), media_type="text/plain; version=0.0.4")
 
+
+class _CompletionCall:
+    """One /v1/completions call after validation: its stream chunks or its whole response."""
+
+    def __init__(self, h: Handlers, req: CompletionRequest, sub: Submission, jobs: list, texts: list[str]) -> None:
+        self.h, self.req, self.sub, self.jobs, self.texts = h, req, sub, jobs, texts
+        self.rid = f"cmpl-{uuid.uuid4().hex}"
+        self.with_lp, self.top = req.logprobs is not None, bool(req.logprobs)
+
+    def frame(self, choices: list, usage_: dict | None = None, with_usage: bool = False) -> dict:
+        return envelope(self.rid, "text_completion", self.h.cfg.model_name, choices, usage_, with_usage)
+
+    def lp_obj(self, i: int, out: RequestOutput, offset: int) -> dict | None:
+        if not self.with_lp:
+            return None
+        text_of = self.h.text_of
+        if self.req.echo and out.prompt_logprobs is not None:
+            pre = echo_logprobs(text_of, self.jobs[i][0], out.prompt_logprobs, self.top)
+            lp = completion_logprobs(text_of, out.logprobs, offset + len(self.texts[i]), self.top)
+            return {k: pre[k] + lp[k] for k in lp}
+        return completion_logprobs(text_of, out.logprobs, offset, self.top)
+
+    async def chunks(self) -> AsyncIterator[str]:
+        n = len(self.jobs)
+        n_prompt, n_out, offsets, started = [0] * n, [0] * n, [0] * n, [False] * n
+        use = self.req.include_usage
+        async for i, out in self.sub.outputs():
+            text = (self.texts[i] if self.req.echo and not started[i] else "") + out.text
+            reason = out.finish_reason.value if out.finished else None
+            if text or reason or (self.with_lp and out.token_ids):
+                yield sse(self.frame([{"index": i, "text": text, "logprobs": self.lp_obj(i, out, offsets[i]),
+                                       "finish_reason": reason}], with_usage=use))
+            started[i], offsets[i] = True, offsets[i] + len(text)
+            n_prompt[i], n_out[i] = out.num_prompt_tokens, out.num_output_tokens
+        if use:
+            yield sse(self.frame([], usage(sum(n_prompt), sum(n_out)), with_usage=True))
+
+    async def whole(self, request: Request) -> Any:
+        n = len(self.jobs)
+        choices = [{"index": i, "text": self.texts[i] if self.req.echo else "", "logprobs": None,
+                    "finish_reason": None} for i in range(n)]
+        outs: list[list[RequestOutput]] = [[] for _ in range(n)]
+        n_prompt = n_out = 0
+        async for i, out in self.sub.outputs(request):
+            outs[i].append(out)
+            choices[i]["text"] += out.text
+            if out.finished:
+                choices[i]["finish_reason"] = out.finish_reason.value
+                n_prompt, n_out = n_prompt + out.num_prompt_tokens, n_out + out.num_output_tokens
+        if self.sub.disconnected:
+            return Response(status_code=499)  # nobody is listening; the status is for the access log
+        if self.with_lp:
+            for i, o in enumerate(outs):
+                merged = RequestOutput(self.sub.ids[i], "", (), tuple(lp for x in o for lp in x.logprobs),
+                                       next((x.prompt_logprobs for x in o if x.prompt_logprobs is not None), None),
+                                       True, None, 0, 0)
+                choices[i]["logprobs"] = self.lp_obj(i, merged, 0)
+        return self.frame(choices, usage(n_prompt, n_out), with_usage=True)
+
+
+class _ChatCall:
+    """One /v1/chat/completions call after validation."""
+
+    def __init__(self, h: Handlers, req: ChatCompletionRequest, sub: Submission) -> None:
+        self.h, self.req, self.sub = h, req, sub
+        self.rid = f"chatcmpl-{uuid.uuid4().hex}"
+
+    def frame(self, delta: dict | None, reason: str | None, lp: dict | None = None,
+              usage_: dict | None = None) -> dict:
+        choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": reason}]
+        return envelope(self.rid, "chat.completion.chunk", self.h.cfg.model_name, choices, usage_,
+                        self.req.include_usage)
+
+    async def chunks(self) -> AsyncIterator[str]:
+        yield sse(self.frame({"role": "assistant", "content": ""}, None))
+        n_prompt = n_out = 0
+        async for _, out in self.sub.outputs():
+            reason = out.finish_reason.value if out.finished else None
+            lp = chat_logprobs(self.h.text_of, out.logprobs) if self.req.logprobs else None
+            if out.text or reason or lp:
+                yield sse(self.frame({"content": out.text} if out.text else {}, reason, lp))
+            n_prompt, n_out = out.num_prompt_tokens, out.num_output_tokens
+        if self.req.include_usage:
+            yield sse(self.frame(None, None, usage_=usage(n_prompt, n_out)))
+
+    async def whole(self, request: Request) -> Any:
+        text, lps, last = "", [], None
+        async for _, out in self.sub.outputs(request):
+            text, lps, last = text + out.text, lps + list(out.logprobs), out
+        if self.sub.disconnected or last is None or not last.finished:
+            return Response(status_code=499)  # the client went away, maybe after partial output
+        choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                  "logprobs": chat_logprobs(self.h.text_of, lps) if self.req.logprobs else None,
+                  "finish_reason": last.finish_reason.value}
+        return envelope(self.rid, "chat.completion", self.h.cfg.model_name, [choice],
+                        usage(last.num_prompt_tokens, last.num_output_tokens))
+
+
+# ---- the app ------------------------------------------------------------------------------------
+def add_routes(app: FastAPI, h: Handlers) -> None:
+    app.add_api_route("/v1/completions", h.completions, methods=["POST"])
+    app.add_api_route("/v1/chat/completions", h.chat_completions, methods=["POST"])
+    app.add_api_route("/v1/models", h.models, methods=["GET"])
+    app.add_api_route("/v1/dsla/plan", h.get_plan, methods=["GET"])
+    app.add_api_route("/v1/dsla/plan", h.force_plan, methods=["POST"])
+    app.add_api_route("/health", h.health, methods=["GET"])
+    app.add_api_route("/metrics", h.metrics, methods=["GET"])
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error leaves as an OpenAI-shaped JSON body, the unexpected ones included."""
+    async def openai_error(_: Request, e: OpenAIError) -> Response:
+        return error_response(e)
+
+    async def http_error(_: Request, e: StarletteHTTPException) -> Response:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        return error_response(OpenAIError(e.status_code, str(e.detail), code=code))
+
+    async def unexpected(_: Request, e: Exception) -> Response:  # a bug: say so, never a plain-text 500
+        return error_response(OpenAIError(500, f"internal error ({type(e).__name__}); the server logged it",
+                                          type_="server_error", code="internal_error"))
+
+    app.add_exception_handler(OpenAIError, openai_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, unexpected)
+
+
+def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_body_bytes: int = 1 << 20,
+               retry_after_s: int = 1, allowed_hosts: Sequence[str] | None = None) -> FastAPI:
+    """The FastAPI app serving ``engine`` under the model id ``model_name``."""
+    cfg = ApiConfig(model_name, api_key, max_body_bytes, retry_after_s,
+                    None if allowed_hosts is None else tuple(allowed_hosts))
+    app = FastAPI(title="dsla", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(Edge, max_bytes=cfg.max_body_bytes, allowed_hosts=cfg.allowed_hosts)
+    add_error_handlers(app)
+    add_routes(app, Handlers(engine, cfg))
+    # More route sets (e.g. a dashboard) register here, after the API's own.
     return app
 
 
@@ -345,23 +447,25 @@ def plan_request(engine: Engine, body: Any) -> tuple[list[int], str]:
                           param="ratio" if not given else None, code="invalid_value")
     extra = body.get("reason")
     if extra is not None and not isinstance(extra, str):
-        raise OpenAIError(400, f"reason must be a string, got {extra!r}", param="reason", code="invalid_value")
+        raise OpenAIError(400, f"reason must be a string, got {short_repr(extra)}", param="reason",
+                          code="invalid_value")
     note = f" ({extra[:200]})" if extra else ""
     if given == ["ratio"]:
         r = body["ratio"]
         if isinstance(r, bool) or not isinstance(r, (int, float)):
-            raise OpenAIError(400, f"ratio must be a number in [0, 1], got {r!r}", param="ratio", code="invalid_value")
+            raise OpenAIError(400, f"ratio must be a number in [0, 1], got {short_repr(r)}", param="ratio",
+                              code="invalid_value")
         try:
             return engine.layers_for_ratio(float(r)), f"ratio {r:.4g}{note}"
-        except ValueError as e:
+        except (ValueError, OverflowError) as e:
             raise OpenAIError(400, str(e), param="ratio", code="invalid_value") from None
     layers, n = body["layers"], engine.num_layers
     if not isinstance(layers, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in layers):
-        raise OpenAIError(400, f"layers must be a list of integers, got {layers!r}"[:300], param="layers",
+        raise OpenAIError(400, f"layers must be a list of integers, got {short_repr(layers)}", param="layers",
                           code="invalid_value")
     bad = [i for i in layers if not 0 <= i < n]
     if bad or len(set(layers)) != len(layers):
-        msg = (f"layer {bad[0]} is out of range for a {n}-layer model" if bad
-               else f"layers {layers} names a layer twice")
+        msg = (f"layer {short_repr(bad[0])} is out of range for a {n}-layer model" if bad
+               else f"layers {short_repr(layers)} names a layer twice")
         raise OpenAIError(400, msg, param="layers", code="invalid_value")
     return layers, f"layers {layers}{note}"

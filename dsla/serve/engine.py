@@ -30,7 +30,7 @@ from dsla.serve.detokenize import Detokenizer
 from dsla.serve.metrics import Metrics
 from dsla.serve.outputs import Collector, RequestOutput, Sink  # noqa: F401  (re-exported)
 from dsla.serve.policy import LoadSnapshot
-from dsla.serve.request import FinishReason, Request, SamplingOptions
+from dsla.serve.request import FinishReason, Request, RequestStatus, SamplingOptions
 from dsla.serve.runner import ModelRunner
 from dsla.serve.scheduler import Scheduler, SchedulerConfig
 
@@ -41,8 +41,7 @@ LATENCY_WINDOW_S = 30.0  # recent TTFT/TPOT window without a controller
 
 
 class EngineOverloaded(RuntimeError):
-    """The queue is full: the caller should retry later (HTTP 503 + Retry-After)."""
-
+    """The queue is full, or the engine stopped admitting: the caller should retry later (HTTP 503)."""
 
 
 
@@ -84,11 +83,17 @@ class Engine:
         self._tracked: dict[str, _Tracked] = {}
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self.admitting = True  # False once a shutdown began: submit() refuses new requests
+        self._in_step: tuple[str, ...] | None = None  # ids of the requests the current step scheduled
         self.error: BaseException | None = None  # set if the loop itself died
 
     @property
     def max_model_len(self) -> int:
         return self.runner.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.runner.model.cfg.vocab_size
 
     @property
     def num_layers(self) -> int:
@@ -128,6 +133,8 @@ class Engine:
         req = Request(request_id or uuid.uuid4().hex, prompt_ids, options, self.eos_token_ids)
         self.scheduler.check_fits(req)
         with self._lock:
+            if not self.admitting:
+                raise EngineOverloaded("the server is shutting down: retry against another instance or later")
             if self.num_queued() >= self.config.max_waiting:
                 self.metrics.inc("requests_rejected_total")
                 raise EngineOverloaded(f"{self.num_queued()} requests are already queued (limit "
@@ -147,29 +154,89 @@ class Engine:
         return fut
 
     # ---- the engine thread ----------------------------------------------------------------------
+    @property
+    def num_requests(self) -> int:
+        """Requests submitted and not yet finished (queued, waiting or running)."""
+        with self._lock:
+            return len(self._tracked) + self._inbox_adds
+
+    def drain(self, timeout_s: float, message: str = "the server is shutting down") -> int:
+        """Stop admitting, let in-flight requests finish for up to ``timeout_s``, then fail the rest
+        with ``message`` (their clients get an error, never a silent end). Returns how many were failed."""
+        with self._lock:
+            self.admitting = False
+        deadline = time.monotonic() + timeout_s
+        while self.num_requests and time.monotonic() < deadline and self.is_alive:
+            time.sleep(0.05)
+        if not self.num_requests or not self.is_alive:
+            return 0
+        fut = self.run_between_steps(lambda e: e._fail(list(e._tracked), message))
+        return fut.result(timeout=30)
+
     def _loop(self) -> None:
+        busy = False
         try:
-            busy = False
             while not self._stop.is_set():
-                self._drain(block=not self.scheduler.has_work)
-                now = time.monotonic()
-                self._load_metrics(now)
-                if self.controller is not None:
-                    try:
-                        self.controller.tick(self, now)
-                    except Exception:  # a policy bug must not stop serving: keep the plan as it is
-                        log.exception("the layer policy failed; plan unchanged")
-                if self.scheduler.has_work:
-                    self.step()
-                    busy = True
-                elif busy:  # the load just ended: hand the freed cache memory back to the OS
-                    busy = False
-                    release_free_memory()
-        except BaseException as e:  # a bug in the engine: fail everyone rather than hang them
+                try:
+                    busy = self._iterate(busy)
+                except Exception as e:  # a bug outside the model's forward: fail who it touched, serve on
+                    self._fault(e)
+        except BaseException as e:  # the thread is going down: fail everyone rather than hang them
             log.exception("engine loop died")
             self.error = e
-            for t in list(self._tracked.values()):
-                self._finish(t, FinishReason.ERROR, error=f"engine failure: {e}")
+            self._fail(list(self._tracked), f"engine failure: {e}")
+
+    def _iterate(self, busy: bool) -> bool:
+        """One turn of the loop: take messages, let the policy act, run a step. Returns ``busy``."""
+        self._drain(block=not self.scheduler.has_work)
+        now = time.monotonic()
+        self._load_metrics(now)
+        if self.controller is not None:
+            try:
+                self.controller.tick(self, now)
+            except Exception:  # a policy bug must not stop serving: keep the plan as it is
+                log.exception("the layer policy failed; plan unchanged")
+        if self.scheduler.has_work:
+            self.step()
+            return True
+        if busy:  # the load just ended: hand the freed cache memory back to the OS
+            release_free_memory()
+        return False
+
+    def _fault(self, e: Exception) -> None:
+        """An exception escaped a step or the loop: fail the step's requests (every request when
+        the scheduler itself failed), count the fault, and carry on."""
+        log.exception("engine fault; failing the affected requests and serving on")
+        self.metrics.inc("engine_faults_total")
+        victims = list(self._tracked) if self._in_step is None else list(self._in_step)
+        self._in_step = None
+        self._fail(victims, f"engine fault: {type(e).__name__}: {e}")
+
+    def _fail(self, request_ids: Sequence[str], message: str) -> int:
+        """Finish these requests with an error; never raises (a broken state is cleaned up by hand)."""
+        n = 0
+        for rid in request_ids:
+            t = self._tracked.get(rid)
+            if t is None:
+                continue
+            n += 1
+            try:
+                self._finish(t, FinishReason.ERROR, error=message)
+            except Exception:
+                log.exception("finishing request %s failed; dropping it", rid)
+                self._drop(t, message)
+        return n
+
+    def _drop(self, t: _Tracked, message: str) -> None:
+        """Forget a request without the scheduler (whose state may be what broke) and tell its client."""
+        req = t.req
+        self._tracked.pop(req.request_id, None)
+        self.runner.release(req.request_id)
+        for queue_ in (self.scheduler.waiting, self.scheduler.running):
+            if req in queue_:
+                queue_.remove(req)
+        req.status, req.finish_reason = RequestStatus.FINISHED, FinishReason.ERROR
+        self._emit(t, "", finished=True, error=message)
 
     def _drain(self, block: bool) -> None:
         try:
@@ -211,6 +278,7 @@ class Engine:
     def step(self) -> None:
         """Schedule, run one forward, sample, emit. Public so tests can step without the thread."""
         out = self.scheduler.schedule()
+        self._in_step = tuple(c.request.request_id for c in out.chunks)
         self.runner.free(out.freed)
         if out.preempted:
             self.metrics.inc("preemptions_total", len(out.preempted))
@@ -220,17 +288,32 @@ class Engine:
             except Exception as e:  # e.g. a non-finite DSLA state: fail this step's requests, keep serving
                 log.exception("step failed for %d requests", len(out.chunks))
                 self.metrics.inc("step_errors_total")
-                for c in out.chunks:
-                    self._finish(self._tracked[c.request.request_id], FinishReason.ERROR, error=str(e))
+                self._fail(self._in_step, str(e))
                 results = None
             if results is not None:
                 self.scheduler.advance(out)
                 now = time.monotonic()
                 for c in out.chunks:
-                    self._process(self._tracked[c.request.request_id], c.completes, results[c.request.request_id], now)
+                    self._process_one(c.request.request_id, c.completes, results[c.request.request_id], now)
             self.metrics.inc("steps_total")
+        self._in_step = None
         self.metrics.set(requests_running=self.scheduler.num_running, requests_waiting=self.scheduler.num_waiting,
                          cache_bytes_used=self.runner.cache_bytes())
+
+    def _process_one(self, request_id: str, completes: bool, res, now: float) -> None:
+        """Hand one request its step result; a failure here (sampling, stop handling, detokenising)
+        finishes that request with an error and leaves the rest of the step alone."""
+        t = self._tracked.get(request_id)
+        if t is None:
+            return
+        try:
+            if res.error is not None:
+                raise RuntimeError(res.error)
+            self._process(t, completes, res, now)
+        except Exception as e:
+            log.warning("request %s failed: %s", request_id, e)
+            self.metrics.inc("request_errors_total")
+            self._fail([request_id], str(e) if res.error is not None else f"{type(e).__name__}: {e}")
 
     def _process(self, t: _Tracked, completes: bool, res, now: float) -> None:
         req = t.req
@@ -314,29 +397,23 @@ class Engine:
         Runs on the engine thread between steps (``run_between_steps``, or the controller).
         Layers new to the plan are converted in every live cache (KV folded into DSLA state and
         freed; a request whose fold fails is failed alone) and the caches re-priced; layers
-        leaving the plan run attention for requests admitted from now on. Raises ValueError
-        (nothing changed) when a layer is out of range or has no DSLA module.
+        leaving the plan run attention for requests admitted from now on. All or nothing: when
+        anything raises part-way, the plan, every cache, the prices, ``converted_order`` and the
+        metrics are put back as they were and the error is raised (ValueError when a layer is out
+        of range or has no DSLA module).
         """
         if self._thread is not None and self._thread.is_alive() and threading.current_thread() is not self._thread:
             raise RuntimeError("set_plan runs on the engine thread only: use run_between_steps")
         layers = list(dict.fromkeys(int(i) for i in layers))
-        old = set(self.runner.plan)
-        self.runner.set_plan(layers)
-        convert = [i for i in layers if i not in old]
-        revert = [i for i in self.converted_order if i not in set(layers)]
-        freed, folded = 0, set()
-        for i in convert:
-            per_request, failed = self.runner.convert(i)
-            freed += sum(per_request.values())
-            folded |= set(per_request)
-            for rid, err in failed.items():
-                log.error("folding layer %d of request %s failed: %s", i, rid, err)
-                self._finish(self._tracked[rid], FinishReason.ERROR, error=f"converting layer {i} failed: {err}")
-        for req in self.scheduler.running if convert else ():
-            if req.request_id in self.runner.caches:
-                self.scheduler.reprice(req, self.runner.cache_cost(self.runner.dsla_layers_of(req.request_id)))
-        self.scheduler.set_cost(self.runner.cache_cost())
-        self.converted_order = tuple(i for i in self.converted_order if i in set(layers)) + tuple(convert)
+        saved = self._save_plan()
+        try:
+            convert, revert, freed, folded, failed = self._apply_plan(layers)
+        except BaseException:
+            self._restore_plan(saved)
+            raise
+        for rid, (i, err) in failed.items():  # committed: now fail the requests whose fold failed
+            log.error("folding layer %d of request %s failed: %s", i, rid, err)
+            self._fail([rid], f"converting layer {i} failed: {err}")
         self.last_plan_change = time.monotonic()
         ratio = len(layers) / self.num_layers
         event = {"time": time.time(), "source": source, "reason": reason, "converted": convert, "reverted": revert,
@@ -353,6 +430,47 @@ class Engine:
                      "freed %.1f MB; %s", source, convert, revert, len(layers), self.num_layers, ratio,
                      len(folded), freed / 2**20, reason)
         return event
+
+    def _apply_plan(self, layers: list[int]):
+        """The mutating part of ``set_plan`` (undone by ``_restore_plan`` if it raises)."""
+        old, new = set(self.runner.plan), set(layers)
+        self.runner.set_plan(layers)
+        convert = [i for i in layers if i not in old]
+        revert = [i for i in self.converted_order if i not in new]
+        freed, folded, failed = 0, set(), {}
+        for i in convert:
+            per_request, errors = self.runner.convert(i)
+            freed += sum(per_request.values())
+            folded |= set(per_request)
+            for rid, err in errors.items():
+                failed.setdefault(rid, (i, err))
+        for req in self.scheduler.running if convert else ():
+            if req.request_id in self.runner.caches:
+                self.scheduler.reprice(req, self.runner.cache_cost(self.runner.dsla_layers_of(req.request_id)))
+        self.scheduler.set_cost(self.runner.cache_cost())
+        self.converted_order = tuple(i for i in self.converted_order if i in new) + tuple(convert)
+        return convert, revert, freed, folded, failed
+
+    def _save_plan(self) -> tuple:
+        """What ``_apply_plan`` may change: the plan, each cache's per-layer states, the prices."""
+        return (self.runner.plan, {rid: list(c.layers) for rid, c in self.runner.caches.items()},
+                self.scheduler.cost, {r.request_id: r.cache_cost for r in self.scheduler.running},
+                self.converted_order)
+
+    def _restore_plan(self, saved: tuple) -> None:
+        # Folding replaces a layer's state object and leaves the old KVState intact, so putting
+        # the old objects back undoes it exactly.
+        plan, states, cost, prices, order = saved
+        self.runner.plan = plan
+        for rid, layer_states in states.items():
+            if rid in self.runner.caches:
+                self.runner.caches[rid].layers[:] = layer_states
+        self.scheduler.cost = cost
+        for req in self.scheduler.running:
+            if req.request_id in prices:
+                req.cache_cost = prices[req.request_id]
+        self.converted_order = order
+        log.warning("the plan change failed; the previous plan %s stays", list(plan))
 
     def layers_for_ratio(self, ratio: float) -> list[int]:
         """The first round(ratio * layers) layers of the order; ValueError when there are too few."""

@@ -55,6 +55,8 @@ class Metrics:
         "preemptions_total": "running requests preempted (cache freed, recomputed later)",
         "steps_total": "engine steps run",
         "step_errors_total": "engine steps whose forward raised",
+        "request_errors_total": "requests failed alone (their sampling or output handling raised)",
+        "engine_faults_total": "exceptions outside the forward (scheduler, output processing); the loop served on",
         "layer_conversions_total": "layers converted attention -> DSLA (in-flight KV folded into state)",
         "layer_reverts_total": "layers reverted DSLA -> attention (for new requests)",
         "conversion_freed_bytes_total": "cache bytes freed by folding in-flight KV into DSLA state",

@@ -8,15 +8,31 @@ refused with a 400 that says so, rather than silently ignored.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Sequence
+import reprlib
+from typing import Annotated, Any, Literal, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt, StrictStr, ValidationError
 
 from dsla.model.tokenizer import Tokenizer
-from dsla.serve.request import SamplingOptions, TokenLogprob
+from dsla.serve.request import MIN_TEMPERATURE, SEED_MAX, SEED_MIN, SamplingOptions, TokenLogprob
 
 MAX_STOP = 16  # stop strings per request
+MAX_STOP_CHARS = 256  # characters per stop string
+MAX_STOP_TOKEN_IDS = 64  # stop token ids per request
 MAX_LOGPROBS = 20  # top alternatives per token
+
+# JSON types without pydantic's lax coercions: `true` is not an integer, `1` or "yes" not a boolean.
+Int = StrictInt
+Bool = StrictBool
+Float = Annotated[float, Strict(), Field(allow_inf_nan=False)]  # an integer is still a number
+_short = reprlib.Repr()  # (keyword arguments need Python 3.12)
+_short.maxlevel, _short.maxstring, _short.maxother, _short.maxlist, _short.maxdict = 3, 60, 60, 8, 8
+_short.maxlong = 40
+
+
+def short_repr(value: Any) -> str:
+    """A bounded repr for error messages (never deep: a client's nesting must not recurse here)."""
+    return _short.repr(value)
 
 
 class OpenAIError(Exception):
@@ -43,15 +59,15 @@ def validation_error(e: ValidationError | Sequence[dict]) -> OpenAIError:
     param = loc[0] if loc else None
     alternatives = sum(1 for x in errs if [str(p) for p in x.get("loc", ())][:1] == loc[:1])
     if alternatives > 1:
-        msg = f"{param}: none of the accepted types matches (got {err.get('input')!r})"
+        msg = f"{param}: none of the accepted types matches (got {short_repr(err.get('input'))})"
     else:
-        msg = f"{'.'.join(loc) or 'body'}: {err.get('msg')} (got {err.get('input')!r})"
+        msg = f"{'.'.join(loc) or 'body'}: {err.get('msg')} (got {short_repr(err.get('input'))})"
     return OpenAIError(400, msg[:500], param=param,
                        code="invalid_value" if err.get("type") != "missing" else "missing_field")
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: Bool = False
 
 
 class _Common(BaseModel):
@@ -59,22 +75,22 @@ class _Common(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    model: str
-    max_tokens: int | None = Field(None, ge=0)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=-1)  # -1 or 0: disabled (vLLM spells it -1)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    stream: bool = False
+    model: StrictStr
+    max_tokens: Int | None = Field(None, ge=0)
+    temperature: Float = Field(1.0, ge=0.0, le=2.0)
+    top_p: Float = Field(1.0, gt=0.0, le=1.0)
+    top_k: Int = Field(0, ge=-1)  # -1 or 0: disabled (vLLM spells it -1)
+    seed: Int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)  # the range a torch generator takes
+    stop: StrictStr | list[StrictStr] | None = None
+    stop_token_ids: list[Int] | None = None
+    stream: Bool = False
     stream_options: StreamOptions | None = None
-    ignore_eos: bool = False  # extension (vLLM's): benchmarks need fixed output lengths
-    n: int = Field(1, ge=1)
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
-    user: str | None = None
+    ignore_eos: Bool = False  # extension (vLLM's): benchmarks need fixed output lengths
+    n: Int = Field(1, ge=1)
+    presence_penalty: Float = 0.0
+    frequency_penalty: Float = 0.0
+    logit_bias: dict[str, Float] | None = None
+    user: StrictStr | None = None
 
     def check_supported(self) -> None:
         unsupported = {
@@ -89,11 +105,21 @@ class _Common(BaseModel):
                                        f"(leave it at its default)", param=name, code="unsupported_parameter")
         if self.stream_options is not None and not self.stream:
             raise OpenAIError(400, "stream_options is only allowed with stream=true", param="stream_options")
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            raise OpenAIError(400, f"temperature={self.temperature!r} is too small to sample with: use 0 for "
+                                   f"greedy decoding or a value of at least {MIN_TEMPERATURE}",
+                              param="temperature", code="invalid_value")
+        self.stop_list()
+        if len(self.stop_token_ids or ()) > MAX_STOP_TOKEN_IDS:
+            raise OpenAIError(400, f"stop_token_ids has {len(self.stop_token_ids)} entries; at most "
+                                   f"{MAX_STOP_TOKEN_IDS} are allowed", param="stop_token_ids", code="invalid_value")
 
     def stop_list(self) -> tuple[str, ...]:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if len(stop) > MAX_STOP or any(not s for s in stop):
-            raise OpenAIError(400, f"stop must be at most {MAX_STOP} non-empty strings", param="stop")
+        if len(stop) > MAX_STOP or any(not 0 < len(s) <= MAX_STOP_CHARS for s in stop):
+            raise OpenAIError(400, f"stop must be at most {MAX_STOP} strings of 1 to {MAX_STOP_CHARS} characters "
+                                   f"(got {len(stop)}, longest {max(map(len, stop), default=0)})",
+                              param="stop", code="invalid_value")
         return tuple(stop)
 
     def options(self, max_tokens: int, logprobs: int | None, prompt_logprobs: bool = False) -> SamplingOptions:
@@ -103,8 +129,8 @@ class _Common(BaseModel):
                 top_k=max(self.top_k, 0), seed=self.seed, stop=self.stop_list(),
                 stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos,
                 logprobs=logprobs, prompt_logprobs=prompt_logprobs)
-        except ValueError as e:
-            raise OpenAIError(400, str(e)) from None
+        except ValueError as e:  # the edge checked every field already: this is a last line
+            raise OpenAIError(400, str(e), code="invalid_value") from None
 
     @property
     def include_usage(self) -> bool:
@@ -112,11 +138,11 @@ class _Common(BaseModel):
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[int] | list[str] | list[list[int]]
-    echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    best_of: int | None = None
-    suffix: str | None = None
+    prompt: StrictStr | list[Int] | list[StrictStr] | list[list[Int]]
+    echo: Bool = False
+    logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    best_of: Int | None = None
+    suffix: StrictStr | None = None
 
     def check_supported(self) -> None:
         super().check_supported()
@@ -139,13 +165,13 @@ class CompletionRequest(_Common):
 
 class ContentPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: StrictStr
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
+    content: StrictStr | list[ContentPart] | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -155,9 +181,9 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    max_completion_tokens: Int | None = Field(None, ge=1)
+    logprobs: Bool = False
+    top_logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list[Any] | None = None
     response_format: dict[str, Any] | None = None
 

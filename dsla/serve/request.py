@@ -17,6 +17,12 @@ if TYPE_CHECKING:
     from dsla.serve.scheduler import CacheCost
 
 
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # the seeds torch.Generator.manual_seed takes
+# Below this a temperature divides logits into overflow (inf, then NaN probabilities); vLLM warns
+# at the same bound. 0 means greedy.
+MIN_TEMPERATURE = 0.01
+
+
 class RequestStatus(enum.Enum):
     WAITING = "waiting"  # not yet admitted, or preempted and waiting to be recomputed
     RUNNING = "running"  # admitted: holds a cache in the runner
@@ -52,8 +58,10 @@ class SamplingOptions:
             raise ValueError(f"max_tokens={self.max_tokens} must be >= 0")
         if self.max_tokens == 0 and not self.prompt_logprobs:
             raise ValueError("max_tokens=0 only makes sense when scoring the prompt (echo with logprobs)")
-        if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature} must be >= 0")
+        if not (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature < float("inf")):
+            raise ValueError(f"temperature={self.temperature} must be 0 (greedy) or at least {MIN_TEMPERATURE}")
+        if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
+            raise ValueError(f"seed={self.seed} is outside [{SEED_MIN}, {SEED_MAX}]")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
         if self.top_k < 0:

@@ -27,6 +27,7 @@ class StepResult:
     token_id: int | None = None  # the sampled token, when the step completed the request's tokens
     logprob: TokenLogprob | None = None  # its logprob, when the request asked for logprobs
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # newly scored prompt tokens
+    error: str | None = None  # this request's sampling failed (the others in the step are unaffected)
 
 
 def token_logprobs(lp: Tensor, chosen: Sequence[int], k: int) -> list[TokenLogprob]:
@@ -152,18 +153,26 @@ class ModelRunner:
         results: dict[str, StepResult] = {}
         for req, first, lo, hi, sample_row in plan:
             res = results[req.request_id] = StepResult()
-            if hi > lo:
-                lp = logits[first: first + hi - lo].log_softmax(-1)  # (hi - lo, vocab)
-                res.prompt_logprobs = token_logprobs(lp, req.prompt_token_ids[lo + 1: hi + 1], req.options.logprobs or 0)
-            if sample_row is None:
-                continue
-            row = logits[sample_row]  # (vocab,)
-            o = req.options
-            if o.temperature == 0:
-                tok = int(row.argmax())
-            else:
-                tok = sample(row, SamplingParams(o.temperature, o.top_p, o.top_k, o.seed), self._generator(req))
-            res.token_id = tok
-            if o.logprobs is not None:
-                res.logprob = token_logprobs(row.log_softmax(-1)[None], [tok], o.logprobs)[0]
+            try:  # one request's sampling failing (e.g. non-finite logits) must not fail the others
+                self._sample_one(req, res, logits, first, lo, hi, sample_row)
+            except Exception as e:
+                res.token_id, res.error = None, f"sampling failed: {type(e).__name__}: {e}"
         return results
+
+    def _sample_one(self, req: Request, res: StepResult, logits: Tensor, first: int, lo: int, hi: int,
+                    sample_row: int | None) -> None:
+        """Fill ``res`` for one request from its rows of the step's (M, vocab) logits."""
+        o = req.options
+        if hi > lo:
+            lp = logits[first: first + hi - lo].log_softmax(-1)  # (hi - lo, vocab)
+            res.prompt_logprobs = token_logprobs(lp, req.prompt_token_ids[lo + 1: hi + 1], o.logprobs or 0)
+        if sample_row is None:
+            return
+        row = logits[sample_row]  # (vocab,)
+        if o.temperature == 0:
+            tok = int(row.argmax())
+        else:
+            tok = sample(row, SamplingParams(o.temperature, o.top_p, o.top_k, o.seed), self._generator(req))
+        res.token_id = tok
+        if o.logprobs is not None:
+            res.logprob = token_logprobs(row.log_softmax(-1)[None], [tok], o.logprobs)[0]
