@@ -14,6 +14,8 @@ import sys
 
 import torch
 
+from dsla.cliargs import DTYPE_NAMES, add_model_arguments  # noqa: F401  (add_model_arguments: re-exported)
+
 # name -> ("module:add_fn:run_fn", one-line help)
 COMMANDS = {
     "prepare": ("dsla.data.prepare:add_arguments:run", "fetch and convert the default teacher and corpora into the cache"),
@@ -41,14 +43,7 @@ def _resolve(spec: str):
     return getattr(m, add), getattr(m, run_)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """Flags shared by every command that loads a teacher."""
-    p.add_argument("--teacher", default=None,
-                   help="local HF Llama directory (default: the prepared SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weight/activation dtype")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+assert set(DTYPES) == set(DTYPE_NAMES)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:  # `dsla generate`

@@ -5,14 +5,42 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import typing
-from typing import Any
+from typing import Any, Callable
+
+DTYPE_NAMES = ("bfloat16", "float32")  # --dtype choices (dsla.cli.DTYPES maps them to torch dtypes)
+
+
+def parse_list(text: str, kind: Callable[[str], Any] = str) -> list[Any]:
+    """'512,2048' -> [512, 2048] (CLI list flags); raise ValueError naming a bad item."""
+    out = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        try:
+            out.append(kind(item))
+        except ValueError:
+            raise ValueError(f"cannot read {item!r} in {text!r} as {getattr(kind, '__name__', kind)}") from None
+    if not out:
+        raise ValueError(f"the list {text!r} is empty")
+    return out
 
 
 def _parse_ints(text: str) -> tuple[int, ...]:
+    if not text.strip():
+        return ()
     try:
-        return tuple(int(t) for t in text.split(",") if t.strip())
+        return tuple(parse_list(text, int))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a comma-separated list of integers, got {text!r}") from None
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags shared by every command that loads a teacher."""
+    p.add_argument("--teacher", default=None,
+                   help="local HF Llama directory (default: the prepared SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="float32", help="weight/activation dtype")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
 def _optional(base: type):

@@ -16,7 +16,6 @@ import platform
 import resource
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -24,6 +23,9 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+
+from dsla.cliargs import parse_list  # noqa: F401  (re-exported: the benches' list flags)
+from dsla.fileio import atomic_write_text
 
 
 # ---- timing ---------------------------------------------------------------------------------
@@ -237,24 +239,9 @@ def machine_info(**extra: Any) -> dict[str, Any]:
 
 # ---- output ---------------------------------------------------------------------------------
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
-    """Write ``obj`` as indented JSON: to a temp file in the same folder, then ``os.replace``.
-
-    A reader never sees a half-written file and a crash leaves the old file (if any) intact.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write ``obj`` as indented JSON atomically (``dsla.fileio``): a reader never sees half a file."""
+    atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
+    return Path(path)
 
 
 def _cell(v: Any) -> str:
@@ -271,19 +258,3 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     widths = [max([len(c), *(len(row[i]) for row in cells)]) for i, c in enumerate(columns)]
     line = lambda vals: "  ".join(v.rjust(w) for v, w in zip(vals, widths))  # noqa: E731
     return "\n".join([line(columns), line(["-" * w for w in widths]), *(line(r) for r in cells)])
-
-
-def parse_list(text: str, kind: Callable[[str], Any] = str) -> list[Any]:
-    """'512,2048' -> [512, 2048] (CLI list flags); raise ValueError naming a bad item."""
-    out = []
-    for item in text.split(","):
-        item = item.strip()
-        if not item:
-            continue
-        try:
-            out.append(kind(item))
-        except ValueError:
-            raise ValueError(f"cannot read {item!r} in {text!r} as {getattr(kind, '__name__', kind)}") from None
-    if not out:
-        raise ValueError(f"the list {text!r} is empty")
-    return out

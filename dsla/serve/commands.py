@@ -108,8 +108,7 @@ def curl_example(host: str, port: int, model: str, api_key: bool) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from dsla.cli import add_model_arguments
-    from dsla.cliargs import add_dataclass_arguments
+    from dsla.cliargs import add_dataclass_arguments, add_model_arguments
     from dsla.serve.policy import PolicyConfig
     from dsla.serve.scheduler import SchedulerConfig
 
@@ -138,6 +137,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-reserve-tokens", type=int, default=d.decode_reserve_tokens,
                    help="KV room reserved at admission for output tokens, beyond the prompt")
     p.add_argument("--max-body-kb", type=int, default=1024, help="request bodies over this get 413")
+    p.add_argument("--allowed-hosts", default=None,
+                   help="comma-separated Host header names to answer ('*': any); default: the --host address "
+                        "(loopback: 127.0.0.1, localhost, ::1; 0.0.0.0: any). Others get 400, which stops DNS "
+                        "rebinding")
+    p.add_argument("--shutdown-timeout-s", type=float, default=30.0,
+                   help="on SIGTERM/Ctrl-C: refuse new requests (503) and let running ones finish for this long, "
+                        "then end the rest with an error")
     g = p.add_argument_group("adaptive policy (--policy adaptive; see dsla/serve/policy.py for each field)")
     g.add_argument("--quality-report", default=None,
                    help="report.json of `dsla eval` for the student: per-ratio perplexity for --quality-budget")
@@ -145,12 +151,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from dsla.bench.common import parse_list
-    from dsla.cliargs import dataclass_from_args
+    from dsla.cliargs import dataclass_from_args, parse_list
     from dsla.paths import resolve_teacher
     from dsla.serve.api import create_app
+    from dsla.serve.edge import default_allowed_hosts
     from dsla.serve.policy import PolicyConfig
     from dsla.serve.scheduler import SchedulerConfig
 
@@ -158,12 +162,16 @@ def run(args: argparse.Namespace) -> int:
     config = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                              cache_budget_bytes=int(args.cache_budget_mb * 2**20), max_waiting=args.max_waiting,
                              decode_reserve_tokens=args.decode_reserve_tokens)
+    if args.shutdown_timeout_s < 0:
+        raise ValueError(f"--shutdown-timeout-s={args.shutdown_timeout_s} must be >= 0")
     layers = parse_list(args.dsla_layers, int) if args.dsla_layers else None
+    hosts = parse_list(args.allowed_hosts) if args.allowed_hosts else default_allowed_hosts(args.host)
     quality = read_quality_report(args.quality_report, args.student) if args.quality_report else ()
     engine = build_engine(teacher, args.dtype, args.student, layers, args.dsla_ratio, config, args.policy,
                           dataclass_from_args(PolicyConfig, args), quality)
     name = args.served_model_name or teacher.name
-    app = create_app(engine, name, api_key=args.api_key, max_body_bytes=args.max_body_kb * 1024)
+    app = create_app(engine, name, api_key=args.api_key, max_body_bytes=args.max_body_kb * 1024,
+                     allowed_hosts=None if hosts is None or "*" in hosts else hosts)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         log.warning("serving on %s without --api-key: anyone who can reach it can use it", args.host)
     engine.start()
@@ -174,7 +182,37 @@ def run(args: argparse.Namespace) -> int:
           f"try:\n  {curl_example(args.host, args.port, name, bool(args.api_key))}\n"
           f"  curl http://{args.host}:{args.port}/v1/dsla/plan{auth}\n", flush=True)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        graceful_server(app, engine, args.host, args.port, args.shutdown_timeout_s).run()
     finally:
         engine.shutdown()
     return 0
+
+
+def graceful_server(app, engine, host: str, port: int, shutdown_timeout_s: float):
+    """A uvicorn server that, on SIGTERM or Ctrl-C, shuts down gracefully: the engine stops admitting
+    (new requests get 503), running requests get ``shutdown_timeout_s`` to finish, the rest end
+    with an error (a stream gets an error event, then [DONE]), and only then does uvicorn close
+    its connections. A second signal exits at once."""
+    import threading
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        draining = False
+
+        def handle_exit(self, sig, frame) -> None:
+            if self.draining:  # a second signal: uvicorn's own (forced) exit
+                return super().handle_exit(sig, frame)
+            self.draining = True
+            log.info("signal %s: draining for up to %.0f s (new requests get 503)", sig, shutdown_timeout_s)
+            threading.Thread(target=self.drain, name="dsla-drain", daemon=True).start()
+
+        def drain(self) -> None:
+            failed = engine.drain(shutdown_timeout_s)
+            if failed:
+                log.warning("shutdown: %d requests did not finish in %.0f s and were ended with an error",
+                            failed, shutdown_timeout_s)
+            self.should_exit = True
+
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+    return Server(config)
