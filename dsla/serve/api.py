@@ -455,9 +455,11 @@ def plan_request(engine: Engine, body: Any) -> tuple[list[int], str]:
         if isinstance(r, bool) or not isinstance(r, (int, float)):
             raise OpenAIError(400, f"ratio must be a number in [0, 1], got {short_repr(r)}", param="ratio",
                               code="invalid_value")
+        if not -1 <= r <= 2:  # (also keeps a huge integer away from float())
+            raise OpenAIError(400, f"ratio {short_repr(r)} must be in [0, 1]", param="ratio", code="invalid_value")
         try:
             return engine.layers_for_ratio(float(r)), f"ratio {r:.4g}{note}"
-        except (ValueError, OverflowError) as e:
+        except ValueError as e:
             raise OpenAIError(400, str(e), param="ratio", code="invalid_value") from None
     layers, n = body["layers"], engine.num_layers
     if not isinstance(layers, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in layers):
