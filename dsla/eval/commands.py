@@ -258,7 +258,7 @@ def _resumable_runs(args: argparse.Namespace, report: dict) -> dict[tuple[str, f
 def run(args: argparse.Namespace) -> int:
     from dsla.cli import DTYPES
     from dsla.distill.artifact import load_student, read_manifest
-    from dsla.eval.ppl import layers_for_ratio
+    from dsla.plan import layers_for_ratio
     from dsla.eval.report import TEACHER, FORMAT, write_report
     from dsla.model.loading import load_teacher, teacher_hash
     from dsla.model.tokenizer import Tokenizer

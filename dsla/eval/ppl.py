@@ -4,25 +4,11 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 from dsla.distill.data import contiguous_windows, corpus_tokens
 from dsla.distill.rank import mean_loss
 from dsla.model.llama import HybridLM
-
-
-def layers_for_ratio(order: Sequence[int], num_layers: int, ratio: float, available: Iterable[int]) -> list[int]:
-    """The first round(ratio * num_layers) layers of ``order``; error if some are not distilled."""
-    if not 0.0 <= ratio <= 1.0:
-        raise ValueError(f"ratio {ratio} is outside [0, 1]")
-    k = round(ratio * num_layers)
-    layers = list(order[:k])
-    missing = [i for i in layers if i not in set(available)]
-    if len(layers) < k or missing:
-        raise ValueError(
-            f"ratio {ratio} needs {k} converted layers but the student has only {len(set(available))} "
-            f"finished (missing {missing or 'order entries'}): finish `dsla distill` or use a lower ratio")
-    return layers
 
 
 def perplexity(model: HybridLM, teacher_dir: Path, dsla_layers: Sequence[int], corpora: Sequence[str],

@@ -15,6 +15,8 @@ import shlex
 from pathlib import Path
 from typing import Sequence
 
+from dsla.plan import layers_for_ratio
+
 log = logging.getLogger(__name__)
 
 
@@ -30,11 +32,7 @@ def plan_layers(num_layers: int, dsla_layers: Sequence[int] | None, dsla_ratio: 
     if order is None:
         raise ValueError("--dsla-ratio needs --student (its manifest gives the conversion order); "
                          "without a student name the layers with --dsla-layers")
-    k = round(dsla_ratio * num_layers)
-    if k > len(order):
-        raise ValueError(f"--dsla-ratio={dsla_ratio} means {k} of {num_layers} layers but the student "
-                         f"has only {len(order)} finished layers")
-    return sorted(order[:k])
+    return sorted(layers_for_ratio(order, num_layers, dsla_ratio))
 
 
 def build_engine(teacher: str | Path, dtype: str = "float32", student: str | Path | None = None,

@@ -1,14 +1,16 @@
 """Incremental detokenisation with stop strings, for streaming.
 
-Decoding the whole output again for every token costs O(T) per token; instead we decode a short
-window: the text of ``ids[prefix:]`` minus the text of ``ids[prefix:read]``. Keeping a few tokens
-of context before ``read`` lets tokenizers that depend on the previous token (leading spaces,
-multi-byte characters split across tokens) come out right.
+``tokenizers``' own ``DecodeStream`` turns one token at a time into text in O(1) per token; it
+holds back an incomplete UTF-8 sequence until the next token completes it, and a few prompt
+tokens given as its starting context make the first output tokens decode as they would in the
+middle of the text (leading spaces, byte-level pieces).
 """
 
 from __future__ import annotations
 
 from typing import Sequence
+
+from tokenizers.decoders import DecodeStream
 
 from dsla.model.tokenizer import Tokenizer
 
@@ -23,10 +25,9 @@ class Detokenizer:
     """
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int], stop: Sequence[str] = ()) -> None:
-        self.tok = tokenizer
-        self.ids: list[int] = list(prompt_ids[-CONTEXT_TOKENS:])
-        self.prefix = 0
-        self.read = len(self.ids)
+        # The wrapped ``tokenizers.Tokenizer``: DecodeStream needs it (Tokenizer has no public accessor yet).
+        self.raw = tokenizer._tok
+        self.stream = DecodeStream(ids=list(prompt_ids[-CONTEXT_TOKENS:]), skip_special_tokens=True)
         self.stop = tuple(stop)
         self.holdback = max((len(s) for s in self.stop), default=1) - 1
         self.text = ""  # all output text decoded so far (cut at a stop string once stopped)
@@ -34,13 +35,7 @@ class Detokenizer:
         self.stopped = False
 
     def _decode_new(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        before = self.tok.decode(self.ids[self.prefix: self.read])
-        after = self.tok.decode(self.ids[self.prefix:])
-        if after.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
-            return ""
-        self.prefix, self.read = self.read, len(self.ids)
-        return after[len(before):] if after.startswith(before) else after
+        return self.stream.step(self.raw, token_id) or ""  # None: an incomplete UTF-8 sequence so far
 
     def push(self, token_id: int) -> str:
         if self.stopped:

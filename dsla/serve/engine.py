@@ -25,6 +25,7 @@ from concurrent.futures import Future
 from typing import Any, Callable, Sequence
 
 from dsla.model.tokenizer import Tokenizer
+from dsla.plan import layers_for_ratio
 from dsla.serve.control import Controller, LatencyWindow
 from dsla.serve.detokenize import Detokenizer
 from dsla.serve.metrics import Metrics
@@ -474,13 +475,7 @@ class Engine:
 
     def layers_for_ratio(self, ratio: float) -> list[int]:
         """The first round(ratio * layers) layers of the order; ValueError when there are too few."""
-        if not 0 <= ratio <= 1:
-            raise ValueError(f"ratio {ratio} must be in [0, 1]")
-        k = round(ratio * self.num_layers)
-        if k > len(self.order):
-            raise ValueError(f"ratio {ratio} means {k} of {self.num_layers} layers but only {len(self.order)} "
-                             f"layers can be converted (order {list(self.order)})")
-        return list(self.order[:k])
+        return layers_for_ratio(self.order, self.num_layers, ratio)
 
     def _queue(self, now: float) -> tuple[int, float]:
         """Prompt tokens not yet computed (waiting + unfinished prefills), oldest wait in seconds."""

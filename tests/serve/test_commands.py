@@ -15,7 +15,7 @@ def test_plan_layers():
     assert plan_layers(10, None, 0.3, [7, 1, 4, 9]) == [1, 4, 7]
     with pytest.raises(ValueError, match="needs --student"):
         plan_layers(10, None, 0.5, None)
-    with pytest.raises(ValueError, match="only 2 finished"):
+    with pytest.raises(ValueError, match="only 2 layers"):
         plan_layers(10, None, 0.5, [3, 4])
     with pytest.raises(ValueError, match="\\[0, 1\\]"):
         plan_layers(10, None, 1.5, [3])
