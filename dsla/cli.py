@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:  # `dsla generate`
     from dsla.model.loading import load_teacher
     from dsla.model.tokenizer import IncrementalDecoder, Tokenizer
     from dsla.paths import resolve_teacher
-    from dsla.sampling import SamplingParams
+    from dsla.sampling import SamplingParams, stop_token_ids
 
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             seed=args.seed, max_tokens=args.max_tokens)
@@ -75,10 +75,7 @@ def run(args: argparse.Namespace) -> int:  # `dsla generate`
         text = tok.apply_chat_template(msgs + [{"role": "user", "content": args.prompt}])
     else:
         text = args.prompt
-    stop = set(model.cfg.eos_token_id)
-    eos = tok.token_id(tok.special("eos_token"))
-    if eos is not None:
-        stop.add(eos)
+    stop = stop_token_ids(model.cfg.eos_token_id, tok)
     dec = IncrementalDecoder(tok)
     for t in generate(model, tok.encode(text), params, stop_ids=stop):
         sys.stdout.write(dec.push(t))

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import inspect
+import re
 import typing
 from typing import Any, Callable
 
@@ -51,30 +54,59 @@ def _optional(base: type):
     return parse
 
 
+_FIELD_DOC = re.compile(r"^\s+(\w+)\s*:[^#]*#\s*(.+?)\s*$")
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's documentation: the comment that ends its declaration line (base classes included)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            lines = inspect.getsource(klass).splitlines()
+        except (OSError, TypeError):  # no source (e.g. a frozen install): flags without docs
+            continue
+        for line in lines:
+            m = _FIELD_DOC.match(line)
+            if m:
+                docs[m.group(1)] = m.group(2)
+    return docs
+
+
+def _help(doc: str | None, tail: str) -> str:
+    text = f"{doc} {tail}" if doc else tail
+    return text.replace("%", "%%")  # argparse formats help with %
+
+
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
-    """Add ``--field-name`` for each field of ``cls`` (nested dataclasses are flattened)."""
+    """Add ``--field-name`` for each field of ``cls`` (nested dataclasses are flattened); each flag's
+    help is the field's documentation comment plus its default."""
     hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
-        typ = hints[f.name]
+        typ, doc = hints[f.name], docs.get(f.name)
         args = typing.get_args(typ)
+        flag = "--" + f.name.replace("_", "-")
         if type(None) in args and len(args) == 2 and args[0] in (int, float, str):  # X | None
-            default = f.default
-            parser.add_argument("--" + f.name.replace("_", "-"), type=_optional(args[0]), default=default,
-                                help=f"(default: {default}; 'none' disables)")
+            parser.add_argument(flag, type=_optional(args[0]), default=f.default,
+                                help=_help(doc, f"(default: {f.default}; 'none' disables)"))
             continue
         if dataclasses.is_dataclass(typ):
             add_dataclass_arguments(parser, typ, skip)
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        flag = "--" + f.name.replace("_", "-")
         if typ is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                                help=_help(doc, f"(default: {default})"))
         elif typ in (int, float, str):
-            parser.add_argument(flag, type=typ, default=default, help=f"(default: {default})")
+            parser.add_argument(flag, type=typ, default=default, help=_help(doc, f"(default: {default})"))
         else:  # tuple[int, ...]
-            parser.add_argument(flag, type=_parse_ints, default=default, help="comma-separated integers")
+            parser.add_argument(flag, type=_parse_ints, default=default,
+                                help=_help(doc, f"(comma-separated integers; default: {','.join(map(str, default))})"))
 
 
 def dataclass_from_args(cls: type, args: argparse.Namespace) -> Any:

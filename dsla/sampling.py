@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 from torch import Tensor
@@ -48,3 +49,13 @@ def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | 
         keep = p_sorted.cumsum(0) - p_sorted < params.top_p  # always keeps the top token
         probs = torch.zeros_like(probs).scatter(0, idx[keep], p_sorted[keep])
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def stop_token_ids(model_eos: Iterable[int], tokenizer, extra: Iterable[int] = ()) -> frozenset[int]:
+    """The ids that end generation: the model config's EOS ids, the tokenizer's ``eos_token``
+    (a ``dsla.model.tokenizer.Tokenizer``; chat checkpoints often differ from the config), and ``extra``."""
+    ids = set(model_eos) | set(extra)
+    eos = tokenizer.token_id(tokenizer.special("eos_token"))
+    if eos is not None:
+        ids.add(eos)
+    return frozenset(ids)

@@ -259,6 +259,7 @@ def run(args: argparse.Namespace) -> int:
     from dsla.cli import DTYPES
     from dsla.distill.artifact import load_student, read_manifest
     from dsla.plan import layers_for_ratio
+    from dsla.sampling import stop_token_ids
     from dsla.eval.report import TEACHER, FORMAT, write_report
     from dsla.model.loading import load_teacher, teacher_hash
     from dsla.model.tokenizer import Tokenizer
@@ -282,7 +283,7 @@ def run(args: argparse.Namespace) -> int:
         for r in rs:
             layers_for_ratio(m["order"], L, r, m["layers_done"])
     tok = Tokenizer(teacher)
-    stop_ids = set(model.cfg.eos_token_id) | {i for i in [tok.token_id(tok.special("eos_token"))] if i is not None}
+    stop_ids = set(stop_token_ids(model.cfg.eos_token_id, tok))
     labels = _labels(dirs)
     ratios = sorted(set(args.ratios).union(*own))
     notes = []

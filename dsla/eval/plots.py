@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 from typing import Callable
 
-from dsla.eval.report import TEACHER, series, slug, students
+from dsla.eval.runs import TEACHER, series, slug, students
 from dsla.fileio import atomic_write
 
 

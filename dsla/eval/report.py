@@ -23,15 +23,13 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 from typing import Any
 
+from dsla.eval.runs import TEACHER, slug, students
 from dsla.fileio import atomic_write_json, atomic_write_text
 
 FORMAT = "dsla-eval-report/1"
-TEACHER = "teacher"
-
 
 def read_report(path: str | Path) -> dict[str, Any]:
     """Load a report.json (or the report.json inside a directory); checks the format."""
@@ -41,24 +39,6 @@ def read_report(path: str | Path) -> dict[str, Any]:
     if rep.get("format") != FORMAT:
         raise ValueError(f"{p} has format {rep.get('format')!r}; this dsla reads {FORMAT!r}")
     return rep
-
-
-def slug(text: str) -> str:
-    """A file-name-safe version of a label."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "model"
-
-
-def series(report: dict, label: str) -> list[dict]:
-    """A student's runs by ratio, with the teacher's run standing in for ratio 0."""
-    runs = [r for r in report["runs"] if r["model"] == label]
-    base = [r for r in report["runs"] if r["model"] == TEACHER and r["ratio"] == 0]
-    if label != TEACHER and not any(r["ratio"] == 0 for r in runs):
-        runs = base + runs
-    return sorted(runs, key=lambda r: r["ratio"])
-
-
-def students(report: dict) -> list[str]:
-    return [m["label"] for m in report["models"] if m["label"] != TEACHER]
 
 
 def _f(v: float | None, digits: int = 3) -> str:

@@ -12,12 +12,9 @@ import dataclasses
 import logging
 import statistics
 from collections import deque
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Protocol, Sequence
 
-from dsla.serve.policy import Decision, PolicyConfig, PolicyState, QualityCurve, decide
-
-if TYPE_CHECKING:
-    from dsla.serve.engine import Engine
+from dsla.serve.policy import Decision, LoadSnapshot, PolicyConfig, PolicyState, QualityCurve, decide
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +35,20 @@ class LatencyWindow:
         return statistics.median(v for _, v in self._items) if self._items else None
 
 
+class PlanTarget(Protocol):
+    """What the controller needs of an engine (``dsla.serve.engine.Engine`` is one)."""
+
+    converted_order: tuple[int, ...]
+    last_plan_change: float | None
+
+    @property
+    def num_layers(self) -> int: ...
+
+    def load(self, now: float) -> LoadSnapshot: ...
+
+    def set_plan(self, layers: Sequence[int], reason: str, source: str = "api") -> dict[str, Any]: ...
+
+
 class Controller:
     """The adaptive policy bound to one engine: its configuration, the student's order, its memory."""
 
@@ -53,7 +64,7 @@ class Controller:
         self.last_decision: Decision | None = None
         self.last_decision_time: float | None = None
 
-    def tick(self, engine: "Engine", now: float) -> Decision | None:
+    def tick(self, engine: PlanTarget, now: float) -> Decision | None:
         """Decide (at most every ``interval_s``) and apply; return the decision, None when not due."""
         if now < self.next_tick:
             return None

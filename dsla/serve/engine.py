@@ -26,6 +26,7 @@ from typing import Any, Callable, Sequence
 
 from dsla.model.tokenizer import Tokenizer
 from dsla.plan import layers_for_ratio
+from dsla.sampling import stop_token_ids
 from dsla.serve.control import Controller, LatencyWindow
 from dsla.serve.detokenize import Detokenizer
 from dsla.serve.metrics import Metrics
@@ -70,11 +71,7 @@ class Engine:
         window = controller.config.latency_window_s if controller else LATENCY_WINDOW_S
         self.recent_ttft, self.recent_tpot = LatencyWindow(window), LatencyWindow(window)
         self.scheduler = Scheduler(config, runner.cache_cost())
-        eos = set(runner.model.cfg.eos_token_id) | set(extra_eos_ids)
-        tok_eos = tokenizer.token_id(tokenizer.special("eos_token"))
-        if tok_eos is not None:
-            eos.add(tok_eos)
-        self.eos_token_ids = frozenset(eos)
+        self.eos_token_ids = stop_token_ids(runner.model.cfg.eos_token_id, tokenizer, extra_eos_ids)
         self.metrics = Metrics()
         self.metrics.set(cache_budget_bytes=config.cache_budget_bytes, num_layers=self.num_layers)
         self._plan_metrics()

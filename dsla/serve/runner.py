@@ -17,7 +17,8 @@ from dsla.model.llama import HybridLM
 from dsla.model.state import RequestCache
 from dsla.sampling import SamplingParams, sample
 from dsla.serve.request import Request, TokenLogprob
-from dsla.serve.scheduler import CacheCost, SchedulerOutput
+from dsla.serve.cost import CacheCost
+from dsla.serve.scheduler import SchedulerOutput
 
 
 @dataclass

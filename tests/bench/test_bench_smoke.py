@@ -92,7 +92,6 @@ def test_decode_bench_schema(tiny_dir, tmp_path):
 
 
 def test_decode_bench_dsla_axis(tiny_dir):
-    pytest.importorskip("dsla.ops.dsla")
     s = decode.DecodeSettings(impls=("ours",), dtypes=("float32",), prefill_lengths=(8,), contexts=(12,),
                               batches=(2,), dsla_ratios=(0.0, 1.0), steps=2, warmup_steps=1, prefill_repeats=1)
     doc = decode.run_benchmark(tiny_dir, s)
@@ -109,7 +108,6 @@ def test_decode_settings_reject_bad_values():
 
 
 def test_layer_bench_schema(tmp_path):
-    pytest.importorskip("dsla.ops.dsla")
     from dsla.config import DSLAConfig, LlamaConfig
 
     cfg = LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=96, num_hidden_layers=1,

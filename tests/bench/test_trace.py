@@ -125,7 +125,6 @@ def test_token_fractions_and_events():
 
 
 def test_plot_writes_a_png(tmp_path):
-    pytest.importorskip("matplotlib")
     run = {"summary": {"label": "adaptive"}, "requests": [{"sent": 0.1}, {"sent": 1.5}],
            "timeline": [{"t": 0.0, "ratio": 0.0, "queue_depth": 0, "queued_prompt_tokens": 0},
                         {"t": 1.0, "ratio": 0.2, "queue_depth": 5, "queued_prompt_tokens": 9000},

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 
-import pytest
 
 from dsla.bench import chaos
 from tests.serve.conftest import make_engine, serve_in_thread
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("dsla.ops.dsla") is None, reason="DSLA ops not landed")
 
 
 def test_check_stream():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 
 import pytest
 
@@ -21,7 +20,6 @@ def test_plan_layers():
         plan_layers(10, None, 1.5, [3])
 
 
-@pytest.mark.skipif(importlib.util.find_spec("dsla.ops.dsla") is None, reason="DSLA ops not landed")
 def test_build_engine_with_untrained_dsla_layers(serve_dir):
     from dsla.serve.scheduler import SchedulerConfig
 
@@ -41,7 +39,6 @@ def test_cli_registers_serve():
     assert args.rate == 2 and args.num_requests == 5
 
 
-@pytest.mark.skipif(importlib.util.find_spec("dsla.ops.dsla") is None, reason="DSLA ops not landed")
 def test_build_engine_adaptive_without_student_uses_every_layer(serve_dir):
     from dsla.serve.policy import PolicyConfig
 
@@ -72,3 +69,13 @@ def test_cli_policy_flags_and_curl_example():
     cmd = shlex.split(curl_example("127.0.0.1", 8000, "m", api_key=True))
     assert cmd[:2] == ["curl", "http://127.0.0.1:8000/v1/chat/completions"]
     assert "Authorization: Bearer $DSLA_API_KEY" in cmd and '"model": "m"' in cmd[-1]
+
+
+def test_help_carries_the_config_field_docs(capsys):
+    from dsla.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "recent median time to first token above this is overload" in out  # PolicyConfig.ttft_target_s
+    assert "--shutdown-timeout-s" in out and "--allowed-hosts" in out

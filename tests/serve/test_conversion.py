@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 import time
 
 import pytest
@@ -17,7 +16,6 @@ from dsla.serve.request import SamplingOptions
 from dsla.serve.runner import ModelRunner
 from dsla.serve.scheduler import SchedulerConfig
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("dsla.ops.dsla") is None, reason="DSLA ops not landed")
 PROMPTS = [list(range(5, 5 + n)) for n in (40, 9, 23)]
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import threading
 
 import pytest
@@ -15,8 +14,6 @@ from dsla.serve.request import SamplingOptions
 from tests.serve.conftest import make_engine
 
 PROMPTS = [list(range(5, 5 + n)) for n in (3, 17, 40, 9, 64, 1)]
-needs_dsla_ops = pytest.mark.skipif(importlib.util.find_spec("dsla.ops.dsla") is None,
-                                    reason="dsla/ops/dsla.py has not landed yet")
 
 
 def alone(model, prompt, max_tokens, dsla_layers=(), **kw) -> list[int]:
@@ -159,7 +156,6 @@ def test_prompt_logprobs_match_a_direct_forward(serve_model, engine):
     assert all(len(x.top) == 2 for x in out.prompt_logprobs)
 
 
-@needs_dsla_ops
 def test_mixed_plan_equals_generate(serve_dir, serve_tok):
     """Layer 1 runs (untrained) DSLA: batched serving still equals the single-request loop."""
     from dsla.model.loading import load_teacher
@@ -187,7 +183,6 @@ def test_scheduler_imports_no_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-@needs_dsla_ops
 def test_plan_change_between_steps_applies_to_new_requests(serve_dir, serve_tok):
     from dsla.model.loading import load_teacher
 

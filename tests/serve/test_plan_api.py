@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 
 import pytest
 
 from tests.serve.conftest import make_engine
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("dsla.ops.dsla") is None, reason="DSLA ops not landed")
 MODEL = "tiny"
 
 
