@@ -30,7 +30,7 @@ from dsla.serve.edge import Edge, read_json
 from dsla.serve.engine import Engine, EngineOverloaded, RequestOutput
 from dsla.serve.protocol import (ChatCompletionRequest, CompletionRequest, OpenAIError, TokenText, chat_logprobs,
                                  completion_logprobs, echo_logprobs, parse, short_repr, usage)
-from dsla.serve.request import SamplingOptions
+from dsla.sampling import SamplingParams
 
 PLAN_CHANGE_TIMEOUT_S = 120.0  # a forced plan change waits this long for the engine's next step boundary
 DISCONNECTED = object()  # put on a request's output queue when its client goes away
@@ -151,7 +151,7 @@ class Gate:
 class Submission:
     """Requests queued for one HTTP call, their outputs arriving on an asyncio queue."""
 
-    def __init__(self, engine: Engine, jobs: list[tuple[list[int], SamplingOptions]], retry_after_s: int) -> None:
+    def __init__(self, engine: Engine, jobs: list[tuple[list[int], SamplingParams]], retry_after_s: int) -> None:
         loop, self.q = asyncio.get_running_loop(), asyncio.Queue()
         self.engine, self.ids, self.disconnected = engine, [], False
         try:  # all or none

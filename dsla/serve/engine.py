@@ -26,13 +26,13 @@ from typing import Any, Callable, Sequence
 
 from dsla.model.tokenizer import Tokenizer
 from dsla.plan import layers_for_ratio
-from dsla.sampling import stop_token_ids
+from dsla.sampling import SamplingParams, stop_token_ids
 from dsla.serve.control import Controller, LatencyWindow
 from dsla.serve.detokenize import Detokenizer
 from dsla.serve.metrics import Metrics
 from dsla.serve.outputs import Collector, RequestOutput, Sink  # noqa: F401  (re-exported)
 from dsla.serve.policy import LoadSnapshot
-from dsla.serve.request import FinishReason, Request, RequestStatus, SamplingOptions
+from dsla.serve.request import FinishReason, Request, RequestStatus
 from dsla.serve.runner import ModelRunner
 from dsla.serve.scheduler import Scheduler, SchedulerConfig
 
@@ -116,7 +116,7 @@ class Engine:
     def num_queued(self) -> int:
         return self.scheduler.num_waiting + self._inbox_adds
 
-    def submit(self, prompt_ids: Sequence[int], options: SamplingOptions, sink: Sink,
+    def submit(self, prompt_ids: Sequence[int], options: SamplingParams, sink: Sink,
                request_id: str | None = None) -> str:
         """Queue a request; return its id. Raises ValueError (bad request) or EngineOverloaded."""
         prompt_ids = [int(t) for t in prompt_ids]

@@ -14,7 +14,8 @@ from typing import Annotated, Any, Literal, Sequence
 from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt, StrictStr, ValidationError
 
 from dsla.model.tokenizer import Tokenizer
-from dsla.serve.request import MIN_TEMPERATURE, SEED_MAX, SEED_MIN, SamplingOptions, TokenLogprob
+from dsla.sampling import MIN_TEMPERATURE, SEED_MAX, SEED_MIN, SamplingParams
+from dsla.serve.request import TokenLogprob
 
 MAX_STOP = 16  # stop strings per request
 MAX_STOP_CHARS = 256  # characters per stop string
@@ -122,9 +123,9 @@ class _Common(BaseModel):
                               param="stop", code="invalid_value")
         return tuple(stop)
 
-    def options(self, max_tokens: int, logprobs: int | None, prompt_logprobs: bool = False) -> SamplingOptions:
+    def options(self, max_tokens: int, logprobs: int | None, prompt_logprobs: bool = False) -> SamplingParams:
         try:
-            return SamplingOptions(
+            return SamplingParams(
                 max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
                 top_k=max(self.top_k, 0), seed=self.seed, stop=self.stop_list(),
                 stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos,

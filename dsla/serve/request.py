@@ -12,13 +12,8 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from dsla.sampling import SamplingParams
 from dsla.serve.cost import CacheCost
-
-
-SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # the seeds torch.Generator.manual_seed takes
-# Below this a temperature divides logits into overflow (inf, then NaN probabilities); vLLM warns
-# at the same bound. 0 means greedy.
-MIN_TEMPERATURE = 0.01
 
 
 class RequestStatus(enum.Enum):
@@ -37,40 +32,6 @@ class FinishReason(str, enum.Enum):
 
 
 @dataclass(frozen=True)
-class SamplingOptions:
-    """What one request asks of the sampler. Validated here so every entry point agrees."""
-
-    max_tokens: int = 16  # new tokens at most; 0 only with echo (score the prompt, generate nothing)
-    temperature: float = 1.0  # 0 = greedy
-    top_p: float = 1.0  # nucleus mass kept, (0, 1]
-    top_k: int = 0  # keep the k most likely tokens; 0 = all
-    seed: int | None = None  # per-request generator seed; None = nondeterministic
-    stop: tuple[str, ...] = ()  # stop strings: the text ends before the first occurrence
-    stop_token_ids: tuple[int, ...] = ()  # extra token ids that end the request (not emitted)
-    ignore_eos: bool = False  # keep going past EOS (benchmarks need fixed output lengths)
-    logprobs: int | None = None  # return the chosen token's logprob and this many top alternatives
-    prompt_logprobs: bool = False  # also score the prompt tokens (echo + logprobs)
-
-    def __post_init__(self) -> None:
-        if self.max_tokens < 0:
-            raise ValueError(f"max_tokens={self.max_tokens} must be >= 0")
-        if self.max_tokens == 0 and not self.prompt_logprobs:
-            raise ValueError("max_tokens=0 only makes sense when scoring the prompt (echo with logprobs)")
-        if not (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature < float("inf")):
-            raise ValueError(f"temperature={self.temperature} must be 0 (greedy) or at least {MIN_TEMPERATURE}")
-        if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
-            raise ValueError(f"seed={self.seed} is outside [{SEED_MIN}, {SEED_MAX}]")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
-        if self.top_k < 0:
-            raise ValueError(f"top_k={self.top_k} must be >= 0 (0 disables it)")
-        if self.logprobs is not None and self.logprobs < 0:
-            raise ValueError(f"logprobs={self.logprobs} must be >= 0")
-        if any(not s for s in self.stop):
-            raise ValueError("stop strings must not be empty")
-
-
-@dataclass(frozen=True)
 class TokenLogprob:
     """The logprob of one token under the model, with the top alternatives at that position."""
 
@@ -85,7 +46,7 @@ class Request:
 
     request_id: str
     prompt_token_ids: list[int]
-    options: SamplingOptions
+    options: SamplingParams
     eos_token_ids: frozenset[int] = frozenset()
     arrival_time: float = field(default_factory=time.monotonic)
     output_token_ids: list[int] = field(default_factory=list)

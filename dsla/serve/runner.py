@@ -15,7 +15,7 @@ from torch import Tensor
 
 from dsla.model.llama import HybridLM
 from dsla.model.state import RequestCache
-from dsla.sampling import SamplingParams, sample
+from dsla.sampling import sample
 from dsla.serve.request import Request, TokenLogprob
 from dsla.serve.cost import CacheCost
 from dsla.serve.scheduler import SchedulerOutput
@@ -112,8 +112,7 @@ class ModelRunner:
 
     def _generator(self, req: Request) -> torch.Generator | None:
         if req.request_id not in self.generators:
-            o = req.options
-            self.generators[req.request_id] = SamplingParams(o.temperature, o.top_p, o.top_k, o.seed).generator()
+            self.generators[req.request_id] = req.options.generator()
         return self.generators[req.request_id]
 
     @torch.inference_mode()
@@ -173,7 +172,7 @@ class ModelRunner:
         if o.temperature == 0:
             tok = int(row.argmax())
         else:
-            tok = sample(row, SamplingParams(o.temperature, o.top_p, o.top_k, o.seed), self._generator(req))
+            tok = sample(row, o, self._generator(req))
         res.token_id = tok
         if o.logprobs is not None:
             res.logprob = token_logprobs(row.log_softmax(-1)[None], [tok], o.logprobs)[0]

@@ -40,7 +40,7 @@ def client(make_client):
 
 
 def solo(model, tok, text, n):
-    return tok.decode(list(generate(model, tok.encode(text), SamplingParams(max_tokens=n),
+    return tok.decode(list(generate(model, tok.encode(text), SamplingParams(max_tokens=n, temperature=0),
                                     stop_ids=model.cfg.eos_token_id)))
 
 

@@ -12,7 +12,6 @@ from dsla.generate import generate
 from dsla.model.state import DSLAState, KVState
 from dsla.sampling import SamplingParams
 from dsla.serve.engine import Collector, Engine
-from dsla.serve.request import SamplingOptions
 from dsla.serve.runner import ModelRunner
 from dsla.serve.scheduler import SchedulerConfig
 
@@ -41,7 +40,7 @@ def manual_engine(model, tok, plan=(), controller=None, **config) -> Engine:
 def submit(engine, prompts, max_tokens):
     cols = [Collector() for _ in prompts]
     for p, c in zip(prompts, cols):
-        engine.submit(p, SamplingOptions(max_tokens=max_tokens, temperature=0.0, ignore_eos=True), c)
+        engine.submit(p, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True), c)
     engine._drain(block=False)
     return cols
 
@@ -129,7 +128,7 @@ def test_folded_state_gives_the_logits_of_dsla_over_the_same_cached_kv(model, se
 
 
 def alone(model, prompt, n, dsla_layers=()):
-    return list(generate(model, prompt, SamplingParams(max_tokens=n), stop_ids=(), dsla_layers=dsla_layers))
+    return list(generate(model, prompt, SamplingParams(max_tokens=n, temperature=0), stop_ids=(), dsla_layers=dsla_layers))
 
 
 def test_revert_applies_to_new_requests_only(model, serve_tok):
@@ -181,7 +180,7 @@ def test_adaptive_controller_converts_under_load_and_reverts_after(model, serve_
     try:
         cols = [Collector() for _ in range(6)]
         for n, c in enumerate(cols):
-            engine.submit(list(range(5, 65 + n)), SamplingOptions(max_tokens=8, temperature=0.0, ignore_eos=True), c)
+            engine.submit(list(range(5, 65 + n)), SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True), c)
         for c in cols:
             assert c.wait(120)[-1].finish_reason.value == "length" and len(c.token_ids) == 8
         deadline = time.monotonic() + 30

@@ -10,14 +10,13 @@ import torch
 from dsla.generate import generate
 from dsla.sampling import SamplingParams
 from dsla.serve.engine import Collector
-from dsla.serve.request import SamplingOptions
 from tests.serve.conftest import make_engine
 
 PROMPTS = [list(range(5, 5 + n)) for n in (3, 17, 40, 9, 64, 1)]
 
 
 def alone(model, prompt, max_tokens, dsla_layers=(), **kw) -> list[int]:
-    params = SamplingParams(max_tokens=max_tokens, **kw)
+    params = SamplingParams(max_tokens=max_tokens, **{"temperature": 0.0, **kw})
     return list(generate(model, prompt, params, stop_ids=model.cfg.eos_token_id, dsla_layers=dsla_layers))
 
 
@@ -25,7 +24,7 @@ def run_all(engine, prompts, max_tokens, **opts) -> list[Collector]:
     cols = []
     for p in prompts:
         c = Collector()
-        engine.submit(p, SamplingOptions(max_tokens=max_tokens, temperature=opts.pop("temperature", 0.0), **opts), c)
+        engine.submit(p, SamplingParams(max_tokens=max_tokens, temperature=opts.pop("temperature", 0.0), **opts), c)
         cols.append(c)
     for c in cols:
         c.wait(60)
@@ -40,7 +39,7 @@ def test_greedy_equals_generate(serve_model, engine):
 
 def test_seeded_sampling_equals_generate(serve_model, engine):
     c = Collector()
-    engine.submit(PROMPTS[1], SamplingOptions(max_tokens=20, temperature=0.8, top_p=0.9, top_k=50, seed=7), c)
+    engine.submit(PROMPTS[1], SamplingParams(max_tokens=20, temperature=0.8, top_p=0.9, top_k=50, seed=7), c)
     c.wait(60)
     assert c.token_ids == alone(serve_model, PROMPTS[1], 20, temperature=0.8, top_p=0.9, top_k=50, seed=7)
 
@@ -53,7 +52,7 @@ def test_concurrent_requests_each_get_what_they_get_alone(serve_model, serve_tok
         lens = [30, 5, 12, 25, 8, 16]
         cols = [Collector() for _ in PROMPTS]
         for p, n, c in zip(PROMPTS, lens, cols):
-            engine.submit(p, SamplingOptions(max_tokens=n, temperature=0.0), c)
+            engine.submit(p, SamplingParams(max_tokens=n, temperature=0.0), c)
         for p, n, c in zip(PROMPTS, lens, cols):
             c.wait(60)
             assert c.token_ids == alone(serve_model, p, n), f"prompt of {len(p)} tokens"
@@ -95,7 +94,7 @@ def test_budget_preempts_instead_of_overflowing(serve_model, serve_tok):
 def test_request_too_big_for_budget_is_refused(serve_model, serve_tok):
     engine = make_engine(serve_model, serve_tok, start=False, cache_budget_bytes=10_000)
     with pytest.raises(ValueError, match="cache budget"):
-        engine.submit(list(range(5, 105)), SamplingOptions(max_tokens=100), Collector())
+        engine.submit(list(range(5, 105)), SamplingParams(max_tokens=100), Collector())
 
 
 def test_abort_frees_the_cache(serve_model, serve_tok):
@@ -108,7 +107,7 @@ def test_abort_frees_the_cache(serve_model, serve_tok):
             outs.append(out)
             got_first.set()
 
-        rid = engine.submit(PROMPTS[4], SamplingOptions(max_tokens=400, temperature=0.0, ignore_eos=True), sink)
+        rid = engine.submit(PROMPTS[4], SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True), sink)
         assert got_first.wait(30)
         assert rid in engine.runner.caches
         engine.abort(rid)
@@ -145,7 +144,7 @@ def test_streamed_text_equals_full_decode(serve_model, serve_tok, engine):
 def test_prompt_logprobs_match_a_direct_forward(serve_model, engine):
     prompt = PROMPTS[4]
     c = Collector()
-    engine.submit(prompt, SamplingOptions(max_tokens=0, prompt_logprobs=True, logprobs=2), c)
+    engine.submit(prompt, SamplingParams(max_tokens=0, prompt_logprobs=True, logprobs=2), c)
     out = c.wait(30)[-1]
     with torch.no_grad():
         lp = serve_model(torch.tensor(prompt)[None]).log_softmax(-1)[0]  # (T, vocab)

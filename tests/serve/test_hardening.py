@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from dsla.serve.engine import Collector
-from dsla.serve.request import SamplingOptions
+from dsla.sampling import SamplingParams
 from tests.serve.conftest import make_engine, serve_in_thread
 
 MODEL = "tiny"
@@ -179,7 +179,7 @@ def test_host_header_is_checked_against_the_allowed_hosts(make_client):
 
 
 # ---- defect 1: a failure in one request's sampling fails that request alone -------------------------
-def sneak(opts: SamplingOptions, **fields) -> SamplingOptions:
+def sneak(opts: SamplingParams, **fields) -> SamplingParams:
     """Options the edge would refuse, as if a check were missing (to test the engine's own isolation)."""
     for k, v in fields.items():
         object.__setattr__(opts, k, v)
@@ -191,11 +191,11 @@ def test_engine_isolates_a_request_whose_sampling_raises(serve_model, serve_tok,
     engine = make_engine(serve_model, serve_tok)
     try:
         healthy, alone = Collector(), Collector()
-        engine.submit([5, 6, 7], SamplingOptions(max_tokens=30, temperature=0, ignore_eos=True), alone)
+        engine.submit([5, 6, 7], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True), alone)
         alone.wait(60)
-        engine.submit([5, 6, 7], SamplingOptions(max_tokens=30, temperature=0, ignore_eos=True), healthy)
+        engine.submit([5, 6, 7], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True), healthy)
         broken = Collector()
-        engine.submit([8, 9], sneak(SamplingOptions(max_tokens=30, temperature=1.0, seed=1), **bad), broken)
+        engine.submit([8, 9], sneak(SamplingParams(max_tokens=30, temperature=1.0, seed=1), **bad), broken)
         healthy.wait(60), broken.wait(60)
     finally:
         engine.shutdown()
@@ -207,8 +207,8 @@ def test_engine_isolates_a_request_whose_sampling_raises(serve_model, serve_tok,
 def test_a_failing_stop_check_fails_its_request_alone(serve_model, serve_tok):
     engine = make_engine(serve_model, serve_tok, start=False)
     good, bad = Collector(), Collector()
-    engine.submit([5, 6], SamplingOptions(max_tokens=5, temperature=0, ignore_eos=True), good)
-    rid = engine.submit([7, 8], SamplingOptions(max_tokens=5, temperature=0, ignore_eos=True, stop=("zz",)), bad)
+    engine.submit([5, 6], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True), good)
+    rid = engine.submit([7, 8], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True, stop=("zz",)), bad)
     engine._drain(block=False)
 
     def explode(token_id):
@@ -348,7 +348,7 @@ def test_a_plan_change_that_fails_part_way_changes_nothing(serve_dir, serve_tok,
     engine.set_plan([1], "before")
     cols = [Collector() for _ in range(3)]
     for i, c in enumerate(cols):
-        engine.submit([5 + i, 6, 7, 8], SamplingOptions(max_tokens=12, temperature=0, ignore_eos=True), c)
+        engine.submit([5 + i, 6, 7, 8], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True), c)
     for _ in range(3):
         engine._drain(block=False)
         engine.step()
@@ -424,7 +424,7 @@ def test_drain_lets_in_flight_requests_finish_within_the_timeout(serve_model, se
     engine = make_engine(serve_model, serve_tok)
     try:
         c = Collector()
-        engine.submit([5, 6, 7], SamplingOptions(max_tokens=20, temperature=0, ignore_eos=True), c)
+        engine.submit([5, 6, 7], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True), c)
         assert engine.drain(60.0) == 0
         c.wait(5)
         assert c.outputs[-1].finish_reason.value == "length" and len(c.token_ids) == 20

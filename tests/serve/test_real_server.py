@@ -43,7 +43,7 @@ def test_openai_client(server, serve_model, serve_tok):
     client = openai.OpenAI(base_url=url + "/v1", api_key="k", timeout=30, max_retries=0)
     assert [m.id for m in client.models.list()] == [MODEL]
     prompt = "The quick brown fox"
-    want = serve_tok.decode(list(generate(serve_model, serve_tok.encode(prompt), SamplingParams(max_tokens=16),
+    want = serve_tok.decode(list(generate(serve_model, serve_tok.encode(prompt), SamplingParams(max_tokens=16, temperature=0),
                                           stop_ids=serve_model.cfg.eos_token_id)))
     c = client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0)
     assert c.choices[0].text == want and c.usage.completion_tokens >= 1

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from dsla.serve.request import FinishReason, Request, RequestStatus, SamplingOptions
+from dsla.sampling import SamplingParams
+from dsla.serve.request import FinishReason, Request, RequestStatus
 from dsla.serve.scheduler import CacheCost, Scheduler, SchedulerConfig
 
 COST = CacheCost(kv_bytes_per_token=100, fixed_bytes=1000, initial_capacity=16)
 
 
 def req(name: str, prompt_len: int, max_tokens: int = 8) -> Request:
-    return Request(name, list(range(1, prompt_len + 1)), SamplingOptions(max_tokens=max_tokens))
+    return Request(name, list(range(1, prompt_len + 1)), SamplingParams(max_tokens=max_tokens))
 
 
 def run_step(s: Scheduler, sample: bool = True):
@@ -129,7 +130,7 @@ def test_finish_while_waiting_and_config_checks():
     with pytest.raises(ValueError, match="max_num_batched_tokens"):
         SchedulerConfig(max_num_batched_tokens=4, max_num_seqs=8)
     with pytest.raises(ValueError, match="max_tokens=0"):
-        SamplingOptions(max_tokens=0)
+        SamplingParams(max_tokens=0)
 
 
 def test_each_running_request_keeps_the_price_of_its_own_cache():
