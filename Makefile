@@ -1,7 +1,7 @@
 # Two entry points for a fresh machine with Python 3.11:
 #   make run   - set up, prepare the default teacher and corpora, distil the default student
 #                (once; resumable), then serve it with the adaptive policy
-#   make test  - set up and run the test suite
+#   make test  - set up, lint (ruff) and run the test suite
 # Knobs: make run DISTILL_FLAGS="--seq-len 256" SERVE_FLAGS="--threads 1 --port 8001"
 PY ?= python3.11
 VENV := .venv
@@ -45,6 +45,7 @@ run: student
 	$(BIN)/dsla serve --policy adaptive --student "$(STUDENT)" $(SERVE_FLAGS)
 
 test: setup
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
 clean:

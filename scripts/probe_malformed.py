@@ -183,7 +183,7 @@ def main() -> int:
         health_bad += not healthy
         print(f"{status:3d}  {kind:24s} health {'ok' if healthy else 'BAD'}  {name}: {resp[:110]!r}")
     total = sum(counts.values())
-    print(f"\n| answer | count |\n| --- | --- |")
+    print("\n| answer | count |\n| --- | --- |")
     for kind, n in sorted(counts.items()):
         print(f"| {kind} | {n} |")
     print(f"| **total** | **{total}** |")

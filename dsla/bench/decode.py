@@ -232,7 +232,7 @@ def bench_dtype(runners: dict[str, OursRunner | HFRunner], dtype: str, s: Decode
                          **mem.fields(), load_1m=round(os.getloadavg()[0], 2)))
                 if T in bases and ratio == 0.0:
                     bases[T][impl] = runners[impl].crop(last[(impl, ratio)], prompt_len[T])
-            del last
+            last.clear()  # drop this length's caches before the next
         for C in s.contexts:
             for impl, runner in runners.items():
                 if impl not in bases[C]:
