@@ -6,6 +6,7 @@ The engine thread updates; the HTTP thread renders. One lock guards both.
 from __future__ import annotations
 
 import bisect
+import os
 import threading
 from dataclasses import dataclass, field
 
@@ -122,6 +123,10 @@ class Metrics:
     def render(self) -> str:
         with self.lock:
             out: list[str] = []
+            rss = resident_bytes()
+            if rss is not None:  # the standard process metric, so a soak can watch for leaks
+                out += ["# HELP process_resident_memory_bytes resident memory of the server process",
+                        "# TYPE process_resident_memory_bytes gauge", f"process_resident_memory_bytes {rss}"]
             for k, help_ in self.GAUGES.items():
                 out += [f"# HELP {PREFIX}_{k} {help_}", f"# TYPE {PREFIX}_{k} gauge", f"{PREFIX}_{k} {self.gauges[k]!r}"]
             for k, help_ in self.COUNTERS.items():
@@ -136,3 +141,12 @@ class Metrics:
             for k, help_ in self.HISTOGRAMS.items():
                 out += self.hist[k].lines(f"{PREFIX}_{k}", help_)
             return "\n".join(out) + "\n"
+
+
+def resident_bytes() -> int | None:
+    """The process's resident memory now (Linux /proc), None elsewhere."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
