@@ -88,19 +88,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsla", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, (spec, help_) in COMMANDS.items():
+    _add_commands(sub, COMMANDS)
+    bench = sub.add_parser("bench", help="speed and memory benchmarks (print a table, write JSON)")
+    _add_commands(bench.add_subparsers(dest="bench", required=True), BENCHES)
+    return parser
+
+
+def _add_commands(sub, table: dict[str, tuple[str, str]]) -> None:
+    for name, (spec, help_) in table.items():
         p = sub.add_parser(name, help=help_, description=help_)
         add, run_ = _resolve(spec)
         add(p)
         p.set_defaults(handler=run_)
-    bench = sub.add_parser("bench", help="speed and memory benchmarks (print a table, write JSON)")
-    bsub = bench.add_subparsers(dest="bench", required=True)
-    for name, (spec, help_) in BENCHES.items():
-        p = bsub.add_parser(name, help=help_, description=help_)
-        add, run_ = _resolve(spec)
-        add(p)
-        p.set_defaults(handler=run_)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -224,7 +224,9 @@ async def chaos(args) -> dict[str, Any]:
                                             "plan_changes", "refused_plans", "layers_converted", "layers_reverted",
                                             "in_flight_folds")}
     stats["violations"], stats["samples"] = [], []
-    async with httpx.AsyncClient(timeout=httpx.Timeout(args.timeout, connect=10)) as client:
+    # Open loop: no client-side pool limit, or the pool (not the server) would queue the overload.
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=64) if args.rate else httpx.Limits()
+    async with httpx.AsyncClient(timeout=httpx.Timeout(args.timeout, connect=10), limits=limits) as client:
         model = (await client.get(url + "/v1/models", headers=headers)).json()["data"][0]["id"]
         finished_before = metric((await client.get(url + "/metrics")).text, "dsla_requests_finished_total")
         t0, stop = time.monotonic(), asyncio.Event()

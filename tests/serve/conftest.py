@@ -60,6 +60,39 @@ def engine(serve_model, serve_tok):
     e.shutdown()
 
 
+def wait_for(cond, timeout: float = 30.0) -> bool:
+    """Poll ``cond`` until it holds (True) or ``timeout`` seconds pass (False)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+@pytest.fixture
+def make_client(serve_model, serve_tok):
+    """make(api_key=None, max_body_bytes=..., app_kw=None, model=None, **scheduler config) -> (TestClient,
+    engine). Unexpected server exceptions come back as the app's 500 response, as a real client sees them."""
+    from fastapi.testclient import TestClient
+
+    from dsla.serve.api import create_app
+
+    made = []
+
+    def make(api_key=None, max_body_bytes=1 << 20, app_kw=None, model=None, **config):
+        engine = make_engine(model or serve_model, serve_tok, **config)
+        made.append(engine)
+        app = create_app(engine, "tiny", api_key=api_key, max_body_bytes=max_body_bytes, **(app_kw or {}))
+        return TestClient(app, raise_server_exceptions=False), engine
+
+    yield make
+    for e in made:
+        e.shutdown()
+
+
 def serve_in_thread(app):
     """Run ``app`` on uvicorn at 127.0.0.1 on an ephemeral port; return (base url, stop function)."""
     import threading

@@ -10,28 +10,8 @@ import torch
 
 from dsla.generate import generate
 from dsla.sampling import SamplingParams
-from tests.serve.conftest import make_engine
 
 MODEL = "tiny"
-
-
-@pytest.fixture
-def make_client(serve_model, serve_tok):
-    from fastapi.testclient import TestClient
-
-    from dsla.serve.api import create_app
-
-    made = []
-
-    def make(api_key=None, max_body_bytes=1 << 20, **config):
-        engine = make_engine(serve_model, serve_tok, **config)
-        client = TestClient(create_app(engine, MODEL, api_key=api_key, max_body_bytes=max_body_bytes))
-        made.append(engine)
-        return client, engine
-
-    yield make
-    for e in made:
-        e.shutdown()
 
 
 @pytest.fixture

@@ -7,14 +7,13 @@ from __future__ import annotations
 import json
 import socket
 import threading
-import time
 
 import httpx
 import pytest
 
 from dsla.serve.engine import Collector
 from dsla.sampling import SamplingParams
-from tests.serve.conftest import make_engine, serve_in_thread
+from tests.serve.conftest import make_engine, serve_in_thread, wait_for
 
 MODEL = "tiny"
 CTX = 512  # the tiny model's max_position_embeddings
@@ -31,34 +30,6 @@ def assert_openai_error(r, status: int, param: str | None = "any", code: str | N
     if code != "any":
         assert err["code"] == code, err
     return err
-
-
-def wait_for(cond, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.01)
-    return False
-
-
-@pytest.fixture
-def make_client(serve_model, serve_tok):
-    from fastapi.testclient import TestClient
-
-    from dsla.serve.api import create_app
-
-    made = []
-
-    def make(app_kw=None, model=None, **config):
-        engine = make_engine(model or serve_model, serve_tok, **config)
-        made.append(engine)
-        app = create_app(engine, MODEL, **(app_kw or {}))
-        return TestClient(app, raise_server_exceptions=False), engine
-
-    yield make
-    for e in made:
-        e.shutdown()
 
 
 @pytest.fixture
@@ -382,20 +353,25 @@ def test_a_plan_change_that_fails_part_way_changes_nothing(serve_dir, serve_tok,
 
 
 # ---- defect 6: graceful shutdown --------------------------------------------------------------------
+def hold_from_step(engine, n: int) -> threading.Event:
+    """From the engine's ``n``-th step on, each step waits for the returned event (set it to go on)."""
+    release, steps, real = threading.Event(), [], engine.runner.execute
+
+    def held(out):
+        steps.append(1)
+        if len(steps) >= n:
+            release.wait(30)
+        return real(out)
+
+    engine.runner.execute = held
+    return release
+
+
 def test_drain_refuses_new_work_and_ends_streams_with_an_error_event(serve_model, serve_tok):
     from dsla.serve.api import create_app
 
     engine = make_engine(serve_model, serve_tok)
-    release, steps = threading.Event(), []
-    real = engine.runner.execute
-
-    def slow(out):
-        steps.append(1)
-        if len(steps) >= 3:
-            release.wait(30)
-        return real(out)
-
-    engine.runner.execute = slow
+    release = hold_from_step(engine, 3)
     url, stop = serve_in_thread(create_app(engine, MODEL))
     try:
         with httpx.Client(base_url=url, timeout=60) as c:
@@ -441,16 +417,7 @@ def test_sigterm_drains_then_stops_the_server(serve_model, serve_tok):
     from dsla.serve.commands import graceful_server
 
     engine = make_engine(serve_model, serve_tok)
-    release, steps = threading.Event(), []
-    real = engine.runner.execute
-
-    def slow(out):
-        steps.append(1)
-        if len(steps) >= 3:
-            release.wait(30)
-        return real(out)
-
-    engine.runner.execute = slow
+    release = hold_from_step(engine, 3)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 
-from tests.serve.conftest import make_engine, serve_in_thread
+from tests.serve.conftest import make_engine, serve_in_thread, wait_for
 
 MODEL = "tiny"
 
@@ -22,15 +21,6 @@ def server(serve_model, serve_tok):
     yield url, engine
     stop()
     engine.shutdown()
-
-
-def wait_for(cond, timeout=20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def test_openai_client(server, serve_model, serve_tok):
@@ -85,7 +75,7 @@ def test_non_streaming_client_disconnect_aborts(server):
     body = {"model": MODEL, "prompt": "A hybrid", "max_tokens": 400, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(url + "/v1/completions", json=body, headers={"Authorization": "Bearer k"}, timeout=0.5)
-    time.sleep(1.5)  # the handler polls for the disconnect once a second
+    assert wait_for(lambda: engine._inbox.qsize() >= 2)  # the request's add, then its abort: the client left
     gate.set()
     assert wait_for(lambda: engine.metrics.snapshot()["requests_finished"].get("abort") == 1)
     assert engine.metrics.snapshot()["generation_tokens_total"] < 400
