@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from typing import TYPE_CHECKING, Any, AsyncIterator
@@ -22,6 +23,7 @@ from dsla.serve.protocol import (ChatCompletionRequest, CompletionRequest, OpenA
 if TYPE_CHECKING:
     from dsla.serve.api import Handlers
 
+log = logging.getLogger(__name__)
 DISCONNECTED = object()  # put on a request's output queue when its client goes away
 
 
@@ -47,6 +49,7 @@ def stream(gen: AsyncIterator[str]) -> StreamingResponse:
         except OpenAIError as e:
             yield sse(e.body())
         except Exception as e:  # the headers went out already: the error can only be an event
+            log.exception("a stream failed")
             yield sse(OpenAIError(500, f"internal error: {type(e).__name__}", type_="server_error").body())
         yield "data: [DONE]\n\n"
 
