@@ -151,7 +151,7 @@ class Handlers:
             jobs.append((ids, opts))
             texts.append(p if isinstance(p, str) else self.tok.decode(ids))
         sub = Submission(self.engine, jobs, self.cfg.retry_after_s)
-        call = CompletionCall(self, req, sub, jobs, texts)
+        call = CompletionCall(self.cfg.model_name, self.text_of, req, sub, jobs, texts)
         return stream(call.chunks()) if req.stream else await call.whole(request)
 
     # ---- /v1/chat/completions -----------------------------------------------------------------
@@ -168,7 +168,7 @@ class Handlers:
         max_tokens = self.gate.max_tokens(len(prompt_ids), asked, None, param)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         sub = Submission(self.engine, [(prompt_ids, req.options(max_tokens, logprobs))], self.cfg.retry_after_s)
-        call = ChatCall(self, req, sub)
+        call = ChatCall(self.cfg.model_name, self.text_of, req, sub)
         return stream(call.chunks()) if req.stream else await call.whole(request)
 
     # ---- the rest -----------------------------------------------------------------------------

@@ -10,18 +10,15 @@ import json
 import logging
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import Any, AsyncIterator
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
 from dsla.sampling import SamplingParams
 from dsla.serve.engine import Engine, EngineOverloaded, RequestOutput
-from dsla.serve.protocol import (ChatCompletionRequest, CompletionRequest, OpenAIError, chat_logprobs,
+from dsla.serve.protocol import (ChatCompletionRequest, CompletionRequest, OpenAIError, TokenText, chat_logprobs,
                                  completion_logprobs, echo_logprobs, usage)
-
-if TYPE_CHECKING:
-    from dsla.serve.api import Handlers
 
 log = logging.getLogger(__name__)
 DISCONNECTED = object()  # put on a request's output queue when its client goes away
@@ -118,18 +115,19 @@ class Submission:
 class CompletionCall:
     """One /v1/completions call after validation: its stream chunks or its whole response."""
 
-    def __init__(self, h: "Handlers", req: CompletionRequest, sub: Submission, jobs: list, texts: list[str]) -> None:
-        self.h, self.req, self.sub, self.jobs, self.texts = h, req, sub, jobs, texts
+    def __init__(self, model: str, text_of: TokenText, req: CompletionRequest, sub: Submission, jobs: list,
+                 texts: list[str]) -> None:
+        self.model, self.text_of, self.req, self.sub, self.jobs, self.texts = model, text_of, req, sub, jobs, texts
         self.rid = f"cmpl-{uuid.uuid4().hex}"
         self.with_lp, self.top = req.logprobs is not None, bool(req.logprobs)
 
     def frame(self, choices: list, usage_: dict | None = None, with_usage: bool = False) -> dict:
-        return envelope(self.rid, "text_completion", self.h.cfg.model_name, choices, usage_, with_usage)
+        return envelope(self.rid, "text_completion", self.model, choices, usage_, with_usage)
 
     def lp_obj(self, i: int, out: RequestOutput, offset: int) -> dict | None:
         if not self.with_lp:
             return None
-        text_of = self.h.text_of
+        text_of = self.text_of
         if self.req.echo and out.prompt_logprobs is not None:
             pre = echo_logprobs(text_of, self.jobs[i][0], out.prompt_logprobs, self.top)
             lp = completion_logprobs(text_of, out.logprobs, offset + len(self.texts[i]), self.top)
@@ -177,14 +175,14 @@ class CompletionCall:
 class ChatCall:
     """One /v1/chat/completions call after validation."""
 
-    def __init__(self, h: "Handlers", req: ChatCompletionRequest, sub: Submission) -> None:
-        self.h, self.req, self.sub = h, req, sub
+    def __init__(self, model: str, text_of: TokenText, req: ChatCompletionRequest, sub: Submission) -> None:
+        self.model, self.text_of, self.req, self.sub = model, text_of, req, sub
         self.rid = f"chatcmpl-{uuid.uuid4().hex}"
 
     def frame(self, delta: dict | None, reason: str | None, lp: dict | None = None,
               usage_: dict | None = None) -> dict:
         choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": reason}]
-        return envelope(self.rid, "chat.completion.chunk", self.h.cfg.model_name, choices, usage_,
+        return envelope(self.rid, "chat.completion.chunk", self.model, choices, usage_,
                         self.req.include_usage)
 
     async def chunks(self) -> AsyncIterator[str]:
@@ -192,7 +190,7 @@ class ChatCall:
         n_prompt = n_out = 0
         async for _, out in self.sub.outputs():
             reason = out.finish_reason.value if out.finished else None
-            lp = chat_logprobs(self.h.text_of, out.logprobs) if self.req.logprobs else None
+            lp = chat_logprobs(self.text_of, out.logprobs) if self.req.logprobs else None
             if out.text or reason or lp:
                 yield sse(self.frame({"content": out.text} if out.text else {}, reason, lp))
             n_prompt, n_out = out.num_prompt_tokens, out.num_output_tokens
@@ -206,7 +204,7 @@ class ChatCall:
         if self.sub.disconnected or last is None or not last.finished:
             return Response(status_code=499)  # the client went away, maybe after partial output
         choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                  "logprobs": chat_logprobs(self.h.text_of, lps) if self.req.logprobs else None,
+                  "logprobs": chat_logprobs(self.text_of, lps) if self.req.logprobs else None,
                   "finish_reason": last.finish_reason.value}
-        return envelope(self.rid, "chat.completion", self.h.cfg.model_name, [choice],
+        return envelope(self.rid, "chat.completion", self.model, [choice],
                         usage(last.num_prompt_tokens, last.num_output_tokens))

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from dsla.eval import plots
-from dsla.eval.report import FORMAT, read_report, series, to_markdown, write_report
+from dsla.eval.report import FORMAT, read_report, to_markdown, write_report
+from dsla.eval.runs import series
 
 
 def fake_run(model: str, ratio: float, q: float) -> dict:
