@@ -44,6 +44,14 @@ class ApiConfig:
     retry_after_s: int = 1  # Retry-After of a 503 for a full queue
     allowed_hosts: tuple[str, ...] | None = None  # Host header names answered; None: any
 
+    def __post_init__(self) -> None:
+        if self.max_body_bytes <= 0:
+            raise ValueError(f"max_body_bytes={self.max_body_bytes} must be positive (--max-body-kb)")
+        if self.retry_after_s < 0:
+            raise ValueError(f"retry_after_s={self.retry_after_s} must be >= 0")
+        if self.allowed_hosts is not None and not self.allowed_hosts:
+            raise ValueError("allowed_hosts is empty: no request could be answered (give names, or '*' for any)")
+
 
 def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     """JSON with non-ASCII escaped: a client's lone surrogate echoed back cannot break the encoding."""
