@@ -38,6 +38,7 @@ from dsla.serve.scheduler import Scheduler, SchedulerConfig
 
 log = logging.getLogger(__name__)
 IDLE_POLL_S = 0.5  # how long an idle engine blocks on its inbox before checking for shutdown
+FAULT_BACKOFF_S = 0.1  # pause after an engine fault that failed no request (it may recur at once)
 PLAN_HISTORY = 256  # plan changes kept for /v1/dsla/plan
 LATENCY_WINDOW_S = 30.0  # recent TTFT/TPOT window without a controller
 
@@ -50,7 +51,7 @@ class EngineOverloaded(RuntimeError):
 class _Tracked:
     """Engine-side companions of a request: where its outputs go and what was sent already."""
 
-    def __init__(self, req: Request, sink: Sink, detok: Detokenizer) -> None:
+    def __init__(self, req: Request, sink: Sink, detok: Detokenizer | None) -> None:
         self.req, self.sink, self.detok = req, sink, detok
         self.sent_tokens = 0
         self.sent_prompt_logprobs = False
@@ -83,6 +84,7 @@ class Engine:
         self._stop = threading.Event()
         self.admitting = True  # False once a shutdown began: submit() refuses new requests
         self._in_step: tuple[str, ...] | None = None  # ids of the requests the current step scheduled
+        self._scheduling = False  # inside scheduler.schedule(): a fault there leaves its state unknown
         self.error: BaseException | None = None  # set if the loop itself died
 
     @property
@@ -202,13 +204,15 @@ class Engine:
         return False
 
     def _fault(self, e: Exception) -> None:
-        """An exception escaped a step or the loop: fail the step's requests (every request when
-        the scheduler itself failed), count the fault, and carry on."""
+        """An exception escaped a step or the loop: fail the requests it touched (the step's; every
+        request when the scheduler itself failed; none outside a step), count the fault, carry on."""
         log.exception("engine fault; failing the affected requests and serving on")
         self.metrics.inc("engine_faults_total")
-        victims = list(self._tracked) if self._in_step is None else list(self._in_step)
-        self._in_step = None
+        victims = list(self._tracked) if self._scheduling else list(self._in_step or ())
+        self._in_step, self._scheduling = None, False
         self._fail(victims, f"engine fault: {type(e).__name__}: {e}")
+        if not victims:  # nothing was failed, so the same fault may come straight back: do not spin
+            self._stop.wait(FAULT_BACKOFF_S)
 
     def _fail(self, request_ids: Sequence[str], message: str) -> int:
         """Finish these requests with an error; never raises (a broken state is cleaned up by hand)."""
@@ -242,11 +246,24 @@ class Engine:
         except queue.Empty:
             return
         while True:
-            self._handle(msg)
+            try:
+                self._handle(msg)
+            except Exception as e:  # one message's fault fails its own request, not the loop
+                self._message_fault(msg, e)
             try:
                 msg = self._inbox.get_nowait()
             except queue.Empty:
                 return
+
+    def _message_fault(self, msg: tuple, e: Exception) -> None:
+        log.exception("engine fault handling a %r message", msg[0])
+        self.metrics.inc("engine_faults_total")
+        if msg[0] == "add":  # the request may be half registered: drop it by hand and tell its client
+            _, req, sink = msg
+            t = self._tracked.setdefault(req.request_id, _Tracked(req, sink, None))
+            self._drop(t, f"engine fault: {type(e).__name__}: {e}")
+        elif msg[0] == "abort":
+            self._fail([msg[1]], f"engine fault: {type(e).__name__}: {e}")
 
     def _handle(self, msg: tuple) -> None:
         kind = msg[0]
@@ -275,7 +292,9 @@ class Engine:
 
     def step(self) -> None:
         """Schedule, run one forward, sample, emit. Public so tests can step without the thread."""
+        self._scheduling = True
         out = self.scheduler.schedule()
+        self._scheduling = False
         self._in_step = tuple(c.request.request_id for c in out.chunks)
         self.runner.free(out.freed)
         if out.preempted:

@@ -298,6 +298,53 @@ def test_an_output_fault_fails_only_that_request(make_client, serve_tok):
     assert engine.is_alive and engine.metrics.snapshot()["request_errors_total"] == 1
 
 
+def test_a_fault_admitting_one_request_fails_it_alone(serve_model, serve_tok, monkeypatch):
+    import dsla.serve.engine as engine_mod
+
+    real = engine_mod.Detokenizer
+
+    def picky(tok, prompt_ids, stop=()):
+        if list(prompt_ids) == [9, 9]:
+            raise RuntimeError("detokenizer bug")
+        return real(tok, prompt_ids, stop)
+
+    monkeypatch.setattr(engine_mod, "Detokenizer", picky)
+    engine = make_engine(serve_model, serve_tok)
+    try:
+        good, bad = Collector(), Collector()
+        engine.submit([5, 6, 7], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True), good)
+        engine.submit([9, 9], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True), bad)
+        good.wait(60), bad.wait(60)
+    finally:
+        engine.shutdown()
+    assert bad.outputs[-1].finish_reason.value == "error" and "detokenizer bug" in bad.outputs[-1].error
+    assert good.outputs[-1].finish_reason.value == "length" and len(good.token_ids) == 8
+    assert engine.metrics.snapshot()["engine_faults_total"] == 1 and engine.error is None
+
+
+def test_a_fault_outside_any_step_fails_no_request(serve_model, serve_tok):
+    engine = make_engine(serve_model, serve_tok, start=False)
+    real, calls = engine._load_metrics, []
+
+    def broken(now):
+        calls.append(1)
+        if len(calls) == 2:
+            raise ValueError("metrics bug")
+        return real(now)
+
+    engine._load_metrics = broken
+    engine.start()
+    try:
+        c = Collector()
+        engine.submit([5, 6, 7], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True), c)
+        c.wait(60)
+        assert wait_for(lambda: len(calls) >= 3)
+    finally:
+        engine.shutdown()
+    assert c.outputs[-1].finish_reason.value == "length" and len(c.token_ids) == 8
+    assert engine.metrics.snapshot()["engine_faults_total"] == 1 and engine.error is None
+
+
 # ---- defect 6: set_plan is all or nothing ------------------------------------------------------------
 def plan_state(engine) -> dict:
     m = engine.metrics.snapshot()
