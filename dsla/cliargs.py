@@ -15,6 +15,13 @@ def _parse_ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected a comma-separated list of integers, got {text!r}") from None
 
 
+def _parse_floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of numbers, got {text!r}") from None
+
+
 def _optional(base: type):
     """Parse ``base`` values, or "none" for None (fields typed ``X | None``)."""
     def parse(text: str):
@@ -45,6 +52,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: tu
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
         elif typ in (int, float, str):
             parser.add_argument(flag, type=typ, default=default, help=f"(default: {default})")
+        elif args and args[0] is float:  # tuple[float, ...]
+            parser.add_argument(flag, type=_parse_floats, default=default, help="comma-separated numbers")
         else:  # tuple[int, ...]
             parser.add_argument(flag, type=_parse_ints, default=default, help="comma-separated integers")
 

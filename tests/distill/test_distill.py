@@ -24,9 +24,15 @@ def windows_fn(salt: int):
 
 def tiny_cfg(**kw) -> DistillConfig:
     base = dict(dsla=DSLAConfig(feature_dim=8, chunk_size=8), seq_len=32, attn_sequences=8, attn_steps=4,
-                val_sequences=2, batch_size=4, e2e_sequences=4, rank_sequences=4)
+                val_sequences=2, batch_size=4, layer_kl_sequences=4, rank_sequences=4,
+                e2e_steps=4, e2e_seq_len=32, e2e_windows=2, e2e_topk=8, e2e_save_every=2)
     base.update(kw)
     return DistillConfig(**base)
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DSLA_HOME", str(tmp_path / "home"))  # the teacher top-k cache goes here
 
 
 def run(tiny_dir, out, cfg, **kw):
@@ -73,7 +79,7 @@ def test_kill_and_resume_equals_uninterrupted(tiny_dir, tmp_path, monkeypatch):
     _, full = run(tiny_dir, tmp_path / "full", cfg)
 
     calls = {"n": 0}
-    real = train_mod.train_e2e_stage
+    real = train_mod.train_layer_kl_stage
 
     def dies_on_second_layer(*a, **k):
         calls["n"] += 1
@@ -81,11 +87,11 @@ def test_kill_and_resume_equals_uninterrupted(tiny_dir, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(train_mod, "train_e2e_stage", dies_on_second_layer)
+    monkeypatch.setattr(train_mod, "train_layer_kl_stage", dies_on_second_layer)
     with pytest.raises(KeyboardInterrupt):
         run(tiny_dir, tmp_path / "resumed", cfg)
     assert len(read_manifest(tmp_path / "resumed")["layers_done"]) == 1
-    monkeypatch.setattr(train_mod, "train_e2e_stage", real)
+    monkeypatch.setattr(train_mod, "train_layer_kl_stage", real)
     _, resumed = run(tiny_dir, tmp_path / "resumed", cfg)
     assert resumed["layers_done"] == full["layers_done"]
     a, b = load_file(tmp_path / "full" / "dsla.safetensors"), load_file(tmp_path / "resumed" / "dsla.safetensors")
