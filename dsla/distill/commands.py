@@ -162,3 +162,28 @@ def run_rank(args: argparse.Namespace) -> int:
     for i in order:
         print(f"  layer {i:3d}: {scores[i]:.4f}")
     return 0
+
+
+# ---- dsla export ------------------------------------------------------------------------------
+def add_export_arguments(p: argparse.ArgumentParser) -> None:
+    from dsla.cli import add_model_arguments
+
+    add_model_arguments(p)
+    p.add_argument("student", type=Path, help="student directory from `dsla distill`")
+    p.add_argument("--out", type=Path, required=True,
+                   help="directory of the compact copy (the shipped default: dsla/students/default)")
+    p.add_argument("--report", type=Path, default=None,
+                   help="a `dsla eval` report.json of this student to ship beside it (the server's quality curve)")
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from dsla.distill.artifact import export_student
+    from dsla.fileio import atomic_write
+
+    teacher, model, sha = _setup(args)
+    size = export_student(args.student, args.out, model, sha)
+    if args.report is not None:
+        src = args.report / "report.json" if args.report.is_dir() else args.report
+        atomic_write(args.out / "report.json", lambda tmp: Path(tmp).write_bytes(src.read_bytes()))
+    print(f"exported {args.student} -> {args.out}: weights {size / 2**20:.1f} MiB")
+    return 0

@@ -292,7 +292,10 @@ def end_to_end(model: HybridLM, out_dir: Path, cfg: DistillConfig, manifest: dic
     key = {"teacher": manifest["teacher"]["sha256"], "topk": cfg.e2e_topk,
            "dtype": str(model.model.embed_tokens.weight.dtype)}
     t_logp, t_ids = cached_teacher_topk(model, windows, cfg.e2e_topk, dsla_home() / "cache" / "e2e", key, progress)
-    manifest.setdefault("e2e", {"step": 0, "losses": [], "wall_time_s": 0.0})["layers"] = layers
+    rec = manifest.setdefault("e2e", {"step": 0, "losses": [], "wall_time_s": 0.0})
+    if rec["step"] == 0:  # the layer-wise student as it was, for ablations (`dsla eval --student DIR/stage1`)
+        save_student(out_dir / "stage1", model, {k: v for k, v in manifest.items() if k != "e2e"})
+    rec["layers"] = layers
     train_e2e(model, layers, cfg, windows, t_logp, t_ids, out_dir, manifest,
               lambda: save_student(out_dir, model, manifest), progress)
 

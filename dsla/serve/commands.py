@@ -8,6 +8,7 @@ controller (``dsla.serve.policy``) convert layers under load and revert them whe
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -82,7 +83,8 @@ def build_engine(teacher: str | Path, dtype: str = "float32", student: str | Pat
             log.warning("adaptive policy without --student: it converts untrained DSLA layers in index order "
                         "(output quality will suffer; distill a student with `dsla distill`)")
             model.add_dsla([i for i in order if i not in model.dsla_layers()])
-        controller = Controller(policy_config or PolicyConfig(), order, quality)
+        controller = Controller(policy_config or PolicyConfig(quality_budget=PolicyConfig.quality_budget if quality else None),
+                                order, quality)
     runner = ModelRunner(model, plan)
     return Engine(runner, Tokenizer(teacher), config or SchedulerConfig(), controller=controller, order=order)
 
@@ -159,9 +161,19 @@ def run(args: argparse.Namespace) -> int:
                              cache_budget_bytes=int(args.cache_budget_mb * 2**20), max_waiting=args.max_waiting,
                              decode_reserve_tokens=args.decode_reserve_tokens)
     layers = parse_list(args.dsla_layers, int) if args.dsla_layers else None
-    quality = read_quality_report(args.quality_report, args.student) if args.quality_report else ()
+    policy_config = dataclass_from_args(PolicyConfig, args)
+    report = args.quality_report
+    if report is None and args.student is not None and (Path(args.student) / "report.json").is_file():
+        report = Path(args.student) / "report.json"  # a shipped student carries its own eval report
+    quality = read_quality_report(report, args.student) if report else ()
+    if args.policy == "adaptive" and not quality and policy_config.quality_budget == PolicyConfig().quality_budget:
+        log.warning("no quality report (--quality-report, or report.json in the student directory): the default "
+                    "quality budget of %.0f%% is not enforced", 100 * policy_config.quality_budget)
+        policy_config = dataclasses.replace(policy_config, quality_budget=None)
+    if quality:
+        log.info("quality curve from %s: %s", report, ", ".join(f"{r:.2f}: +{q:.1%}" for r, q in quality))
     engine = build_engine(teacher, args.dtype, args.student, layers, args.dsla_ratio, config, args.policy,
-                          dataclass_from_args(PolicyConfig, args), quality)
+                          policy_config, quality)
     name = args.served_model_name or teacher.name
     app = create_app(engine, name, api_key=args.api_key, max_body_bytes=args.max_body_kb * 1024)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:

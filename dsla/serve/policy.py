@@ -52,7 +52,7 @@ class PolicyConfig:
     step_layers: int = 1  # layers converted per unit of overload factor: k = step_layers * floor(factor)
     max_step_layers: int = 4  # at most this many layers per conversion step
     revert_step_layers: int = 1  # layers reverted per step
-    quality_budget: float | None = None  # max expected relative perplexity increase (0.1 = +10%); None: no budget
+    quality_budget: float | None = 0.15  # max expected relative perplexity increase (0.15 = +15%) from the student's eval report; None: no budget
     interval_s: float = 0.5  # how often the engine asks the policy, seconds
 
     def __post_init__(self) -> None:
@@ -210,7 +210,7 @@ def decide(cfg: PolicyConfig, load: LoadSnapshot, state: PolicyState, order: Seq
         if room <= 0:
             return hold(f"{why}; at max_ratio {cfg.max_ratio} ({n_conv}/{num_layers} layers)")
         k = min(cfg.max_step_layers, cfg.step_layers * math.floor(factor), room, len(todo))
-        if cfg.quality_budget is not None:
+        if cfg.quality_budget is not None and quality:
             while k > 0 and expected_increase(quality, (n_conv + k) / num_layers) > cfg.quality_budget:
                 k -= 1
             if k == 0:

@@ -135,3 +135,27 @@ def test_bad_config_values_are_named():
         DistillConfig(order="given")
     with pytest.raises(ValueError, match="num_states"):
         DSLAConfig(num_states=3)
+
+
+def test_compact_export_loads_to_the_same_model(tiny_dir, tmp_path):
+    from dsla.distill.artifact import export_student
+
+    run(tiny_dir, tmp_path / "s", tiny_cfg(e2e_steps=0))
+    (tmp_path / "s" / "report.json").write_text("{}")
+    teacher = load_teacher(tiny_dir)
+    for block in teacher.model.layers:  # the same teacher `run` distilled from
+        block.self_attn.q_proj.weight.mul_(6.0)
+    export_student(tmp_path / "s", tmp_path / "c", teacher, SHA)
+    assert (tmp_path / "c" / "report.json").is_file()
+    assert any(k.endswith("_delta") for k in load_file(tmp_path / "c" / "dsla.safetensors"))
+    outs = []
+    for d in ("s", "c"):
+        model = load_teacher(tiny_dir)
+        for block in model.model.layers:
+            block.self_attn.q_proj.weight.mul_(6.0)
+        m = load_student(model, tmp_path / d, SHA)
+        with torch.no_grad():
+            outs.append(model(torch.arange(3, 40)[None], dsla_layers=m["layers_done"]))
+    torch.testing.assert_close(outs[0], outs[1], rtol=2e-2, atol=2e-2)
+    with pytest.raises(ValueError, match="distilled from teacher"):
+        load_student(load_teacher(tiny_dir), tmp_path / "c", "f" * 64)
