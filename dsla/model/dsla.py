@@ -223,7 +223,7 @@ class DSLAAttention(nn.Module):
                         fqr.permute(2, 0, 1, 3, 4), gr.permute(2, 0, 1, 3, 4), *args, s0, window=W)
             u[:, :, idx] = ur.permute(1, 2, 0, 3, 4).reshape(H, G, -1, V + 1)
             if states is not None:
-                for t in (s1.states, s1.k, s1.v):
+                for t in (s1.states, kr, vr):  # rows already in a window were checked when they came
                     check_finite(t)
                 for j, r in enumerate(rs):
                     st = states[r]

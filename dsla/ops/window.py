@@ -117,9 +117,9 @@ def _concat(st: WindowState, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tens
     validity of each row (B, W+T): row i is a token iff i ≥ W - count."""
     W, T = st.k.shape[2], k.shape[2]
     valid = torch.arange(W + T, device=k.device)[None] >= (W - st.count)[:, None]  # (B, W+T)
-    vm = valid[:, None, :, None]
-    kc = torch.where(vm, torch.cat([st.k, k], dim=2), 0)  # (B, H, W+T, D)
-    vc = torch.where(vm, torch.cat([st.v, v], dim=2), 0)  # (B, H, W+T, V)
+    vm = valid[:, None, :W, None]  # only window rows can be empty
+    kc = torch.cat([torch.where(vm, st.k, 0), k], dim=2)  # (B, H, W+T, D)
+    vc = torch.cat([torch.where(vm, st.v, 0), v], dim=2)  # (B, H, W+T, V)
     return kc, vc, valid
 
 
@@ -208,16 +208,20 @@ def _band(q: Tensor, kc: Tensor, vc: Tensor, valid: Tensor, W: int) -> tuple[Ten
         kc = torch.cat([kc, kc.new_zeros(B, H, pad, D)], dim=2)
         vc = torch.cat([vc, vc.new_zeros(B, H, pad, V)], dim=2)
         valid = torch.cat([valid, valid.new_ones(B, pad)], dim=1)
-    qb = q.view(B, H, G, nb, Q, D).transpose(2, 3).reshape(B, H, nb, G * Q, D)  # (B, H, nb, G*Q, D)
+    qb = q.view(B, H, G, nb, Q, D).transpose(2, 3).reshape(B, H, nb, G * Q, D) / math.sqrt(D)
     kb = kc.unfold(2, W + Q, Q)  # (B, H, nb, D, W+Q)
     vb = vc.unfold(2, W + Q, Q).transpose(-1, -2)  # (B, H, nb, W+Q, V)
-    s = (qb @ kb).view(B, H, nb, G, Q, W + Q) / math.sqrt(D)
+    s = (qb @ kb).view(B, H, nb, G, Q, W + Q)  # scores
     a = torch.arange(Q, device=q.device)[:, None]
     c = torch.arange(W + Q, device=q.device)[None]
     band = (c > a) & (c <= a + W)  # (Q, W+Q)
-    ok = band & valid.unfold(1, W + Q, Q)[:, None, :, None, None, :]  # (B, 1, nb, 1, Q, W+Q)
-    s = s.masked_fill(~ok, float("-inf"))
-    w = (s - s.amax(-1, keepdim=True)).exp()  # (B, H, nb, G, Q, W+Q)
+    off = ~(band & valid.unfold(1, W + Q, Q)[:, None, :, None, None, :])  # (B, 1, nb, 1, Q, W+Q)
+    if torch.is_grad_enabled() and s.requires_grad:
+        s = s.masked_fill(off, float("-inf"))
+        w = (s - s.amax(-1, keepdim=True)).exp()  # (B, H, nb, G, Q, W+Q)
+    else:  # without autograd in place: the scores are the biggest temporary
+        s.masked_fill_(off, float("-inf"))
+        w = s.sub_(s.amax(-1, keepdim=True)).exp_()
     num = (w.view(B, H, nb, G * Q, W + Q) @ vb).view(B, H, nb, G, Q, V)
     num = num.transpose(2, 3).reshape(B, H, G, P, V)[:, :, :, :T]
     den = w.sum(-1).transpose(2, 3).reshape(B, H, G, P, 1)[:, :, :, :T]
@@ -255,7 +259,7 @@ def window_step(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, log_gates: Tensor, 
     kc, vc, valid = _concat(st, k, v)  # (B, H, W+1, ·): row 0 leaves the window, rows 1..W are it
     fk, v1 = _entering(kc, vc, valid, 1, feature, acc)
     u_lin, states = dsla_step(fq.to(acc), fk, v1, log_gates, mix, st.states)  # (B, H, G, 1, V+1)
-    s = q[:, :, :, 0].to(acc) @ kc[:, :, 1:].to(acc).mT / math.sqrt(D)  # (B, H, G, W)
+    s = (q[:, :, :, 0].to(acc) / math.sqrt(D)) @ kc[:, :, 1:].to(acc).mT  # (B, H, G, W)
     s = s.masked_fill(~valid[:, None, None, 1:], float("-inf"))
     w = (s - s.amax(-1, keepdim=True)).exp()
     num = (w @ vc[:, :, 1:].to(acc))[:, :, :, None]  # (B, H, G, 1, V)
