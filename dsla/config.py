@@ -128,6 +128,7 @@ class DSLAConfig:
     history_mix_init: float = 0.5  # initial weight gamma of the history state in the output
     chunk_size: int = 64  # tokens per chunk in the chunk-parallel form
     eps: float = 1e-6  # added to the normaliser phi(q).z
+    window: int = 0  # tokens of exact softmax attention (the last W); older ones in the states. 0: pure DSLA (the paper)
 
     def __post_init__(self) -> None:
         if self.num_states not in (1, 2):
@@ -145,6 +146,8 @@ class DSLAConfig:
             )
         if self.chunk_size <= 0:
             raise ValueError(f"chunk_size={self.chunk_size} must be positive")
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 0:
+            raise ValueError(f"window={self.window!r} must be a whole number of tokens >= 0 (0: pure DSLA)")
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,8 @@ def read_manifest(student_dir: str | Path) -> dict[str, Any]:
     m = json.loads(p.read_text())
     if m.get("format") != FORMAT:
         raise ValueError(f"{p} has format {m.get('format')!r}; this dsla reads {FORMAT!r}")
+    if isinstance(m.get("config", {}).get("dsla"), dict):  # fields added later (window) take their defaults
+        m["config"]["dsla"] = {**config_dict(DSLAConfig()), **m["config"]["dsla"]}
     return m
 
 
