@@ -3,11 +3,11 @@
 #   1. rank: the retrieval probe (each layer alone restricted to local attention; loss at 1024
 #      tokens and passkey log-likelihood) -> a retrieval-aware conversion order;
 #   2. distill: layer-wise (chained, 1024-token windows) over the first $LAYERS layers of that
-#      order, then the end-to-end KL stage (2048-token windows, ratio drawn per step);
+#      order with an exact 64-token window, then the end-to-end KL stage (2048-token windows, ratio drawn per step);
 #   3. eval: perplexity (1024-token windows), loss by position and passkey at ratios 0..$RATIOS;
 #   4. export: the compact artifact + its eval report into dsla/students/default.
 # Every step resumes where it stopped: re-run the same command after an interruption.
-# Usage: scripts/make_default_student.sh [extra `dsla distill` flags, e.g. --window 64]
+# Usage: scripts/make_default_student.sh [extra `dsla distill` flags, e.g. --window 0 for pure DSLA]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
@@ -26,7 +26,7 @@ if [ ! -f "$RANK" ]; then
     --sequences 4 --seq-len 1024 --passkey-prompts 4 --passkey-context 1024
 fi
 ORDER=$("$BIN/python" -c 'import json, sys; print(",".join(map(str, json.load(open(sys.argv[1]))["order"])))' "$RANK")
-"$BIN/dsla" distill --order given --layers "$ORDER" --max-layers "$LAYERS" --dtype "$DTYPE" \
+"$BIN/dsla" distill --order given --layers "$ORDER" --max-layers "$LAYERS" --window 64 --dtype "$DTYPE" \
   --threads "$THREADS" --out "$OUT" --no-loss-delta "$@"
 "$BIN/dsla" eval ppl position passkey --student "$OUT" --ratios "$RATIOS" --dtype "$DTYPE" \
   --threads "$THREADS" --no-progress --out "$OUT/eval" --position-windows 2 \
