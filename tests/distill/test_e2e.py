@@ -60,8 +60,11 @@ def test_e2e_lowers_the_kl_and_trains_only_the_converted_layers(tiny_dir, tmp_pa
     assert not (tmp_path / "s" / e2e_mod.E2E_STATE).exists()
 
 
-def test_e2e_draws_k_from_the_ratios(tiny_dir, tmp_path):
-    _, m = run(tiny_dir, tmp_path / "s", tiny_cfg(e2e_steps=12, e2e_ratios=(0.34, 1.0)))
+@pytest.mark.parametrize("window", [0, 4])
+def test_e2e_draws_k_from_the_ratios(tiny_dir, tmp_path, window):
+    from dsla.config import DSLAConfig
+    dsla = DSLAConfig(feature_dim=8, chunk_size=8, window=window)
+    _, m = run(tiny_dir, tmp_path / "s", tiny_cfg(e2e_steps=12, e2e_ratios=(0.34, 1.0), dsla=dsla))
     assert {k for k, _ in m["e2e"]["losses"]} == {1, 3}
 
 
