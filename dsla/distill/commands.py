@@ -21,11 +21,13 @@ def _setup(args: argparse.Namespace):
 
 
 def window_sources(teacher: Path, seq_len: int, e2e_seq_len: int | None = None):
-    """Callables (num, seed) -> windows over the train and validation splits of all corpora
-    (and, with ``e2e_seq_len``, a third one over the train split at that length)."""
+    """Callables (num, seed) -> windows over the train and validation splits of the distillation
+    corpora, ``CORPORA`` (and, with ``e2e_seq_len``, a third one over the train split at that
+    length). The evaluation-only corpora (``EVAL_CORPORA``) are never read here."""
+    from dsla.data.corpora import CORPORA
     from dsla.distill.data import corpus_tokens, random_windows
 
-    train, val = corpus_tokens(teacher, "train"), corpus_tokens(teacher, "validation")
+    train, val = corpus_tokens(teacher, "train", CORPORA), corpus_tokens(teacher, "validation", CORPORA)
     out = (lambda n, seed: random_windows(train, seq_len, n, seed),
            lambda n, seed: random_windows(val, seq_len, n, seed))
     if e2e_seq_len is None:
