@@ -46,14 +46,15 @@ and v's dtype (the model dtype), so a prefill and a fold store the same rows.
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from dsla.ops.dsla import _acc_dtype, dsla_chunked, dsla_fold, dsla_reference, dsla_step
 
-__all__ = ["WindowState", "window_reference", "window_chunked", "window_step", "window_fold"]
+__all__ = ["WindowState", "window_chunked", "window_fold", "window_reference", "window_step"]
 
 Feature = Callable[[Tensor], Tensor]
 
@@ -233,7 +234,7 @@ def window_chunked(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, log_gates: Tenso
                    window: int, chunk_size: int = 64) -> tuple[Tensor, WindowState]:
     """Prefill / training form; equals window_reference. Any T ≥ 0; continues from ``state``
     (its window rows go in front of the new tokens). Differentiable through plain torch ops."""
-    B, H, T, D, V, W = _check(q, k, v, fq, log_gates, state, window)
+    *_, T, _, _, W = _check(q, k, v, fq, log_gates, state, window)
     acc = _acc_dtype(fq)
     st = _initial(state, k, v, log_gates, W, acc)
     kc, vc, valid = _concat(st, k, v)
@@ -251,7 +252,7 @@ def window_step(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, log_gates: Tensor, 
                 window: int) -> tuple[Tensor, WindowState]:
     """One decode step (T must be 1), batched over B sequences whose windows may hold different
     numbers of rows."""
-    B, H, T, D, V, W = _check(q, k, v, fq, log_gates, state, window)
+    *_, T, D, _, W = _check(q, k, v, fq, log_gates, state, window)
     if T != 1:
         raise ValueError(f"window_step takes exactly one token, got T = {T}; use window_chunked for T > 1")
     acc = _acc_dtype(fq)
@@ -274,7 +275,7 @@ def window_fold(k: Tensor, v: Tensor, log_gates: Tensor, feature: Feature,
 
     Raises ValueError when a result is not finite: a NaN must never be saved in a state.
     """
-    B, H, T, D, V, W = _check(None, k, v, None, log_gates, state, window)
+    *_, T, _, _, W = _check(None, k, v, None, log_gates, state, window)
     acc = _acc_dtype(log_gates)
     st = _initial(state, k, v, log_gates, W, acc)
     kc, vc, valid = _concat(st, k, v)
