@@ -17,7 +17,7 @@ adds nothing) with unshifted queries and gates, and the forms below reuse those 
 a deterministic function of the window's scores, so every form computes the same u.
 
 Forms with one signature, ``fn(q, k, v, fq, log_gates, mix, factor, feature, state=None, *,
-window, ...) -> (u, state)``:
+window, ...) -> (u, state)`` (the fold, like ``dsla_fold``, takes no queries and returns the state):
 
     q          (B, H, G, T, D)   queries after RoPE (exact part)
     k          (B, H, T, D)      keys after RoPE
