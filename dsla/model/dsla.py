@@ -35,8 +35,8 @@ from dsla.config import DSLAConfig
 from dsla.model.llama import LlamaAttention, split_heads, uniform_length
 from dsla.model.state import DSLAState, KVState
 from dsla.ops.dsla import dsla_chunked, dsla_fold, dsla_step
-from dsla.ops.window import WindowState, window_chunked, window_fold, window_step
 from dsla.ops.rope import apply_rope, rope_cos_sin, unapply_rope
+from dsla.ops.window import WindowState, window_chunked, window_fold, window_step
 
 
 class HeadwiseLinear(nn.Module):
@@ -186,50 +186,60 @@ class DSLAAttention(nn.Module):
     def _attend_window(self, q: Tensor, k_raw: Tensor, k: Tensor, v: Tensor, fq: Tensor,
                        seq_lens: Sequence[int], states: Sequence[DSLAState] | None) -> Tensor:
         """DSLA with the exact window: u (H, G, N, V+1). q (H, G, N, D); k, v (H, N, D)."""
-        H, G, N, D = q.shape
-        V, W = v.shape[-1], self.cfg.window
+        H, G, _, D = q.shape
+        V = v.shape[-1]
         g = self.log_gates(k_raw)  # (H, S, N, K)
-        args = (self.mix(), self.window_factor(), self.key_feature)
         T = uniform_length(seq_lens, states)
-        if T is not None:  # stateless rectangular batch (training): one chunked call
-            B = len(seq_lens)
-            u, _ = window_chunked(
-                q.view(H, G, B, T, D).permute(2, 0, 1, 3, 4),  # (B, H, G, T, D)
-                k.view(H, B, T, D).transpose(0, 1), v.view(H, B, T, V).transpose(0, 1),  # (B, H, T, D)
-                fq.view(H, G, B, T, -1).permute(2, 0, 1, 3, 4),  # (B, H, G, T, K)
-                g.view(H, -1, B, T, g.shape[-1]).permute(2, 0, 1, 3, 4),  # (B, H, S, T, K)
-                *args, None, window=W, chunk_size=self.cfg.chunk_size)
-            return u.permute(1, 2, 0, 3, 4).reshape(H, G, B * T, V + 1)  # (H, G, N, V+1)
+        if T is None:
+            return self._run_window_requests(q, k, v, fq, g, seq_lens, states)
+        B = len(seq_lens)  # stateless rectangular batch (training): one chunked call
+        u, _ = window_chunked(
+            q.view(H, G, B, T, D).permute(2, 0, 1, 3, 4),  # (B, H, G, T, D)
+            k.view(H, B, T, D).transpose(0, 1), v.view(H, B, T, V).transpose(0, 1),  # (B, H, T, D)
+            fq.view(H, G, B, T, -1).permute(2, 0, 1, 3, 4),  # (B, H, G, T, K)
+            g.view(H, -1, B, T, g.shape[-1]).permute(2, 0, 1, 3, 4),  # (B, H, S, T, K)
+            self.mix(), self.window_factor(), self.key_feature, None,
+            window=self.cfg.window, chunk_size=self.cfg.chunk_size)
+        return u.permute(1, 2, 0, 3, 4).reshape(H, G, B * T, V + 1)  # (H, G, N, V+1)
+
+    def _run_window_requests(self, q: Tensor, k: Tensor, v: Tensor, fq: Tensor, g: Tensor,
+                             seq_lens: Sequence[int], states: Sequence[DSLAState] | None) -> Tensor:
+        """Per request, like ``_run_requests``: all single-token decodes in one step call (windows
+        of different fills), each prefill chunk a chunked call continuing from its state."""
+        H, G, N, _ = q.shape
+        V = v.shape[-1]
+        args = (self.mix(), self.window_factor(), self.key_feature)
         u = fq.new_empty(H, G, N, V + 1)
         starts = torch.tensor([0, *seq_lens]).cumsum(0).tolist()
         decode = [r for r, L in enumerate(seq_lens) if L == 1 and states is not None]
-        groups = [decode] if decode else []
-        groups += [[r] for r in range(len(seq_lens)) if r not in decode]
-        for rs in groups:  # all decodes in one step call; each prefill chunk on its own
+        groups = ([decode] if decode else []) + [[r] for r in range(len(seq_lens)) if r not in decode]
+        for rs in groups:
             if rs is decode:
                 idx = torch.tensor([starts[r] for r in rs], device=q.device)
                 qr, kr, vr = q[:, :, idx, None], k[:, idx, None], v[:, idx, None]  # (H, G, R, 1, D), (H, R, 1, D)
                 fqr, gr = fq[:, :, idx, None], g[:, :, idx, None]  # (H, G, R, 1, K), (H, S, R, 1, K)
+                fn = window_step
             else:
                 idx = slice(starts[rs[0]], starts[rs[0] + 1])  # one request: a batch of 1
                 qr, kr, vr = q[:, :, None, idx], k[:, None, idx], v[:, None, idx]  # (H, G, 1, L, D), (H, 1, L, D)
                 fqr, gr = fq[:, :, None, idx], g[:, :, None, idx]  # (H, G, 1, L, K), (H, S, 1, L, K)
+                fn = functools.partial(window_chunked, chunk_size=self.cfg.chunk_size)
             s0 = None if states is None else WindowState(
                 torch.stack([states[r].state for r in rs]),  # (R, H, S, K, V+1)
                 torch.stack([states[r].window_k for r in rs]), torch.stack([states[r].window_v for r in rs]),
                 torch.tensor([states[r].window_count for r in rs], device=q.device))
-            fn = window_step if rs is decode else functools.partial(window_chunked, chunk_size=self.cfg.chunk_size)
             ur, s1 = fn(qr.permute(2, 0, 1, 3, 4), kr.transpose(0, 1), vr.transpose(0, 1),
-                        fqr.permute(2, 0, 1, 3, 4), gr.permute(2, 0, 1, 3, 4), *args, s0, window=W)
+                        fqr.permute(2, 0, 1, 3, 4), gr.permute(2, 0, 1, 3, 4), *args, s0, window=self.cfg.window)
             u[:, :, idx] = ur.permute(1, 2, 0, 3, 4).reshape(H, G, -1, V + 1)
-            if states is not None:
-                for t in (s1.states, kr, vr):  # rows already in a window were checked when they came
-                    check_finite(t)
-                for j, r in enumerate(rs):
-                    st = states[r]
-                    st.state, st.length = s1.states[j], st.length + seq_lens[r]
-                    st.window_k.copy_(s1.k[j])
-                    st.window_v.copy_(s1.v[j])
+            if states is None:
+                continue
+            for t in (s1.states, kr, vr):  # rows already in a window were checked when they came
+                check_finite(t)
+            for j, r in enumerate(rs):  # the window rows stay in their preallocated buffers
+                st = states[r]
+                st.state, st.length = s1.states[j], st.length + seq_lens[r]
+                st.window_k.copy_(s1.k[j])
+                st.window_v.copy_(s1.v[j])
         return u
 
     def _run_requests(self, fq: Tensor, fk: Tensor, v1: Tensor, g: Tensor, mix: Tensor,

@@ -77,7 +77,8 @@ class DSLAState:
             raise TypeError(f"DSLA state must be float32, got {self.state.dtype}")
         if (self.window_k is None) != (self.window_v is None):
             raise ValueError("window_k and window_v go together: give both or neither")
-        if self.window_k is not None and (self.window_k.dim() != 3 or self.window_k.shape[:2] != self.window_v.shape[:2]):
+        wk, wv = self.window_k, self.window_v
+        if wk is not None and (wk.dim() != 3 or wv.dim() != 3 or wk.shape[:2] != wv.shape[:2]):
             raise ValueError(f"window_k and window_v must be (H, W, D) alike, got {tuple(self.window_k.shape)} "
                              f"and {tuple(self.window_v.shape)}")
 
@@ -91,7 +92,7 @@ class DSLAState:
         """Rows of the window that hold tokens."""
         return min(self.window, self.length)
 
-    def clone(self) -> "DSLAState":
+    def clone(self) -> DSLAState:
         """An independent copy (for forking a request's cache)."""
         wk = None if self.window_k is None else self.window_k.clone()
         wv = None if self.window_v is None else self.window_v.clone()

@@ -182,6 +182,9 @@ def test_window_changes_the_output_and_w0_has_no_new_parameter(tiny_dir):
     st0, st1 = m.dsla["0"].new_state(), m.dsla["1"].new_state()
     assert st0.window == 0 and st1.window == 4 and st1.window_k.shape == (2, 4, 8)
     assert st1.nbytes == st0.nbytes + 2 * 2 * 4 * 8 * 4  # + k and v rows (float32 model)
+    fork = st1.clone()  # what eval's fork_cache uses: an independent copy, window included
+    fork.window_k.fill_(1.0)
+    assert fork.window == 4 and not st1.window_k.any() and st0.clone().window_k is None
     ids = torch.randint(0, 97, (12,), generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         a = m(ids[None], dsla_layers=[0])

@@ -112,7 +112,9 @@ def test_prefill_prefill_decode_equals_one_pass():
     x, P, _ = make_inputs(B, T, H, G, D, K, V, S, W, init_state=False)
     q, k, v, fq, g, mix, f = x
     u_all, s_all = window_chunked(*x, phi_of(P), None, window=W, chunk_size=8)
-    sl = lambda a, b: (q[:, :, :, a:b], k[:, :, a:b], v[:, :, a:b], fq[:, :, :, a:b], g[:, :, :, a:b], mix, f)  # noqa: E731
+    def sl(a, b):  # the inputs of tokens a..b-1
+        return q[:, :, :, a:b], k[:, :, a:b], v[:, :, a:b], fq[:, :, :, a:b], g[:, :, :, a:b], mix, f
+
     u1, s = window_chunked(*sl(0, 37), phi_of(P), None, window=W, chunk_size=8)
     u2, s = window_chunked(*sl(37, 87), phi_of(P), s, window=W, chunk_size=8)
     outs = [u1, u2]
@@ -147,7 +149,7 @@ def test_gradients_match_reference(case):
     d_ref = _grads(lambda *a: window_reference(*a, window=W), x, P, st, weights)
     d = _grads(lambda *a: window_chunked(*a, window=W, chunk_size=C), x, P, st, weights)
     for name, a, b in zip(NAMES, d, d_ref):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=lambda m: f"d/d{name}: {m}")
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=lambda m, name=name: f"d/d{name}: {m}")
     if T == 5:  # the decode step too (T = 5 keeps the loop short)
         def stepwise(q, k, v, fq, g, mix, f, phi, s):
             outs = []
@@ -157,7 +159,7 @@ def test_gradients_match_reference(case):
                 outs.append(u_t)
             return torch.cat(outs, dim=3), s
         for name, a, b in zip(NAMES, _grads(stepwise, x, P, st, weights), d_ref):
-            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=lambda m: f"step d/d{name}: {m}")
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=lambda m, name=name: f"step d/d{name}: {m}")
 
 
 def test_reference_gradients_are_the_true_derivative():
