@@ -158,17 +158,17 @@ class DistillConfig:
     order: str = "entropy"  # entropy: low attention entropy first; reverse: high first; given: --layers
     layers: tuple[int, ...] = ()  # explicit order for order='given' (also limits which layers to train)
     seq_len: int = 1024  # tokens per training window of the layer-wise stage
-    attn_sequences: int = 32  # windows per layer for attention-output matching (stage 1)
-    attn_steps: int = 150  # optimiser steps of stage 1 (batches drawn in passes over the windows)
+    attn_sequences: int = 24  # windows per layer for attention-output matching (stage 1)
+    attn_steps: int = 60  # optimiser steps of stage 1 (batches drawn in passes over the windows)
     val_sequences: int = 4  # held-out windows per layer for the stage-1 validation metric
     batch_size: int = 4  # windows per optimiser step
     lr: float = 3e-3  # peak Adam lr of the feature maps, gates and mix in stage 1 (warm-up, cosine decay)
     train_projections: bool = True  # stage 1 also trains q_proj/o_proj, on the layer output after o_proj
     proj_lr: float = 1e-3  # peak Adam lr of q_proj/o_proj in stage 1
     layer_kl_sequences: int = 0  # windows per layer for an optional per-layer logit-KL stage after stage 1 (0: off)
-    e2e_steps: int = 80  # optimiser steps (one window each) of the end-to-end KL stage over all converted layers (0: off)
+    e2e_steps: int = 60  # optimiser steps (one window each) of the end-to-end KL stage over all converted layers (0: off)
     e2e_seq_len: int = 2048  # tokens per window of the end-to-end stage
-    e2e_windows: int = 40  # distinct training windows of the end-to-end stage (teacher top-k cached; steps cycle)
+    e2e_windows: int = 30  # distinct training windows of the end-to-end stage (teacher top-k cached; steps cycle)
     e2e_topk: int = 64  # teacher log-probs kept per position (the rest of the vocabulary is one bucket)
     e2e_ratios: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)  # each step converts round(ratio * layers) layers, drawn from these
     e2e_ce_weight: float = 0.0  # weight of next-token cross-entropy added to the KL (0: KL only)
