@@ -29,6 +29,7 @@ from dsla.serve.control import Controller, LatencyWindow
 from dsla.serve.detokenize import Detokenizer
 from dsla.serve.metrics import Metrics
 from dsla.serve.outputs import Collector, RequestOutput, Sink  # noqa: F401  (re-exported)
+from dsla.serve.live import Timeline, live_view
 from dsla.serve.policy import LoadSnapshot
 from dsla.serve.request import FinishReason, Request, SamplingOptions
 from dsla.serve.runner import ModelRunner
@@ -85,6 +86,9 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.error: BaseException | None = None  # set if the loop itself died
+        self.timeline = Timeline()  # one sample a second of load, plan and memory (the live page)
+        self.last_load: LoadSnapshot | None = None  # the load of the latest timeline sample
+        self._period_steps, self._period_step_s = 0, 0.0  # engine steps since that sample, their time
 
     @property
     def max_model_len(self) -> int:
@@ -154,6 +158,8 @@ class Engine:
                 self._drain(block=not self.scheduler.has_work)
                 now = time.monotonic()
                 self._load_metrics(now)
+                if self.timeline.due(now):
+                    self._sample(now)
                 if self.controller is not None:
                     try:
                         self.controller.tick(self, now)
@@ -210,6 +216,7 @@ class Engine:
 
     def step(self) -> None:
         """Schedule, run one forward, sample, emit. Public so tests can step without the thread."""
+        t0 = time.perf_counter()
         out = self.scheduler.schedule()
         self.runner.free(out.freed)
         if out.preempted:
@@ -231,6 +238,9 @@ class Engine:
             self.metrics.inc("steps_total")
         self.metrics.set(requests_running=self.scheduler.num_running, requests_waiting=self.scheduler.num_waiting,
                          cache_bytes_used=self.runner.cache_bytes())
+        took = time.perf_counter() - t0
+        self.metrics.observe("step_seconds", took)
+        self._period_steps, self._period_step_s = self._period_steps + 1, self._period_step_s + took
 
     def _process(self, t: _Tracked, completes: bool, res, now: float) -> None:
         req = t.req
@@ -382,6 +392,23 @@ class Engine:
         queued, oldest = self._queue(now)
         self.metrics.set(queued_prompt_tokens=queued, oldest_wait_seconds=oldest)
 
+    def _sample(self, now: float) -> None:
+        """Add a timeline sample (engine thread): load, plan, memory, tokens/s and step time since the last."""
+        load = self.last_load = self.load(now)
+        kv, state = self.runner.cache_bytes_by_kind()
+        snap, prev, wall = self.metrics.snapshot(), self.timeline.last(), time.time()
+        tokens = snap["generation_tokens_total"]
+        rate = (tokens - prev["generation_tokens"]) / (wall - prev["time"]) if prev and wall > prev["time"] else 0.0
+        steps, step_s = self._period_steps, self._period_step_s
+        self._period_steps, self._period_step_s = 0, 0.0
+        self.timeline.add(now, {
+            "time": wall, "ratio": len(self.runner.plan) / self.num_layers, "dsla_layers": len(self.runner.plan),
+            "running": self.scheduler.num_running, "waiting": self.scheduler.num_waiting,
+            "queued_prompt_tokens": load.queued_prompt_tokens, "oldest_wait_s": load.oldest_wait_s,
+            "generation_tokens": tokens, "tokens_per_s": rate, "steps": steps,
+            "step_s": step_s / steps if steps else None, "cache_bytes": load.cache_bytes,
+            "kv_bytes": kv, "dsla_state_bytes": state, "ttft_s": load.ttft_s, "tpot_s": load.tpot_s})
+
     def _plan_metrics(self) -> None:
         plan = set(self.runner.plan)
         self.metrics.set(dsla_layers=len(plan))
@@ -402,7 +429,8 @@ class Engine:
                 "controller": self.controller.describe() if self.controller else None, "load": load,
                 "generation_tokens_by_dsla_layers": snap["generation_tokens_by_dsla_layers_total"],
                 "layer_conversions_total": snap["layer_conversions_total"],
-                "layer_reverts_total": snap["layer_reverts_total"], "history": history, "time": time.time()}
+                "layer_reverts_total": snap["layer_reverts_total"], "history": history, "time": time.time(),
+                **live_view(self, conv, history)}
 
 
 def release_free_memory() -> None:
