@@ -138,6 +138,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-reserve-tokens", type=int, default=d.decode_reserve_tokens,
                    help="KV room reserved at admission for output tokens, beyond the prompt")
     p.add_argument("--max-body-kb", type=int, default=1024, help="request bodies over this get 413")
+    p.add_argument("--no-plan-control", action="store_true",
+                   help="refuse forced plan changes (POST /v1/dsla/plan answers 403); the live page is read-only")
     g = p.add_argument_group("adaptive policy (--policy adaptive; see dsla/serve/policy.py for each field)")
     g.add_argument("--quality-report", default=None,
                    help="report.json of `dsla eval` for the student: per-ratio perplexity for --quality-budget")
@@ -151,6 +153,7 @@ def run(args: argparse.Namespace) -> int:
     from dsla.cliargs import dataclass_from_args
     from dsla.paths import resolve_teacher
     from dsla.serve.api import create_app
+    from dsla.serve.dashboard import set_plan_control
     from dsla.serve.policy import PolicyConfig
     from dsla.serve.scheduler import SchedulerConfig
 
@@ -164,6 +167,7 @@ def run(args: argparse.Namespace) -> int:
                           dataclass_from_args(PolicyConfig, args), quality)
     name = args.served_model_name or teacher.name
     app = create_app(engine, name, api_key=args.api_key, max_body_bytes=args.max_body_kb * 1024)
+    set_plan_control(app, not args.no_plan_control)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         log.warning("serving on %s without --api-key: anyone who can reach it can use it", args.host)
     engine.start()
@@ -172,7 +176,8 @@ def run(args: argparse.Namespace) -> int:
     auth = ' -H "Authorization: Bearer $DSLA_API_KEY"' if args.api_key else ""
     print(f"\ndsla serve: http://{args.host}:{args.port}  (model {name!r}, policy {args.policy}; Ctrl-C stops)\n"
           f"try:\n  {curl_example(args.host, args.port, name, bool(args.api_key))}\n"
-          f"  curl http://{args.host}:{args.port}/v1/dsla/plan{auth}\n", flush=True)
+          f"  curl http://{args.host}:{args.port}/v1/dsla/plan{auth}\n"
+          f"live page: http://{args.host}:{args.port}/dashboard\n", flush=True)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:
