@@ -58,10 +58,11 @@ def live_view(engine: Any, converted: Sequence[int], history: list[dict[str, Any
     """What the live page shows beyond ``engine``'s plan (an ``Engine``; typed loosely to keep this
     module free of it): load signals against the policy's thresholds, the next candidate layer, the
     quality side and memory, from the latest timeline sample. Safe from any thread."""
-    load, ctl, sample = engine.last_load or LoadSnapshot(), engine.controller, engine.timeline.last() or {}
+    load = engine.last_load or LoadSnapshot(cache_budget_bytes=engine.config.cache_budget_bytes)  # before a sample
+    ctl, sample = engine.controller, engine.timeline.last() or {}
     if ctl is not None:
         sig = [{"name": n, "value": v, "convert": c, "revert": r} for n, v, c, r in signals(ctl.config, load)]
-        layer, why = next_candidate(ctl.config, converted, engine.order, engine.num_layers, ctl.quality)
+        layer, why = next_candidate(ctl.config, converted, ctl.order, engine.num_layers, ctl.quality)
     else:  # static: no thresholds; a forced ratio step would take the next layer of the order
         sig = [{"name": n, "value": v, "convert": None, "revert": None} for n, v in (
             ("queued_prompt_tokens", load.queued_prompt_tokens), ("queue_depth", load.queue_depth),
