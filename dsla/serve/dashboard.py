@@ -6,8 +6,9 @@
   script and style, packaged under ``dsla/serve/static/`` (no CDN, no build step). They carry no
   data, so they are open; the page forbids framing and any origin but its own (CSP).
 - ``GET /v1/dsla/dashboard?since=T``: what the page polls about once a second: the plan view
-  (``Engine.plan_view``) and the timeline samples newer than ``T`` (wall-clock seconds; all of the
-  last ten minutes without it). Like every /v1 route it needs the API key when one is set.
+  (``Engine.plan_view``) with the plan changes, and the timeline samples, newer than ``T``
+  (wall-clock seconds; everything kept, ten minutes of samples, without it). Like every /v1 route
+  it needs the API key when one is set.
 - The plan control guard: with ``set_plan_control(app, False)`` (``dsla serve --no-plan-control``)
   ``POST /v1/dsla/plan`` answers a JSON 403 and the page shows the plan read-only.
 
@@ -100,10 +101,18 @@ def finite(obj: Any) -> Any:
 
 
 def dashboard_data(engine, model_name: str, since: float | None, plan_control: bool) -> dict[str, Any]:
-    """The body of GET /v1/dsla/dashboard."""
+    """The body of GET /v1/dsla/dashboard: with ``since``, only the samples and plan changes after it.
+
+    Samples are read before the plan: both are recorded on the engine thread, so every change
+    older than the newest sample returned is in this answer's history, and a poll from that
+    sample on misses nothing.
+    """
+    samples = engine.timeline.since(since)
+    plan = engine.plan_view()
+    if since is not None:
+        plan["history"] = [e for e in plan["history"] if e["time"] > since]
     return finite({"object": "dsla.dashboard", "model": model_name, "server_time": time.time(),
-                   "plan_control": plan_control,
-                   "alive": engine.is_alive, "plan": engine.plan_view(), "samples": engine.timeline.since(since)})
+                   "plan_control": plan_control, "alive": engine.is_alive, "plan": plan, "samples": samples})
 
 
 def add_dashboard(app, engine, model_name: str, api_key: str | None = None) -> None:

@@ -87,6 +87,12 @@ def test_data_route_returns_the_plan_and_new_samples(make_client):
         assert k in s
     newer = client.get("/v1/dsla/dashboard", params={"since": s["time"]}).json()["samples"]
     assert all(x["time"] > s["time"] for x in newer)
+    before = time.time()
+    assert client.post("/v1/dsla/plan", json={"ratio": 0.34}).status_code == 200
+    assert [e["converted"] for e in client.get("/v1/dsla/dashboard").json()["plan"]["history"]] == [[0]]
+    assert [e["converted"] for e in client.get("/v1/dsla/dashboard", params={"since": before}).json()["plan"][
+        "history"]] == [[0]]
+    assert client.get("/v1/dsla/dashboard", params={"since": time.time()}).json()["plan"]["history"] == []
     r = client.get("/v1/dsla/dashboard", params={"since": "nan"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "since"
 

@@ -11,6 +11,7 @@
 
   let key = sessionStorage.getItem(KEY_NAME);
   let samples = []; // oldest first
+  let changes = []; // plan changes (the plan view's history), oldest first
   let data = null; // the latest GET /v1/dsla/dashboard body
   let timer = null;
   let polling = false;
@@ -87,6 +88,8 @@
       }
       data = res.json;
       const cut = data.server_time - KEEP_S;
+      // With ?since the server sends only what is new; the first answer has everything it keeps.
+      changes = (since ? changes.concat(data.plan.history) : data.plan.history).filter((e) => e.time >= cut);
       samples = samples.concat(data.samples).filter((s) => s.time >= cut);
       $("keygate").hidden = true;
       $("main").hidden = false;
@@ -113,6 +116,7 @@
     $("key").value = "";
     sessionStorage.setItem(KEY_NAME, key);
     samples = [];
+    changes = [];
     schedule(0);
   });
 
@@ -130,7 +134,7 @@
     renderMemory(p);
     renderControl(p);
     renderCharts(p);
-    renderEvents(p);
+    renderEvents();
   }
 
   function renderLayers(p) {
@@ -302,7 +306,7 @@
       }
       root.append(svg("polyline", { class: se.cls, fill: "none", "stroke-width": 1.8, points: pts.join(" ") }));
     }
-    for (const e of p.history) {
+    for (const e of changes) {
       if (e.time < t0) continue;
       const m = svg("line", { class: "marker " + (e.source === "api" ? "api" : "policy"), x1: x(e.time), x2: x(e.time),
                              y1: 0, y2: H, "data-source": e.source, "data-ratio": e.ratio });
@@ -330,8 +334,8 @@
             p, {}));
   }
 
-  function renderEvents(p) {
-    const items = p.history.slice(-50).reverse().map((e) => el("li",
+  function renderEvents() {
+    const items = changes.slice(-50).reverse().map((e) => el("li",
       { data: { source: e.source, converted: e.converted.join(","), reverted: e.reverted.join(","), ratio: e.ratio } },
       el("span", { class: "when", text: fmtTime(e.time) + " " }),
       el("span", { class: "src " + (e.source === "api" ? "api" : "policy"), text: e.source }),
