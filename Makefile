@@ -1,7 +1,7 @@
 # Two entry points for a fresh machine with Python 3.11:
 #   make run   - set up, prepare the default teacher and corpora, distil the default student
 #                (once; resumable), then serve it with the adaptive policy
-#   make test  - set up (chromium too, for the browser test) and run the test suite
+#   make test  - set up and run the test suite
 # Knobs: make run DISTILL_FLAGS="--seq-len 256" SERVE_FLAGS="--threads 1 --port 8001"
 PY ?= python3.11
 VENV := .venv
@@ -16,7 +16,7 @@ STUDENT_DONE = $(BIN)/python -c 'import json, sys; from dsla.paths import defaul
 	p = default_student_dir() / "manifest.json"; m = json.loads(p.read_text()) if p.is_file() else {}; \
 	sys.exit(0 if m.get("order") and len(m["layers_done"]) == len(m["order"]) else 1)'
 
-.PHONY: setup chromium run test prepare student clean
+.PHONY: setup run test prepare student clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -44,12 +44,13 @@ student: prepare
 run: student
 	$(BIN)/dsla serve --policy adaptive --student "$(STUDENT)" $(SERVE_FLAGS)
 
-# Debian's chromium + chromedriver for the live page's browser test (a no-op once installed).
-chromium:
-	scripts/install_chromium.sh
-
 test: setup chromium
 	$(BIN)/python -m pytest
+
+# Debian's chromium + chromedriver for the live page's browser test (a no-op once installed).
+.PHONY: chromium
+chromium:
+	scripts/install_chromium.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info

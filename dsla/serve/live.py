@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 import threading
 from collections import deque
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from dsla.serve.policy import LoadSnapshot, expected_increase, next_candidate, signals
 

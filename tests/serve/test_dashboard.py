@@ -144,7 +144,7 @@ def test_live_view_of_the_adaptive_policy(make_client):
 
     ctl = Controller(PolicyConfig(max_ratio=0.34, quality_budget=0.5), order=[2, 0, 1],
                      quality=((0.33, 0.1), (0.67, 0.3)))
-    client, engine = make_client(controller=ctl)
+    client, _ = make_client(controller=ctl)
     view = client.get("/v1/dsla/plan").json()
     assert view["next_candidate"] == {"layer": 2, "blocked": ""}
     assert {s["name"] for s in view["signals"]} >= {"queued_prompt_tokens", "queue_depth", "cache_fraction"}
