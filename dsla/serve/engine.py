@@ -27,9 +27,9 @@ from typing import Any, Callable, Sequence
 from dsla.model.tokenizer import Tokenizer
 from dsla.serve.control import Controller, LatencyWindow
 from dsla.serve.detokenize import Detokenizer
+from dsla.serve.live import Timeline, live_view
 from dsla.serve.metrics import Metrics
 from dsla.serve.outputs import Collector, RequestOutput, Sink  # noqa: F401  (re-exported)
-from dsla.serve.live import Timeline, live_view
 from dsla.serve.policy import LoadSnapshot
 from dsla.serve.request import FinishReason, Request, SamplingOptions
 from dsla.serve.runner import ModelRunner
@@ -416,7 +416,8 @@ class Engine:
             self.metrics.set_labelled("layer_is_dsla", i, int(i in plan))
 
     def plan_view(self) -> dict[str, Any]:
-        """Plan, order, policy, load and recent changes, for /v1/dsla/plan (safe from any thread)."""
+        """Plan, order, policy, load and recent changes, for /v1/dsla/plan (safe from any thread); with
+        the live page's signals, next candidate, quality and memory (``dsla.serve.live.live_view``)."""
         plan, conv = self.runner.plan, self.converted_order
         with self._lock:
             history = list(self.plan_history)
