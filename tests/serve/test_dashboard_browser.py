@@ -21,7 +21,7 @@ CHROMIUM = os.environ.get("DSLA_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("DSLA_CHROMEDRIVER", "/usr/bin/chromedriver")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--window-size=1280,1400"]
+                  "--disable-dev-shm-usage", "--window-size=1280,1400"]  # small /dev/shm in containers
 WAIT_S = 10  # "within a few seconds": the page polls once a second
 
 
