@@ -128,6 +128,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--served-model-name", default=None, help="model id clients send (default: teacher dir name)")
     p.add_argument("--api-key", default=os.environ.get("DSLA_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $DSLA_API_KEY, else open)")
+    p.add_argument("--no-plan-control", action="store_true",
+                   help="refuse forced plan changes (POST /v1/dsla/plan answers 403); the live page is read-only")
     p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="requests running at once")
     p.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
                    help="tokens per engine step (decodes + prefill chunks)")
@@ -138,8 +140,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-reserve-tokens", type=int, default=d.decode_reserve_tokens,
                    help="KV room reserved at admission for output tokens, beyond the prompt")
     p.add_argument("--max-body-kb", type=int, default=1024, help="request bodies over this get 413")
-    p.add_argument("--no-plan-control", action="store_true",
-                   help="refuse forced plan changes (POST /v1/dsla/plan answers 403); the live page is read-only")
     g = p.add_argument_group("adaptive policy (--policy adaptive; see dsla/serve/policy.py for each field)")
     g.add_argument("--quality-report", default=None,
                    help="report.json of `dsla eval` for the student: per-ratio perplexity for --quality-budget")
@@ -167,9 +167,9 @@ def run(args: argparse.Namespace) -> int:
                           dataclass_from_args(PolicyConfig, args), quality)
     name = args.served_model_name or teacher.name
     app = create_app(engine, name, api_key=args.api_key, max_body_bytes=args.max_body_kb * 1024)
-    set_plan_control(app, not args.no_plan_control)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         log.warning("serving on %s without --api-key: anyone who can reach it can use it", args.host)
+    set_plan_control(app, not args.no_plan_control)
     engine.start()
     log.info("serving %s (policy %s, DSLA layers %s) on http://%s:%d", name, args.policy,
              list(engine.runner.plan) or "none", args.host, args.port)

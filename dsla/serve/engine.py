@@ -158,8 +158,6 @@ class Engine:
                 self._drain(block=not self.scheduler.has_work)
                 now = time.monotonic()
                 self._load_metrics(now)
-                if self.timeline.due(now):
-                    self._sample(now)
                 if self.controller is not None:
                     try:
                         self.controller.tick(self, now)
@@ -389,8 +387,11 @@ class Engine:
                             self.recent_ttft.median(now), self.recent_tpot.median(now))
 
     def _load_metrics(self, now: float) -> None:
+        """Every loop turn: the load gauges; once a second, a timeline sample too."""
         queued, oldest = self._queue(now)
         self.metrics.set(queued_prompt_tokens=queued, oldest_wait_seconds=oldest)
+        if self.timeline.due(now):
+            self._sample(now)
 
     def _sample(self, now: float) -> None:
         """Add a timeline sample (engine thread): load, plan, memory, tokens/s and step time since the last."""

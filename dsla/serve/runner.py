@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from dsla.model.llama import HybridLM
-from dsla.model.state import DSLAState, RequestCache
+from dsla.model.state import RequestCache
 from dsla.sampling import SamplingParams, sample
 from dsla.serve.request import Request, TokenLogprob
 from dsla.serve.scheduler import CacheCost, SchedulerOutput
@@ -100,14 +100,11 @@ class ModelRunner:
 
     def cache_bytes_by_kind(self) -> tuple[int, int]:
         """(KV bytes of attention layers, DSLA-state bytes) over all live caches; they sum to ``cache_bytes``."""
-        kv = state = 0
+        total = state = 0
         for c in self.caches.values():
-            for s in c.layers:
-                if isinstance(s, DSLAState):
-                    state += s.nbytes
-                else:
-                    kv += s.nbytes
-        return kv, state
+            total += c.nbytes
+            state += sum(c.layers[i].nbytes for i in c.dsla_layers())
+        return total - state, state
 
     def free(self, request_ids: Iterable[str]) -> None:
         """Drop caches (preempted, aborted or finished requests); generators survive preemption."""
