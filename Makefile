@@ -44,13 +44,14 @@ student: prepare
 run: student
 	$(BIN)/dsla serve --policy adaptive --student "$(STUDENT)" $(SERVE_FLAGS)
 
-test: setup chromium
+test: setup
 	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) build *.egg-info
 
 # Debian's chromium + chromedriver for the live page's browser test (a no-op once installed).
 .PHONY: chromium
 chromium:
 	scripts/install_chromium.sh
-
-clean:
-	rm -rf $(VENV) build *.egg-info
+test: chromium
