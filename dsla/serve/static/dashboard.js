@@ -41,6 +41,8 @@
   const fmtPct = (x) => x == null ? "unknown" : (x >= 0 ? "+" : "") + (100 * x).toFixed(1) + "%";
   const fmtTime = (t) => new Date(t * 1000).toLocaleTimeString([], { hour12: false });
   const list = (xs) => "[" + xs.join(", ") + "]";
+  // A fold frees the layer's KV but adds its DSLA state: short requests can come out negative.
+  const freed = (b) => b >= 0 ? "freed " + fmtBytes(b) : "added " + fmtBytes(-b);
 
   async function call(method, path, body) {
     const headers = {};
@@ -225,7 +227,7 @@
       el("div", { class: "kv-row" }, el("span", { text: "budget" }), el("span", { text: fmtBytes(m.cache_budget_bytes) })),
       bar,
       el("p", { class: "note", text: lc ? `last conversion (${lc.source}, ${fmtTime(lc.time)}): layers `
-        + `${list(lc.converted)} freed ${fmtBytes(lc.freed_bytes)}, folding ${lc.in_flight_folded} in-flight caches`
+        + `${list(lc.converted)} ${freed(lc.freed_bytes)}, folding ${lc.in_flight_folded} in-flight caches`
         : "no conversion yet" }));
   }
 
@@ -262,8 +264,8 @@
     }
     const c = res.json.change;
     out.textContent = `HTTP ${res.status}: converted ${list(c.converted)}, reverted ${list(c.reverted)} → ratio `
-      + `${c.ratio.toFixed(2)}` + (c.converted.length ? `; folded ${c.in_flight_folded} in-flight caches, freed `
-      + fmtBytes(c.freed_bytes) : "");
+      + `${c.ratio.toFixed(2)}` + (c.converted.length ? `; folded ${c.in_flight_folded} in-flight caches, `
+      + freed(c.freed_bytes) : "");
     schedule(0);
   }
 
@@ -340,7 +342,7 @@
       el("span", { class: "when", text: fmtTime(e.time) + " " }),
       el("span", { class: "src " + (e.source === "api" ? "api" : "policy"), text: e.source }),
       el("span", { text: (e.converted.length ? ` +${list(e.converted)}` : "") + (e.reverted.length ? ` −${list(e.reverted)}` : "")
-        + ` → ratio ${e.ratio.toFixed(2)}` + (e.converted.length ? `, freed ${fmtBytes(e.freed_bytes)} (${e.in_flight_folded} `
+        + ` → ratio ${e.ratio.toFixed(2)}` + (e.converted.length ? `, ${freed(e.freed_bytes)} (${e.in_flight_folded} `
         + "in flight)" : "") + " · " }),
       el("span", { class: "reason", text: e.reason })));
     $("events").replaceChildren(...(items.length ? items : [el("li", { class: "note", text: "no plan change yet" })]));
