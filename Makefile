@@ -47,3 +47,9 @@ test: setup
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# Debian's chromium + chromedriver for the live page's browser test (a no-op once installed).
+.PHONY: chromium
+chromium:
+	scripts/install_chromium.sh
+test: chromium

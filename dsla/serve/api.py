@@ -21,6 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from dsla.serve.dashboard import add_dashboard
 from dsla.serve.engine import Engine, EngineOverloaded, RequestOutput
 from dsla.serve.protocol import (ChatCompletionRequest, CompletionRequest, OpenAIError, TokenText, chat_logprobs,
                                  completion_logprobs, echo_logprobs, parse, usage)
@@ -74,6 +75,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
     """The FastAPI app serving ``engine`` under the model id ``model_name``."""
     app = FastAPI(title="dsla", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    add_dashboard(app, engine, model_name, api_key)  # GET /dashboard, /v1/dsla/dashboard; --no-plan-control
     tok = engine.tokenizer
     text_of = TokenText(tok)
     created = int(time.time())

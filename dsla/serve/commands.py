@@ -130,6 +130,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--served-model-name", default=None, help="model id clients send (default: teacher dir name)")
     p.add_argument("--api-key", default=os.environ.get("DSLA_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $DSLA_API_KEY, else open)")
+    p.add_argument("--no-plan-control", action="store_true",
+                   help="refuse forced plan changes (POST /v1/dsla/plan answers 403); the live page is read-only")
     p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="requests running at once")
     p.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
                    help="tokens per engine step (decodes + prefill chunks)")
@@ -153,6 +155,7 @@ def run(args: argparse.Namespace) -> int:
     from dsla.cliargs import dataclass_from_args
     from dsla.paths import resolve_teacher
     from dsla.serve.api import create_app
+    from dsla.serve.dashboard import set_plan_control
     from dsla.serve.policy import PolicyConfig
     from dsla.serve.scheduler import SchedulerConfig
 
@@ -178,13 +181,15 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(engine, name, api_key=args.api_key, max_body_bytes=args.max_body_kb * 1024)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         log.warning("serving on %s without --api-key: anyone who can reach it can use it", args.host)
+    set_plan_control(app, not args.no_plan_control)
     engine.start()
     log.info("serving %s (policy %s, DSLA layers %s) on http://%s:%d", name, args.policy,
              list(engine.runner.plan) or "none", args.host, args.port)
     auth = ' -H "Authorization: Bearer $DSLA_API_KEY"' if args.api_key else ""
     print(f"\ndsla serve: http://{args.host}:{args.port}  (model {name!r}, policy {args.policy}; Ctrl-C stops)\n"
           f"try:\n  {curl_example(args.host, args.port, name, bool(args.api_key))}\n"
-          f"  curl http://{args.host}:{args.port}/v1/dsla/plan{auth}\n", flush=True)
+          f"  curl http://{args.host}:{args.port}/v1/dsla/plan{auth}\n"
+          f"live page: http://{args.host}:{args.port}/dashboard\n", flush=True)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:
