@@ -20,9 +20,12 @@ from dsla.cliargs import DTYPE_NAMES, add_model_arguments  # noqa: F401  (add_mo
 COMMANDS = {
     "prepare": ("dsla.data.prepare:add_arguments:run", "fetch and convert the default teacher and corpora into the cache"),
     "generate": ("dsla.cli:add_arguments:run", "generate text from a teacher (optionally with DSLA layers)"),
-    "rank": ("dsla.distill.commands:add_rank_arguments:run_rank", "per-layer sensitivity (attention entropy or loss-delta)"),
+    "rank": ("dsla.distill.commands:add_rank_arguments:run_rank",
+             "per-layer sensitivity (attention entropy, loss-delta, or the retrieval probe)"),
     "distill": ("dsla.distill.commands:add_distill_arguments:run_distill",
-                "chained layer-wise distillation into a resumable student directory"),
+                "chained layer-wise distillation, then the end-to-end stage, into a resumable student directory"),
+    "export": ("dsla.distill.commands:add_export_arguments:run_export",
+               "write a compact copy of a student (q/o as bfloat16 deltas from the teacher) with its eval report"),
     "eval": ("dsla.eval.commands:add_arguments:run", "quality of a student at several conversion ratios"),
     "serve": ("dsla.serve.commands:add_arguments:run", "OpenAI-compatible HTTP server with continuous batching"),
 }

@@ -46,6 +46,13 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
+def _parse_floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of numbers, got {text!r}") from None
+
+
 def _optional(base: type):
     """Parse ``base`` values, or "none" for None (fields typed ``X | None``)."""
     def parse(text: str):
@@ -104,6 +111,9 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: tu
                                 help=_help(doc, f"(default: {default})"))
         elif typ in (int, float, str):
             parser.add_argument(flag, type=typ, default=default, help=_help(doc, f"(default: {default})"))
+        elif args and args[0] is float:  # tuple[float, ...]
+            parser.add_argument(flag, type=_parse_floats, default=default,
+                                help=_help(doc, f"(comma-separated numbers; default: {','.join(map(str, default))})"))
         else:  # tuple[int, ...]
             parser.add_argument(flag, type=_parse_ints, default=default,
                                 help=_help(doc, f"(comma-separated integers; default: {','.join(map(str, default))})"))

@@ -128,6 +128,7 @@ class DSLAConfig:
     history_mix_init: float = 0.5  # initial weight gamma of the history state in the output
     chunk_size: int = 64  # tokens per chunk in the chunk-parallel form
     eps: float = 1e-6  # added to the normaliser phi(q).z
+    window: int = 0  # tokens of exact softmax attention (the last W); older ones in the states. 0: pure DSLA (the paper)
 
     def __post_init__(self) -> None:
         if self.num_states not in (1, 2):
@@ -145,6 +146,8 @@ class DSLAConfig:
             )
         if self.chunk_size <= 0:
             raise ValueError(f"chunk_size={self.chunk_size} must be positive")
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 0:
+            raise ValueError(f"window={self.window!r} must be a whole number of tokens >= 0 (0: pure DSLA)")
 
 
 @dataclass(frozen=True)
@@ -154,16 +157,23 @@ class DistillConfig:
     dsla: DSLAConfig = field(default_factory=DSLAConfig)  # the layer being trained
     order: str = "entropy"  # entropy: low attention entropy first; reverse: high first; given: --layers
     layers: tuple[int, ...] = ()  # explicit order for order='given' (also limits which layers to train)
-    seq_len: int = 256  # tokens per training window
-    attn_sequences: int = 32  # windows per layer for attention-output matching (stage 1)
-    attn_steps: int = 150  # optimiser steps of stage 1 (batches drawn in passes over the windows)
+    seq_len: int = 1024  # tokens per training window of the layer-wise stage
+    attn_sequences: int = 24  # windows per layer for attention-output matching (stage 1)
+    attn_steps: int = 60  # optimiser steps of stage 1 (batches drawn in passes over the windows)
     val_sequences: int = 4  # held-out windows per layer for the stage-1 validation metric
     batch_size: int = 4  # windows per optimiser step
     lr: float = 3e-3  # peak Adam lr of the feature maps, gates and mix in stage 1 (warm-up, cosine decay)
     train_projections: bool = True  # stage 1 also trains q_proj/o_proj, on the layer output after o_proj
     proj_lr: float = 1e-3  # peak Adam lr of q_proj/o_proj in stage 1
-    e2e_sequences: int = 0  # windows per layer for the optional end-to-end logit-KL stage (0: off)
-    e2e_lr: float = 3e-4  # Adam lr (all DSLA params of the layer) in the KL stage
+    layer_kl_sequences: int = 0  # windows per layer for an optional per-layer logit-KL stage after stage 1 (0: off)
+    e2e_steps: int = 60  # optimiser steps (one window each) of the end-to-end KL stage over all converted layers (0: off)
+    e2e_seq_len: int = 2048  # tokens per window of the end-to-end stage
+    e2e_windows: int = 30  # distinct training windows of the end-to-end stage (teacher top-k cached; steps cycle)
+    e2e_topk: int = 64  # teacher log-probs kept per position (the rest of the vocabulary is one bucket)
+    e2e_ratios: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)  # each step converts round(ratio * layers) layers, drawn from these
+    e2e_ce_weight: float = 0.0  # weight of next-token cross-entropy added to the KL (0: KL only)
+    e2e_lr: float = 3e-4  # peak Adam lr of the end-to-end and per-layer KL stages (warm-up, cosine decay)
+    e2e_save_every: int = 10  # steps between checkpoints of the end-to-end stage (it resumes from the last)
     rank_sequences: int = 16  # calibration windows for the entropy ranking
     seed: int = 0  # everything random derives from this (and the layer index)
 
@@ -177,6 +187,11 @@ class DistillConfig:
         for name in ("seq_len", "attn_sequences", "batch_size", "rank_sequences"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
-        for name in ("attn_steps", "val_sequences", "e2e_sequences"):
+        for name in ("attn_steps", "val_sequences", "layer_kl_sequences", "e2e_steps", "e2e_ce_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        for name in ("e2e_seq_len", "e2e_windows", "e2e_topk", "e2e_save_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be positive")
+        if not self.e2e_ratios or any(not 0.0 < r <= 1.0 for r in self.e2e_ratios):
+            raise ValueError(f"e2e_ratios={self.e2e_ratios} must be a non-empty list of ratios in (0, 1]")

@@ -20,8 +20,13 @@ def default_teacher_dir(home: Path | None = None) -> Path:
 
 
 def default_student_dir(home: Path | None = None) -> Path:
-    """Directory of the default student (`make run` distils the default teacher into it)."""
+    """Where `make student` distils the default teacher from scratch (in the cache)."""
     return (home or dsla_home()) / "students" / "default"
+
+
+# The shipped default student: a compact artifact (q/o as bfloat16 deltas from the teacher, the
+# DSLA parameters, the manifest with the teacher's sha256, and its eval report), in the package.
+SHIPPED_STUDENT_DIR = Path(__file__).resolve().parent / "students" / "default"
 
 
 def resolve_teacher(teacher: str | os.PathLike | None, home: Path | None = None) -> Path:

@@ -2,9 +2,9 @@
 
 The layer has the default teacher's shapes (``dsla.config.LlamaConfig()``: hidden 576, 9 query
 heads, 3 KV heads, head dim 64) with random weights: a ``LlamaAttention`` and a ``DSLAAttention``
-built from it with ``DSLAConfig()`` defaults. No checkpoint is needed; speed does not depend on
-the weights. Each dtype of ``--dtype-list`` sets the modules' and inputs' dtype (DSLA states stay
-float32 by design). Times are medians of repeated calls with no gradients; attention and DSLA
+built from it with ``DSLAConfig()`` defaults (``--window W`` sets its exact window). No checkpoint
+is needed; speed does not depend on the weights. Each dtype of ``--dtype-list`` sets the modules'
+and inputs' dtype (DSLA states stay float32 by design). Times are medians of repeated calls with no gradients; attention and DSLA
 prefill calls alternate, so load from other processes hits both alike (decode steps are timed in
 separate loops, see below). Process CPU time is recorded
 beside wall time: with ``--threads 1`` on a busy machine it is close to what an idle core takes.
@@ -185,14 +185,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=d.steps, help="timed decode steps (median)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--window", type=int, default=0,
+                   help="exact window W of the DSLA layer (DSLAConfig.window; 0: pure DSLA)")
 
 
 def run(args: argparse.Namespace) -> int:
+    from dsla.config import DSLAConfig
+
     s = LayerSettings(dtypes=tuple(parse_list(args.dtype_list)),
                       prefill_lengths=tuple(parse_list(args.prefill_lengths, int)),
                       contexts=tuple(parse_list(args.contexts, int)),
                       repeats=args.repeats, steps=args.steps, seed=args.seed)
-    doc = run_benchmark(s, on_row=lambda r: log.info("%s", r))
+    doc = run_benchmark(s, dsla_cfg=DSLAConfig(window=args.window), on_row=lambda r: log.info("%s", r))
     write_json_atomic(args.json, doc)
     rows = doc["results"]
     print(format_table([r for r in rows if r["kind"] == "prefill"], PREFILL_TABLE))

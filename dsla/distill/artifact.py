@@ -21,6 +21,8 @@ from dsla.fileio import atomic_write, atomic_write_json
 from dsla.model.llama import HybridLM
 
 FORMAT = "dsla-student/1"
+DELTA = "_delta"  # key suffix of a parameter stored as its difference from the teacher's (compact form)
+COMPACT = ("q_proj.weight", "o_proj.weight")  # the large parameters that start as copies of the teacher's
 WEIGHTS, MANIFEST = "dsla.safetensors", "manifest.json"
 
 
@@ -31,6 +33,8 @@ def read_manifest(student_dir: str | Path) -> dict[str, Any]:
     m = json.loads(p.read_text())
     if m.get("format") != FORMAT:
         raise ValueError(f"{p} has format {m.get('format')!r}; this dsla reads {FORMAT!r}")
+    if isinstance(m.get("config", {}).get("dsla"), dict):  # fields added later (window) take their defaults
+        m["config"]["dsla"] = {**config_dict(DSLAConfig()), **m["config"]["dsla"]}
     return m
 
 
@@ -71,6 +75,10 @@ def load_student(model: HybridLM, student_dir: str | Path, teacher_sha256: str |
     for i in done:
         prefix = f"layers.{i}."
         part = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        teacher = model.model.layers[i].self_attn
+        for k in [k for k in part if k.endswith(DELTA)]:  # compact form: teacher weight + delta
+            name = k[: -len(DELTA)]
+            part[name] = teacher.get_parameter(name).float() + part.pop(k).float()
         try:
             model.dsla[str(i)].load_state_dict(part, strict=True)
         except RuntimeError as e:
@@ -81,3 +89,36 @@ def load_student(model: HybridLM, student_dir: str | Path, teacher_sha256: str |
 def config_dict(cfg) -> dict[str, Any]:
     d = dataclasses.asdict(cfg)
     return json.loads(json.dumps(d))  # tuples -> lists, so it compares equal to a re-read manifest
+
+
+def export_student(src_dir: str | Path, dst_dir: str | Path, model: HybridLM, teacher_sha256: str,
+                   extra_files: tuple[str, ...] = ("report.json",)) -> int:
+    """Write a compact copy of the student in ``src_dir`` to ``dst_dir``; return its weight bytes.
+
+    q_proj / o_proj (most of the bytes) are stored as bfloat16 differences from the teacher's
+    weights (the difference is small, so bfloat16 keeps it to ~3 significant digits, far finer
+    than bfloat16 of the weight itself); the small DSLA parameters stay float32. ``model`` is
+    the teacher the student was distilled from (checked by hash). ``extra_files`` present in
+    ``src_dir`` (its eval report) are copied too.
+    """
+    m = load_student(model, src_dir, teacher_sha256)
+    tensors = {}
+    for i in m["layers_done"]:
+        teacher = model.model.layers[i].self_attn
+        for k, v in model.dsla[str(i)].state_dict().items():
+            if k in COMPACT:
+                tensors[f"layers.{i}.{k}{DELTA}"] = (v.float() - teacher.get_parameter(k).float()).bfloat16().contiguous()
+            else:
+                tensors[f"layers.{i}.{k}"] = v.detach().float().contiguous()
+    dst = Path(dst_dir)
+    dst.mkdir(parents=True, exist_ok=True)
+    atomic_write(dst / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT, "compact": "1"}))
+    manifest = {k: v for k, v in m.items() if k not in ("e2e",)} | {
+        "e2e": {k: v for k, v in m.get("e2e", {}).items() if k != "losses"} or None,
+        "compact": {"delta_dtype": "bfloat16", "delta_params": list(COMPACT)}}
+    manifest["teacher"] = {k: v for k, v in m["teacher"].items() if k != "path"}
+    for name in extra_files:
+        if (Path(src_dir) / name).is_file():
+            atomic_write(dst / name, lambda tmp, n=name: Path(tmp).write_bytes((Path(src_dir) / n).read_bytes()))
+    atomic_write_json(dst / MANIFEST, manifest)
+    return (dst / WEIGHTS).stat().st_size

@@ -20,13 +20,19 @@ def _setup(args: argparse.Namespace):
     return teacher, model, teacher_hash(teacher)
 
 
-def window_sources(teacher: Path, seq_len: int):
-    """Callables (num, seed) -> windows over the train and validation splits of all corpora."""
+def window_sources(teacher: Path, seq_len: int, e2e_seq_len: int | None = None):
+    """Callables (num, seed) -> windows over the train and validation splits of the distillation
+    corpora, ``CORPORA`` (and, with ``e2e_seq_len``, a third one over the train split at that
+    length). The evaluation-only corpora (``EVAL_CORPORA``) are never read here."""
+    from dsla.data.corpora import CORPORA
     from dsla.distill.data import corpus_tokens, random_windows
 
-    train, val = corpus_tokens(teacher, "train"), corpus_tokens(teacher, "validation")
-    return (lambda n, seed: random_windows(train, seq_len, n, seed),
-            lambda n, seed: random_windows(val, seq_len, n, seed))
+    train, val = corpus_tokens(teacher, "train", CORPORA), corpus_tokens(teacher, "validation", CORPORA)
+    out = (lambda n, seed: random_windows(train, seq_len, n, seed),
+           lambda n, seed: random_windows(val, seq_len, n, seed))
+    if e2e_seq_len is None:
+        return out
+    return (*out, lambda n, seed: random_windows(train, e2e_seq_len, n, seed))
 
 
 # ---- dsla distill -----------------------------------------------------------------------------
@@ -52,8 +58,8 @@ def run_distill(args: argparse.Namespace) -> int:
 
     cfg = dataclass_from_args(DistillConfig, args)
     teacher, model, sha = _setup(args)
-    train_w, val_w = window_sources(teacher, cfg.seq_len)
-    m = distill(model, teacher, sha, args.out, cfg, train_w, val_w, max_layers=args.max_layers)
+    train_w, val_w, e2e_w = window_sources(teacher, cfg.seq_len, cfg.e2e_seq_len)
+    m = distill(model, teacher, sha, args.out, cfg, train_w, val_w, max_layers=args.max_layers, e2e_windows=e2e_w)
     if args.loss_delta and len(m["layers_done"]) == len(m["order"]) and "loss_delta" not in m:
         windows = val_w(cfg.rank_sequences, layer_seed(cfg, -1, 6))
         deltas = loss_delta(model, windows, m["layers_done"], batch_size=max(1, cfg.batch_size // 2), progress=True)
@@ -80,11 +86,54 @@ def add_rank_arguments(p: argparse.ArgumentParser) -> None:
 
     add_model_arguments(p)
     p.add_argument("--out", required=True, type=Path, help="ranking JSON to write")
-    p.add_argument("--metric", choices=["entropy", "loss-delta"], default="entropy")
+    p.add_argument("--metric", choices=["entropy", "loss-delta", "retrieval"], default="entropy",
+                   help="entropy: the paper's metric; loss-delta: a student's layers converted one at a time; "
+                        "retrieval: forward-only probe (each layer alone restricted to local attention) of "
+                        "loss at --seq-len and passkey log-likelihood, with a retrieval-aware order")
     p.add_argument("--student", type=Path, default=None, help="student directory (needed for loss-delta)")
     p.add_argument("--sequences", type=int, default=16, help="calibration windows")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("retrieval probe")
+    g.add_argument("--probe-window", type=int, default=64, help="local attention window of the probed layer (tokens)")
+    g.add_argument("--probe-sinks", type=int, default=4, help="first tokens the probed layer still sees")
+    g.add_argument("--passkey-prompts", type=int, default=8, help="passkey prompts (validation text)")
+    g.add_argument("--passkey-context", type=int, default=1024, help="tokens per passkey prompt")
+    g.add_argument("--protect", type=int, default=None,
+                   help="layers most needed by the passkey that go last in the order (default: a quarter)")
+
+
+def passkey_key_prompts(teacher: Path, tok, num: int, context: int, seed: int):
+    """``num`` passkey prompts of ``context`` tokens on validation filler, the key's tokens appended,
+    depths spread over 10-90%."""
+    import numpy as np
+
+    from dsla.data.corpora import load_texts
+    from dsla.distill.probe import KeyPrompt
+    from dsla.eval.passkey import PasskeyBuilder, filler_sentences, random_key
+
+    texts = [t for c in ("wikipedia", "lee") for t in load_texts(c, "validation", teacher)]
+    builder = PasskeyBuilder(tok, filler_sentences(texts, tok.encode), chat=tok.chat_template is not None)
+    rng = np.random.default_rng([seed, context])
+    out = []
+    for n in range(num):
+        p = builder.build(context, 0.1 + 0.8 * n / max(1, num - 1), random_key(rng), rng)
+        out.append(KeyPrompt(p.ids + tuple(tok.encode(" " + p.key)), len(p.ids)))
+    return out
+
+
+def _retrieval_scores(args, teacher: Path, model, val_w) -> tuple[list[float], list[int], dict]:
+    from dsla.distill.probe import probe_layers, retrieval_aware_order
+    from dsla.model.tokenizer import Tokenizer
+
+    tok = Tokenizer(teacher)
+    prompts = passkey_key_prompts(teacher, tok, args.passkey_prompts, args.passkey_context, args.seed)
+    res = probe_layers(model, val_w(args.sequences, args.seed), prompts, args.probe_window, args.probe_sinks,
+                       progress=True)
+    L = model.cfg.num_hidden_layers
+    protect = L // 4 if args.protect is None else args.protect
+    order = retrieval_aware_order(res["loss_delta"], res["key_logp_drop"], protect)
+    return res["key_logp_drop"], order, res | {"protect": protect}
 
 
 def run_rank(args: argparse.Namespace) -> int:
@@ -95,19 +144,48 @@ def run_rank(args: argparse.Namespace) -> int:
     teacher, model, sha = _setup(args)
     train_w, val_w = window_sources(teacher, args.seq_len)
     L = model.cfg.num_hidden_layers
+    extra: dict = {}
     if args.metric == "entropy":
         scores = attention_entropy(model, train_w(args.sequences, args.seed), progress=True)
+    elif args.metric == "retrieval":
+        scores, order, extra = _retrieval_scores(args, teacher, model, val_w)
     else:
         if args.student is None:
             raise ValueError("--metric loss-delta needs --student DIR (distilled DSLA layers to convert)")
         m = load_student(model, args.student, sha)
         deltas = loss_delta(model, val_w(args.sequences, args.seed), m["layers_done"], progress=True)
         scores = [deltas.get(i, float("nan")) for i in range(L)]
-    order = order_from_scores(scores, "entropy")
+    if args.metric != "retrieval":
+        order = order_from_scores(scores, "entropy")
     atomic_write_json(args.out, {"metric": args.metric, "scores": scores, "order": order,
                                  "teacher": {"name": teacher.name, "sha256": sha},
-                                 "sequences": args.sequences, "seq_len": args.seq_len, "seed": args.seed})
+                                 "sequences": args.sequences, "seq_len": args.seq_len, "seed": args.seed, **extra})
     print(json.dumps({"metric": args.metric, "order": order}))
     for i in order:
         print(f"  layer {i:3d}: {scores[i]:.4f}")
+    return 0
+
+
+# ---- dsla export ------------------------------------------------------------------------------
+def add_export_arguments(p: argparse.ArgumentParser) -> None:
+    from dsla.cli import add_model_arguments
+
+    add_model_arguments(p)
+    p.add_argument("student", type=Path, help="student directory from `dsla distill`")
+    p.add_argument("--out", type=Path, required=True,
+                   help="directory of the compact copy (the shipped default: dsla/students/default)")
+    p.add_argument("--report", type=Path, default=None,
+                   help="a `dsla eval` report.json of this student to ship beside it (the server's quality curve)")
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from dsla.distill.artifact import export_student
+    from dsla.fileio import atomic_write
+
+    teacher, model, sha = _setup(args)
+    size = export_student(args.student, args.out, model, sha)
+    if args.report is not None:
+        src = args.report / "report.json" if args.report.is_dir() else args.report
+        atomic_write(args.out / "report.json", lambda tmp: Path(tmp).write_bytes(src.read_bytes()))
+    print(f"exported {args.student} -> {args.out}: weights {size / 2**20:.1f} MiB")
     return 0

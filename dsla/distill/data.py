@@ -10,10 +10,19 @@ import torch
 
 
 def corpus_tokens(teacher_dir: Path, split: str, corpora: Sequence[str] | None = None) -> list[np.ndarray]:
-    """Flat token arrays of each corpus' split (see dsla.data.corpora)."""
-    from dsla.data.corpora import CORPORA, load_tokens
+    """Flat token arrays of each corpus' split (see dsla.data.corpora); ``corpora`` None means the
+    distillation corpora (``CORPORA``), never the evaluation-only ones.
 
-    return [np.asarray(load_tokens(teacher_dir, c, split)) for c in (corpora or CORPORA)]
+    Raises ``ValueError`` when asked for the train split of an evaluation-only corpus.
+    """
+    from dsla.data.corpora import CORPORA, EVAL_CORPORA, load_tokens
+
+    names = list(corpora or CORPORA)
+    held_out = [c for c in names if c in EVAL_CORPORA]
+    if split == "train" and held_out:
+        raise ValueError(f"{held_out} are evaluation-only corpora with no train split: "
+                         f"train on {list(CORPORA)}")
+    return [np.asarray(load_tokens(teacher_dir, c, split)) for c in names]
 
 
 def random_windows(streams: Sequence[np.ndarray], seq_len: int, num: int, seed: int) -> torch.Tensor:

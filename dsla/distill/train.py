@@ -7,9 +7,10 @@ as DSLA:
   2. train the layer's DSLA parameters to reproduce those outputs (normalised MSE of the layer
      output after o_proj, q_proj/o_proj trainable; or per head with only the DSLA-specific
      parameters: feature maps, gates, mix);
-  3. optionally, a short end-to-end stage: KL(teacher logits || hybrid logits), only this
+  3. optionally, a short per-layer KL stage: KL(teacher logits || hybrid logits), only this
      layer's DSLA parameters trainable;
   4. save the artifact atomically (a killed run resumes after the last finished layer).
+Then the end-to-end stage over all converted layers at once (``dsla.distill.e2e``), on by default.
 Everything random derives from ``cfg.seed`` and the layer index, so resuming reproduces an
 uninterrupted run exactly.
 """
@@ -17,7 +18,6 @@ uninterrupted run exactly.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dsla.config import DistillConfig
+from dsla.distill.e2e import MasterAdam, cached_teacher_topk, train_e2e, warmup_cosine
 from dsla.distill.artifact import FORMAT, config_dict, load_student, read_manifest, save_student
 from dsla.distill.rank import attention_entropy, order_from_scores
 from dsla.model.llama import HybridLM, split_heads
@@ -117,12 +118,6 @@ def stage1_loss(mod, out: Tensor, io: dict[str, Tensor], idx: Tensor, on_output:
     return normalized_mse(mod.o_proj(merged.to(mod.o_proj.weight.dtype)), y_target)
 
 
-def warmup_cosine(steps: int, warmup: float = 0.1) -> Callable[[int], float]:
-    """lr multiplier: linear warm-up over the first ``warmup`` of the steps, then cosine to zero."""
-    w = max(1, int(steps * warmup))
-    return lambda s: (s + 1) / w if s < w else 0.5 * (1 + math.cos(math.pi * (s - w) / max(1, steps - w)))
-
-
 def train_attention_stage(model: HybridLM, layer: int, io: dict[str, Tensor], cfg: DistillConfig,
                           on_step: Callable[[float], None] | None = None) -> list[float]:
     """Fit ``layer``'s DSLA layer to the teacher attention on stored inputs (stage 1).
@@ -135,14 +130,15 @@ def train_attention_stage(model: HybridLM, layer: int, io: dict[str, Tensor], cf
     mod = model.dsla[str(layer)].requires_grad_(True)
     proj = ("q_proj", "o_proj")
     small = [p for n, p in mod.named_parameters() if not n.startswith(proj)]
+    if not cfg.train_projections:
+        mod.q_proj.requires_grad_(False)
+        mod.o_proj.requires_grad_(False)
     groups = [{"params": small, "lr": cfg.lr}]
     if cfg.train_projections:
         groups.append({"params": [p for n, p in mod.named_parameters() if n.startswith(proj)], "lr": cfg.proj_lr})
-    else:
-        mod.q_proj.requires_grad_(False)
-        mod.o_proj.requires_grad_(False)
-    opt = torch.optim.Adam(groups)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.attn_steps))
+    opt = MasterAdam(groups)  # float32 master weights: the model may run in bfloat16
+    sched = warmup_cosine(cfg.attn_steps)
+    peak = [g["lr"] for g in opt.param_groups]
     n = io["x"].shape[0]
     g = torch.Generator().manual_seed(layer_seed(cfg, layer, 1))
     losses: list[float] = []
@@ -152,11 +148,12 @@ def train_attention_stage(model: HybridLM, layer: int, io: dict[str, Tensor], cf
             if len(losses) == cfg.attn_steps:
                 break
             idx = perm[s: s + cfg.batch_size]
+            for group, lr in zip(opt.param_groups, peak):
+                group["lr"] = lr * sched(len(losses))
             loss = stage1_loss(mod, attend_batch(mod, io, idx), io, idx, cfg.train_projections)
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad()
             loss.backward()
             opt.step()
-            sched.step()
             losses.append(loss.item())
             if on_step:
                 on_step(losses[-1])
@@ -171,11 +168,11 @@ def eval_attention_stage(model: HybridLM, layer: int, io: dict[str, Tensor], on_
     return float(stage1_loss(mod, attend_batch(mod, io, idx), io, idx, on_output))
 
 
-def train_e2e_stage(model: HybridLM, layer: int, windows: Tensor, dsla_layers: list[int],
-                    cfg: DistillConfig, on_step: Callable[[float], None] | None = None) -> list[float]:
+def train_layer_kl_stage(model: HybridLM, layer: int, windows: Tensor, dsla_layers: list[int],
+                         cfg: DistillConfig, on_step: Callable[[float], None] | None = None) -> list[float]:
     """KL(teacher || hybrid) on next-token distributions; only this layer's DSLA params move."""
     mod = model.dsla[str(layer)].requires_grad_(True)
-    opt = torch.optim.Adam(mod.parameters(), lr=cfg.e2e_lr)
+    opt = MasterAdam([{"params": list(mod.parameters()), "lr": cfg.e2e_lr}])
     losses = []
     for s in range(0, len(windows), cfg.batch_size):
         w = windows[s: s + cfg.batch_size]
@@ -183,7 +180,7 @@ def train_e2e_stage(model: HybridLM, layer: int, windows: Tensor, dsla_layers: l
             teacher_logp = F.log_softmax(model(w).float(), -1)
         student_logp = F.log_softmax(model(w, dsla_layers=dsla_layers).float(), -1)
         loss = F.kl_div(student_logp, teacher_logp, log_target=True, reduction="none").sum(-1).mean()
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
@@ -200,11 +197,15 @@ def new_manifest(teacher_dir: Path, teacher_sha: str, cfg: DistillConfig) -> dic
 
 def distill(model: HybridLM, teacher_dir: Path, teacher_sha: str, out_dir: Path, cfg: DistillConfig,
             train_windows: Callable[[int, int], Tensor], val_windows: Callable[[int, int], Tensor],
-            max_layers: int | None = None, progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) chained distillation into ``out_dir``; return the manifest.
+            max_layers: int | None = None, progress: bool = True,
+            e2e_windows: Callable[[int, int], Tensor] | None = None) -> dict[str, Any]:
+    """Run (or resume) chained distillation, then the end-to-end stage, into ``out_dir``; return
+    the manifest.
 
-    train_windows(num, seed) / val_windows(num, seed) give (num, cfg.seq_len) token windows.
-    ``max_layers`` stops after that many finished layers in total (for partial artifacts).
+    train_windows(num, seed) / val_windows(num, seed) give (num, cfg.seq_len) token windows;
+    e2e_windows(num, seed) gives (num, cfg.e2e_seq_len) windows (default: train_windows).
+    ``max_layers`` stops the layer-wise stage after that many finished layers in total (for
+    partial artifacts); the end-to-end stage then trains the layers done.
     """
     out_dir = Path(out_dir)
     if (out_dir / "manifest.json").exists():
@@ -226,7 +227,7 @@ def distill(model: HybridLM, teacher_dir: Path, teacher_sha: str, out_dir: Path,
     bar = None
     if progress:
         from tqdm import tqdm
-        steps = len(todo) * (cfg.attn_steps + -(-cfg.e2e_sequences // cfg.batch_size))
+        steps = len(todo) * (cfg.attn_steps + -(-cfg.layer_kl_sequences // cfg.batch_size))
         bar = tqdm(total=steps, desc="distill", unit="step", dynamic_ncols=True)
     try:
         for layer in todo:
@@ -249,10 +250,10 @@ def distill(model: HybridLM, teacher_dir: Path, teacher_sha: str, out_dir: Path,
                 attn_losses = train_attention_stage(model, layer, io, cfg, on_step)
                 val_after = eval_attention_stage(model, layer, io_val, cfg.train_projections) if io_val else None
                 del io, io_val
-                e2e_losses = []
-                if cfg.e2e_sequences:
-                    e2e_losses = train_e2e_stage(
-                        model, layer, train_windows(cfg.e2e_sequences, layer_seed(cfg, layer, 4)),
+                kl_losses = []
+                if cfg.layer_kl_sequences:
+                    kl_losses = train_layer_kl_stage(
+                        model, layer, train_windows(cfg.layer_kl_sequences, layer_seed(cfg, layer, 4)),
                         done + [layer], cfg, lambda v: on_step(v, "kl"))
             model.dsla[str(layer)].requires_grad_(False)
             elapsed = time.time() - t0
@@ -260,9 +261,9 @@ def distill(model: HybridLM, teacher_dir: Path, teacher_sha: str, out_dir: Path,
             manifest["metrics"][str(layer)] = {
                 "position": len(done), "attn_train_loss_first": attn_losses[0], "attn_train_loss_last": attn_losses[-1],
                 "attn_val_nmse_before": val_before, "attn_val_nmse_after": val_after,
-                "kl_first": e2e_losses[0] if e2e_losses else None, "kl_last": e2e_losses[-1] if e2e_losses else None,
+                "kl_first": kl_losses[0] if kl_losses else None, "kl_last": kl_losses[-1] if kl_losses else None,
                 "tokens_attn": cfg.attn_sequences * cfg.seq_len, "steps_attn": cfg.attn_steps,
-                "tokens_e2e": cfg.e2e_sequences * cfg.seq_len, "wall_time_s": elapsed}
+                "tokens_layer_kl": cfg.layer_kl_sequences * cfg.seq_len, "wall_time_s": elapsed}
             manifest["wall_time_s"] += elapsed
             save_student(out_dir, model, manifest)
             log.info("layer %d done (%d/%d): val nmse %.4f -> %.4f in %.1fs", layer, len(done) + 1, len(order),
@@ -270,7 +271,33 @@ def distill(model: HybridLM, teacher_dir: Path, teacher_sha: str, out_dir: Path,
     finally:
         if bar is not None:
             bar.close()
+    if cfg.e2e_steps and manifest["layers_done"]:
+        end_to_end(model, out_dir, cfg, manifest, e2e_windows or train_windows, progress)
     return manifest
+
+
+def end_to_end(model: HybridLM, out_dir: Path, cfg: DistillConfig, manifest: dict[str, Any],
+               windows_fn: Callable[[int, int], Tensor], progress: bool) -> None:
+    """The end-to-end stage over the layers done, in their order (skipped when already done for
+    exactly these layers; restarted when the layer-wise stage has added layers since)."""
+    layers = [i for i in manifest["order"] if i in manifest["layers_done"]]
+    rec = manifest.get("e2e")
+    if rec is not None and rec.get("layers") != layers:
+        manifest.pop("e2e")
+        rec = None
+    if rec is not None and rec.get("done"):
+        return
+    windows = windows_fn(cfg.e2e_windows, layer_seed(cfg, -1, 8))
+    from dsla.paths import dsla_home
+    key = {"teacher": manifest["teacher"]["sha256"], "topk": cfg.e2e_topk,
+           "dtype": str(model.model.embed_tokens.weight.dtype)}
+    t_logp, t_ids = cached_teacher_topk(model, windows, cfg.e2e_topk, dsla_home() / "cache" / "e2e", key, progress)
+    rec = manifest.setdefault("e2e", {"step": 0, "losses": [], "wall_time_s": 0.0})
+    if rec["step"] == 0:  # the layer-wise student as it was, for ablations (`dsla eval --student DIR/stage1`)
+        save_student(out_dir / "stage1", model, {k: v for k, v in manifest.items() if k != "e2e"})
+    rec["layers"] = layers
+    train_e2e(model, layers, cfg, windows, t_logp, t_ids, out_dir, manifest,
+              lambda: save_student(out_dir, model, manifest), progress)
 
 
 def rank_layers(model: HybridLM, cfg: DistillConfig, train_windows: Callable[[int, int], Tensor],

@@ -99,7 +99,7 @@ def _cap(value: int, limit: int | None) -> int:
 
 def _validate(args: argparse.Namespace) -> None:
     from dsla.data.bigbench import check_tasks
-    from dsla.data.corpora import CORPORA
+    from dsla.data.corpora import ALL_CORPORA
 
     unknown = [s for s in args.suites if s not in SUITES]
     if unknown:
@@ -108,9 +108,9 @@ def _validate(args: argparse.Namespace) -> None:
     args.tasks = check_tasks(t for t in args.tasks.split(",") if t)
     args.filler = [c for c in args.filler.split(",") if c]
     args.splits = [s for s in args.splits.split(",") if s]
-    bad = [c for c in args.filler if c not in CORPORA] + [s for s in args.splits if s not in ("validation", "test")]
+    bad = [c for c in args.filler if c not in ALL_CORPORA] + [s for s in args.splits if s not in ("validation", "test")]
     if bad or not args.filler or not args.splits:
-        raise ValueError(f"bad --filler/--splits {bad}: corpora are {list(CORPORA)}, splits validation,test")
+        raise ValueError(f"bad --filler/--splits {bad}: corpora are {list(ALL_CORPORA)}, splits validation,test")
     for flag in ("limit", "trials", "position_windows", "position_window", "seq_len", "max_tokens"):
         v = getattr(args, flag)
         if v is not None and v <= 0:
@@ -152,17 +152,19 @@ def _labels(dirs: list[Path]) -> list[str]:
 
 def _prepare_inputs(args, teacher: Path, tok, cfg) -> tuple[dict, dict, list[str]]:
     """Build every suite's inputs once; return (inputs, report config, notes)."""
-    from dsla.data.corpora import CORPORA, load_documents, load_texts
+    from dsla.data.corpora import ALL_CORPORA, CORPORA, DESCRIPTIONS, EVAL_CORPORA, load_documents, load_texts
 
     inputs, conf, notes = {}, {}, []
     lim = args.limit
-    if "ppl" in args.suites:
+    if "ppl" in args.suites:  # every corpus: the distillation's domains and the out-of-domain ones
         conf["ppl"] = {"splits": args.splits, "seq_len": args.seq_len,
-                       "max_tokens": _cap(args.max_tokens, None if lim is None else lim * args.seq_len)}
+                       "max_tokens": _cap(args.max_tokens, None if lim is None else lim * args.seq_len),
+                       "corpora": {c: DESCRIPTIONS[c] for c in ALL_CORPORA}, "out_of_domain": list(EVAL_CORPORA)}
     if "position" in args.suites:
         from dsla.eval.position import select_windows
 
         window = min(args.position_window, cfg.max_position_embeddings)
+        # the distillation corpora only, as in earlier reports (the out-of-domain one is a ppl matter)
         docs = {c: load_documents(teacher, c, "test") for c in CORPORA}
         w = select_windows(docs, window, _cap(args.position_windows, lim), args.seed)
         inputs["position"] = w
@@ -203,11 +205,10 @@ def _run_suite(suite: str, model, teacher: Path, tok, inputs: dict, conf: dict, 
                stop_ids: set[int], show: bool, partial: dict | None = None, on_cell=None) -> dict:
     """One suite's result for one model and plan (``partial``/``on_cell``: passkey cells, see run_passkey)."""
     if suite == "ppl":
-        from dsla.data.corpora import CORPORA
         from dsla.eval.ppl import perplexity
 
         c = conf["ppl"]
-        return {s: perplexity(model, teacher, layers, list(CORPORA), s, c["seq_len"], c["max_tokens"])
+        return {s: perplexity(model, teacher, layers, list(c["corpora"]), s, c["seq_len"], c["max_tokens"])
                 for s in c["splits"]}
     if suite == "position":
         from dsla.eval.position import run_position

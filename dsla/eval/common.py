@@ -20,7 +20,7 @@ def fork_cache(cache: RequestCache, extra: int = 0) -> RequestCache:
             c.append(s.k, s.v)  # copies into c's own buffer
             layers.append(c)
         elif isinstance(s, DSLAState):
-            layers.append(DSLAState(s.state.clone(), s.length))
+            layers.append(s.clone())
         else:
             raise TypeError(f"unknown layer state {type(s).__name__}")
     return RequestCache(layers, cache.num_tokens)

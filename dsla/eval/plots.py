@@ -1,6 +1,7 @@
 """PNG plots of an evaluation report (matplotlib, imported here only, Agg backend).
 
-- ``ppl.png``: perplexity against conversion ratio, a panel per corpus, a line per student.
+- ``ppl.png``: perplexity against conversion ratio, a panel per corpus (out-of-domain ones marked),
+  a line per student.
 - ``mc.png``: accuracy against ratio, a panel per task (95% interval as a band), chance dashed.
 - ``passkey.png``: mean passkey accuracy against ratio; ``passkey_<student>.png``: a
   context x depth heatmap per ratio.
@@ -14,7 +15,7 @@ import math
 from pathlib import Path
 from typing import Callable
 
-from dsla.eval.runs import TEACHER, series, slug, students
+from dsla.eval.runs import TEACHER, ood_label, series, slug, students
 from dsla.fileio import atomic_write
 
 
@@ -54,7 +55,8 @@ def _grid(n: int, width: float = 3.6, height: float = 3.0):
 
 def _against_ratio(report: dict, suite: str, panels: list[str], value: Callable[[dict, str], float],
                    ylabel: str, path: Path, band: Callable[[dict, str], tuple[float, float]] | None = None,
-                   hline: Callable[[str], float] | None = None, logy: bool = False) -> None:
+                   hline: Callable[[str], float] | None = None, logy: bool = False,
+                   title: Callable[[str], str] = str) -> None:
     fig, axes = _grid(len(panels))
     for ax, panel in zip(axes, panels):
         for label in _labels(report):
@@ -68,7 +70,7 @@ def _against_ratio(report: dict, suite: str, panels: list[str], value: Callable[
                 ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15)
         if hline is not None:
             ax.axhline(hline(panel), color="gray", linestyle="--", linewidth=1, label="chance")
-        ax.set_title(panel, fontsize=9)
+        ax.set_title(title(panel), fontsize=9)
         ax.set_xlabel("conversion ratio")
         ax.set_ylabel(ylabel)
         lo, hi = ax.get_ylim()
@@ -93,7 +95,7 @@ def plot_ppl(report: dict, out: Path) -> None:
     split = report["config"]["ppl"]["splits"][0]
     corpora = list(_first(report, "ppl")[split])
     _against_ratio(report, "ppl", corpora, lambda r, c: r["ppl"][split][c], f"{split} perplexity",
-                   out / "ppl.png", logy=True)
+                   out / "ppl.png", logy=True, title=lambda c: ood_label(report, c))
 
 
 def plot_mc(report: dict, out: Path) -> None:

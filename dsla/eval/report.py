@@ -26,7 +26,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from dsla.eval.runs import TEACHER, slug, students
+from dsla.eval.runs import TEACHER, ood_label, slug, students
 from dsla.fileio import atomic_write_json, atomic_write_text
 
 FORMAT = "dsla-eval-report/1"
@@ -59,10 +59,20 @@ def _name(run: dict) -> list[str]:
     return [run["model"], f"{run['ratio']:.2f}", str(len(run["layers"]))]
 
 
+def _corpora_note(cfg: dict) -> list[str]:
+    """What each corpus is, and which ones the distillation never saw (reports that record it)."""
+    if "corpora" not in cfg:
+        return []
+    ood = cfg.get("out_of_domain", [])
+    lines = [f"- {c}: {d}" + (" — **out of domain**" if c in ood else "") for c, d in cfg["corpora"].items()]
+    return ["Corpora (held-out documents; the out-of-domain ones were never used for distillation):", "",
+            *lines, ""]
+
+
 def _ppl_section(report: dict, runs: list[dict]) -> list[str]:
-    out = ["## Perplexity", "", "Test-split perplexity per corpus (windows of "
-           f"{report['config']['ppl']['seq_len']} tokens, first {report['config']['ppl']['max_tokens']} "
-           "tokens of each corpus); in brackets: over the teacher's.", ""]
+    cfg = report["config"]["ppl"]
+    out = ["## Perplexity", "", f"Perplexity per corpus and split (windows of {cfg['seq_len']} tokens, first "
+           f"{cfg['max_tokens']} tokens of each corpus); in brackets: over the teacher's.", "", *_corpora_note(cfg)]
     teacher = next((r for r in runs if r["model"] == TEACHER and "ppl" in r), None)
     for split in report["config"]["ppl"]["splits"]:
         corpora = list(next(r["ppl"][split] for r in runs if "ppl" in r))
@@ -76,7 +86,8 @@ def _ppl_section(report: dict, runs: list[dict]) -> list[str]:
                 rel = f" ({v / teacher['ppl'][split][c]:.3f}x)" if teacher and r is not teacher else ""
                 cells.append(f"{v:.2f}{rel}")
             rows.append(_name(r) + cells)
-        out += [f"**{split}**", "", _table(["model", "ratio", "DSLA layers", *corpora], rows), ""]
+        header = ["model", "ratio", "DSLA layers", *(ood_label(report, c) for c in corpora)]
+        out += [f"**{split}**", "", _table(header, rows), ""]
     return out + ["![perplexity against ratio](ppl.png)", ""]
 
 

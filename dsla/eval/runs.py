@@ -26,3 +26,9 @@ def series(report: dict, label: str) -> list[dict]:
 
 def students(report: dict) -> list[str]:
     return [m["label"] for m in report["models"] if m["label"] != TEACHER]
+
+
+def ood_label(report: dict, corpus: str) -> str:
+    """``corpus``, marked "(out of domain)" when the report's ppl config lists it as such."""
+    ood = report["config"].get("ppl", {}).get("out_of_domain", [])
+    return f"{corpus} (out of domain)" if corpus in ood else corpus

@@ -8,6 +8,12 @@ Per KV head h, with phi a learned feature map and a_t, b_t learned decays in (0,
 The appended ones-column makes the last column of each state the running normaliser
 sum_j decay * phi(k_j), so the layer is a decayed, normalised (softmax-like) attention.
 
+With ``DSLAConfig.window`` = W > 0, the last W tokens are attended exactly (softmax scores
+q.k/sqrt(D), minus their max, times a learned per-query-head factor exp(window_log_scale)) and a
+token enters the states only when it leaves the window, sharing the normaliser:
+    o_t = (u_t[:V] + f sum_j w_tj v_j) / (u_t[V] + f sum_j w_tj + eps)
+(see dsla/ops/window.py). W = 0 is the pure DSLA above.
+
 Foldable by construction: k_t and v_t are the teacher's own k_proj / v_proj outputs (shared, not
 copied) with the same RoPE, and the gates and phi(k) depend on k alone, so the states can be
 rebuilt exactly from a request's KV cache (``fold``). q_proj and o_proj start as copies of the
@@ -17,6 +23,7 @@ teacher's and are trained, with phi, the gates and gamma.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from typing import Sequence
 
@@ -29,6 +36,7 @@ from dsla.model.llama import LlamaAttention, split_heads, uniform_length
 from dsla.model.state import DSLAState, KVState
 from dsla.ops.dsla import dsla_chunked, dsla_fold, dsla_step
 from dsla.ops.rope import apply_rope, rope_cos_sin, unapply_rope
+from dsla.ops.window import WindowState, window_chunked, window_fold, window_step
 
 
 class HeadwiseLinear(nn.Module):
@@ -75,6 +83,8 @@ class DSLAAttention(nn.Module):
             self.recency_gate = HeadwiseLinear(H, D, K, bias=True)
             nn.init.constant_(self.recency_gate.bias, logit(cfg.recency_decay_init))
             self.mix_logits = nn.Parameter(torch.full((lc.num_attention_heads,), logit(cfg.history_mix_init)))
+        if cfg.window:  # only then, so a W = 0 layer's parameters (and artifacts) are unchanged
+            self.window_log_scale = nn.Parameter(torch.zeros(lc.num_attention_heads))
 
     @property
     def state_shape(self) -> tuple[int, int, int, int]:
@@ -83,17 +93,32 @@ class DSLAAttention(nn.Module):
         return lc.num_key_value_heads, self.cfg.num_states, 2 * self.cfg.feature_dim, lc.head_dim + 1
 
     def new_state(self, device: torch.device | str = "cpu") -> DSLAState:
-        return DSLAState(torch.zeros(self.state_shape, dtype=torch.float32, device=device))
+        """A zero state; with a window, its W rows of k and v (model dtype) allocated up front."""
+        st = torch.zeros(self.state_shape, dtype=torch.float32, device=device)
+        W = self.cfg.window
+        if not W:
+            return DSLAState(st)
+        lc, dtype = self.lcfg, self.q_proj.weight.dtype
+        rows = lambda: torch.zeros(lc.num_key_value_heads, W, lc.head_dim, dtype=dtype, device=device)  # noqa: E731
+        return DSLAState(st, 0, rows(), rows())
 
     # ---- the pieces that depend on k alone (and so can be recomputed from a KV cache) ----------
     def key_side(self, k_raw: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """phi(k) (H, N, K), values with a ones column (H, N, V+1), log decays (H, S, N, K) fp32."""
+        v1 = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
+        return self.feature(k, self.feature_k), v1, self.log_gates(k_raw)
+
+    def log_gates(self, k_raw: Tensor) -> Tensor:
+        """Log decays (H, S, N, K) float32 from the keys before RoPE (H, N, D)."""
         z = k_raw.float()
         gates = [F.logsigmoid(self.history_gate(z))]
         if self.cfg.num_states == 2:
             gates.append(F.logsigmoid(self.recency_gate(z)))
-        v1 = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
-        return self.feature(k, self.feature_k), v1, torch.stack(gates, dim=1)
+        return torch.stack(gates, dim=1)
+
+    def key_feature(self, k: Tensor) -> Tensor:
+        """phi of keys laid out (B, H, N, D) -> (B, H, N, K): the window ops' ``feature``."""
+        return self.feature(k.transpose(0, 1), self.feature_k).transpose(0, 1)
 
     @staticmethod
     def feature(x: Tensor, proj: HeadwiseLinear) -> Tensor:
@@ -108,6 +133,11 @@ class DSLAAttention(nn.Module):
             return torch.ones(lc.num_key_value_heads, lc.group_size, 1, device=self.q_proj.weight.device)
         gamma = torch.sigmoid(self.mix_logits.float()).view(lc.num_key_value_heads, lc.group_size, 1)
         return torch.cat([gamma, 1 - gamma], dim=-1)
+
+    def window_factor(self) -> Tensor:
+        """(Hkv, G) weight f = exp(window_log_scale) of the exact window per query head."""
+        lc = self.lcfg
+        return self.window_log_scale.float().exp().view(lc.num_key_value_heads, lc.group_size)
 
     # ---- forward ------------------------------------------------------------------------------
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, seq_lens: Sequence[int],
@@ -127,22 +157,90 @@ class DSLAAttention(nn.Module):
         lc, cfg = self.lcfg, self.cfg
         H, G, V = lc.num_key_value_heads, lc.group_size, lc.head_dim
         fq = self.feature(q.view(H, G, -1, V), self.feature_q)  # (H, G, N, K)
+        if cfg.window:
+            u = self._attend_window(q.view(H, G, -1, V), k_raw, k, v, fq, seq_lens, states)
+        else:
+            u = self._attend_dsla(fq, k_raw, k, v, seq_lens, states)  # (H, G, N, V+1)
+        o = u[..., :V] / (u[..., V:].float() + cfg.eps).to(u.dtype)  # (H, G, N, V)
+        return o.reshape(lc.num_attention_heads, -1, V)  # (Hq, N, V)
+
+    def _attend_dsla(self, fq: Tensor, k_raw: Tensor, k: Tensor, v: Tensor, seq_lens: Sequence[int],
+                     states: Sequence[DSLAState] | None) -> Tensor:
+        """Pure DSLA (window 0): the unnormalised output u (H, G, N, V+1)."""
+        H, G, _, _ = fq.shape
+        V = v.shape[-1]
         fk, v1, g = self.key_side(k_raw, k, v)
         mix = self.mix()
         T = uniform_length(seq_lens, states)
-        if T is not None:  # stateless rectangular batch: one chunked call
-            B = len(seq_lens)
-            u, _ = dsla_chunked(
-                fq.view(H, G, B, T, -1).permute(2, 0, 1, 3, 4),  # (B, H, G, T, K)
-                fk.view(H, B, T, -1).transpose(0, 1),  # (B, H, T, K)
-                v1.view(H, B, T, -1).transpose(0, 1),  # (B, H, T, V+1)
-                g.view(H, -1, B, T, g.shape[-1]).permute(2, 0, 1, 3, 4),  # (B, H, S, T, K)
-                mix, None, chunk_size=cfg.chunk_size)
-            u = u.permute(1, 2, 0, 3, 4).reshape(H, G, B * T, V + 1)  # (H, G, N, V+1)
-        else:
-            u = self._run_requests(fq, fk, v1, g, mix, seq_lens, states)
-        o = u[..., :V] / (u[..., V:].float() + cfg.eps).to(u.dtype)  # (H, G, N, V)
-        return o.reshape(lc.num_attention_heads, -1, V)  # (Hq, N, V)
+        if T is None:
+            return self._run_requests(fq, fk, v1, g, mix, seq_lens, states)
+        B = len(seq_lens)  # stateless rectangular batch: one chunked call
+        u, _ = dsla_chunked(
+            fq.view(H, G, B, T, -1).permute(2, 0, 1, 3, 4),  # (B, H, G, T, K)
+            fk.view(H, B, T, -1).transpose(0, 1),  # (B, H, T, K)
+            v1.view(H, B, T, -1).transpose(0, 1),  # (B, H, T, V+1)
+            g.view(H, -1, B, T, g.shape[-1]).permute(2, 0, 1, 3, 4),  # (B, H, S, T, K)
+            mix, None, chunk_size=self.cfg.chunk_size)
+        return u.permute(1, 2, 0, 3, 4).reshape(H, G, B * T, V + 1)  # (H, G, N, V+1)
+
+    def _attend_window(self, q: Tensor, k_raw: Tensor, k: Tensor, v: Tensor, fq: Tensor,
+                       seq_lens: Sequence[int], states: Sequence[DSLAState] | None) -> Tensor:
+        """DSLA with the exact window: u (H, G, N, V+1). q (H, G, N, D); k, v (H, N, D)."""
+        H, G, _, D = q.shape
+        V = v.shape[-1]
+        g = self.log_gates(k_raw)  # (H, S, N, K)
+        T = uniform_length(seq_lens, states)
+        if T is None:
+            return self._run_window_requests(q, k, v, fq, g, seq_lens, states)
+        B = len(seq_lens)  # stateless rectangular batch (training): one chunked call
+        u, _ = window_chunked(
+            q.view(H, G, B, T, D).permute(2, 0, 1, 3, 4),  # (B, H, G, T, D)
+            k.view(H, B, T, D).transpose(0, 1), v.view(H, B, T, V).transpose(0, 1),  # (B, H, T, D)
+            fq.view(H, G, B, T, -1).permute(2, 0, 1, 3, 4),  # (B, H, G, T, K)
+            g.view(H, -1, B, T, g.shape[-1]).permute(2, 0, 1, 3, 4),  # (B, H, S, T, K)
+            self.mix(), self.window_factor(), self.key_feature, None,
+            window=self.cfg.window, chunk_size=self.cfg.chunk_size)
+        return u.permute(1, 2, 0, 3, 4).reshape(H, G, B * T, V + 1)  # (H, G, N, V+1)
+
+    def _run_window_requests(self, q: Tensor, k: Tensor, v: Tensor, fq: Tensor, g: Tensor,
+                             seq_lens: Sequence[int], states: Sequence[DSLAState] | None) -> Tensor:
+        """Per request, like ``_run_requests``: all single-token decodes in one step call (windows
+        of different fills), each prefill chunk a chunked call continuing from its state."""
+        H, G, N, _ = q.shape
+        V = v.shape[-1]
+        args = (self.mix(), self.window_factor(), self.key_feature)
+        u = fq.new_empty(H, G, N, V + 1)
+        starts = torch.tensor([0, *seq_lens]).cumsum(0).tolist()
+        decode = [r for r, L in enumerate(seq_lens) if L == 1 and states is not None]
+        groups = ([decode] if decode else []) + [[r] for r in range(len(seq_lens)) if r not in decode]
+        for rs in groups:
+            if rs is decode:
+                idx = torch.tensor([starts[r] for r in rs], device=q.device)
+                qr, kr, vr = q[:, :, idx, None], k[:, idx, None], v[:, idx, None]  # (H, G, R, 1, D), (H, R, 1, D)
+                fqr, gr = fq[:, :, idx, None], g[:, :, idx, None]  # (H, G, R, 1, K), (H, S, R, 1, K)
+                fn = window_step
+            else:
+                idx = slice(starts[rs[0]], starts[rs[0] + 1])  # one request: a batch of 1
+                qr, kr, vr = q[:, :, None, idx], k[:, None, idx], v[:, None, idx]  # (H, G, 1, L, D), (H, 1, L, D)
+                fqr, gr = fq[:, :, None, idx], g[:, :, None, idx]  # (H, G, 1, L, K), (H, S, 1, L, K)
+                fn = functools.partial(window_chunked, chunk_size=self.cfg.chunk_size)
+            s0 = None if states is None else WindowState(
+                torch.stack([states[r].state for r in rs]),  # (R, H, S, K, V+1)
+                torch.stack([states[r].window_k for r in rs]), torch.stack([states[r].window_v for r in rs]),
+                torch.tensor([states[r].window_count for r in rs], device=q.device))
+            ur, s1 = fn(qr.permute(2, 0, 1, 3, 4), kr.transpose(0, 1), vr.transpose(0, 1),
+                        fqr.permute(2, 0, 1, 3, 4), gr.permute(2, 0, 1, 3, 4), *args, s0, window=self.cfg.window)
+            u[:, :, idx] = ur.permute(1, 2, 0, 3, 4).reshape(H, G, -1, V + 1)
+            if states is None:
+                continue
+            for t in (s1.states, kr, vr):  # rows already in a window were checked when they came
+                check_finite(t)
+            for j, r in enumerate(rs):  # the window rows stay in their preallocated buffers
+                st = states[r]
+                st.state, st.length = s1.states[j], st.length + seq_lens[r]
+                st.window_k.copy_(s1.k[j])
+                st.window_v.copy_(s1.v[j])
+        return u
 
     def _run_requests(self, fq: Tensor, fk: Tensor, v1: Tensor, g: Tensor, mix: Tensor,
                       seq_lens: Sequence[int], states: Sequence[DSLAState] | None) -> Tensor:
@@ -176,7 +274,7 @@ class DSLAAttention(nn.Module):
         return u
 
     def fold(self, kv: KVState, inv_freq: Tensor) -> DSLAState:
-        """The DSLA state this layer would hold after a prefill over the cached k, v (exact)."""
+        """The DSLA state (and window) this layer would hold after a prefill over the cached k, v."""
         T = kv.length
         st = self.new_state(kv.k.device)
         if T == 0:
@@ -184,6 +282,10 @@ class DSLAAttention(nn.Module):
         cos, sin = rope_cos_sin(torch.arange(T, device=kv.k.device), inv_freq)
         k = kv.k
         with torch.no_grad():
+            if self.cfg.window:  # tokens older than the window into the states, the last W rows kept
+                ws = window_fold(k[None], kv.v[None], self.log_gates(unapply_rope(k, cos, sin))[None],
+                                 self.key_feature, None, window=self.cfg.window, chunk_size=self.cfg.chunk_size)
+                return DSLAState(ws.states[0], T, ws.k[0], ws.v[0])
             fk, v1, g = self.key_side(unapply_rope(k, cos, sin), k, kv.v)
             s = dsla_fold(fk[None], v1[None], g[None], None, chunk_size=self.cfg.chunk_size)
         return DSLAState(s[0], length=T)

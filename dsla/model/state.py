@@ -1,8 +1,9 @@
 """Typed per-request cache: one state per layer, owned by the caller and passed into the model.
 
 An attention layer keeps a ``KVState`` (grows with the number of tokens T); a DSLA layer keeps a
-``DSLAState`` (two float32 matrices per KV head, fixed size). A ``RequestCache`` holds one of
-them per layer, so a single request can run some layers as attention and others as DSLA.
+``DSLAState`` (two float32 matrices per KV head, plus the last W tokens' k and v when the layer
+has an exact window: fixed size). A ``RequestCache`` holds one of them per layer, so a single
+request can run some layers as attention and others as DSLA.
 """
 
 from __future__ import annotations
@@ -57,22 +58,50 @@ class KVState:
 
 @dataclass
 class DSLAState:
-    """History and recency states of one DSLA layer for one request.
+    """History and recency states of one DSLA layer for one request, plus its exact window.
 
     ``state``: (H, S, K, V) float32 with H = KV heads, S = number of states (history first),
-    K = feature width, V = value width (+1 for the normaliser column). Size never depends on T.
+    K = feature width, V = value width (+1 for the normaliser column). With a window of W tokens
+    (``DSLAConfig.window``), ``window_k`` / ``window_v`` (H, W, D) in the model dtype hold the keys
+    (after RoPE) and values of the last min(W, length) tokens, right-aligned (oldest first, zero
+    rows before them); allocated at W rows up front, so the size never depends on T.
     """
 
     state: Tensor
-    length: int = 0  # tokens folded into the state so far
+    length: int = 0  # tokens this layer has seen (those older than the window are in ``state``)
+    window_k: Tensor | None = None  # (H, W, D) keys after RoPE of the window; None without a window
+    window_v: Tensor | None = None  # (H, W, D) their values
 
     def __post_init__(self) -> None:
         if self.state.dtype != torch.float32:
             raise TypeError(f"DSLA state must be float32, got {self.state.dtype}")
+        if (self.window_k is None) != (self.window_v is None):
+            raise ValueError("window_k and window_v go together: give both or neither")
+        wk, wv = self.window_k, self.window_v
+        if wk is not None and (wk.dim() != 3 or wv.dim() != 3 or wk.shape[:2] != wv.shape[:2]):
+            raise ValueError(f"window_k and window_v must be (H, W, D) alike, got {tuple(self.window_k.shape)} "
+                             f"and {tuple(self.window_v.shape)}")
+
+    @property
+    def window(self) -> int:
+        """W, the window's capacity in tokens (0: none)."""
+        return 0 if self.window_k is None else self.window_k.shape[1]
+
+    @property
+    def window_count(self) -> int:
+        """Rows of the window that hold tokens."""
+        return min(self.window, self.length)
+
+    def clone(self) -> DSLAState:
+        """An independent copy (for forking a request's cache)."""
+        wk = None if self.window_k is None else self.window_k.clone()
+        wv = None if self.window_v is None else self.window_v.clone()
+        return DSLAState(self.state.clone(), self.length, wk, wv)
 
     @property
     def nbytes(self) -> int:
-        return self.state.numel() * self.state.element_size()
+        return sum(t.numel() * t.element_size() for t in (self.state, self.window_k, self.window_v)
+                   if t is not None)
 
 
 LayerState = KVState | DSLAState

@@ -27,6 +27,7 @@ from fastapi.responses import PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dsla.serve.calls import ChatCall, CompletionCall, Submission, stream
+from dsla.serve.dashboard import add_dashboard
 from dsla.serve.edge import Edge, read_json
 from dsla.serve.engine import Engine
 from dsla.serve.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError, TokenText, parse, short_repr
@@ -255,7 +256,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
     app.add_middleware(Edge, max_bytes=cfg.max_body_bytes, allowed_hosts=cfg.allowed_hosts)
     add_error_handlers(app)
     add_routes(app, Handlers(engine, cfg))
-    # More route sets (e.g. a dashboard) register here, after the API's own.
+    add_dashboard(app, engine, model_name, api_key)  # GET /dashboard, /v1/dsla/dashboard; --no-plan-control
     return app
 
 

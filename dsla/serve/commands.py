@@ -8,6 +8,7 @@ controller (``dsla.serve.policy``) convert layers under load and revert them whe
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -80,7 +81,8 @@ def build_engine(teacher: str | Path, dtype: str = "float32", student: str | Pat
             log.warning("adaptive policy without --student: it converts untrained DSLA layers in index order "
                         "(output quality will suffer; distill a student with `dsla distill`)")
             model.add_dsla([i for i in order if i not in model.dsla_layers()])
-        controller = Controller(policy_config or PolicyConfig(), order, quality)
+        controller = Controller(policy_config or PolicyConfig(quality_budget=PolicyConfig.quality_budget if quality else None),
+                                order, quality)
     runner = ModelRunner(model, plan)
     return Engine(runner, Tokenizer(teacher), config or SchedulerConfig(), controller=controller, order=order)
 
@@ -125,6 +127,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--served-model-name", default=None, help="model id clients send (default: teacher dir name)")
     p.add_argument("--api-key", default=os.environ.get("DSLA_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $DSLA_API_KEY, else open)")
+    p.add_argument("--no-plan-control", action="store_true",
+                   help="refuse forced plan changes (POST /v1/dsla/plan answers 403); the live page is read-only")
     p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="requests running at once")
     p.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
                    help="tokens per engine step (decodes + prefill chunks)")
@@ -153,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
     from dsla.paths import resolve_teacher
     from dsla.serve.api import create_app
     from dsla.serve.edge import default_allowed_hosts
+    from dsla.serve.dashboard import set_plan_control
     from dsla.serve.policy import PolicyConfig
     from dsla.serve.scheduler import SchedulerConfig
 
@@ -164,21 +169,33 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--shutdown-timeout-s={args.shutdown_timeout_s} must be >= 0")
     layers = parse_list(args.dsla_layers, int) if args.dsla_layers else None
     hosts = parse_list(args.allowed_hosts) if args.allowed_hosts else default_allowed_hosts(args.host)
-    quality = read_quality_report(args.quality_report, args.student) if args.quality_report else ()
+    policy_config = dataclass_from_args(PolicyConfig, args)
+    report = args.quality_report
+    if report is None and args.student is not None and (Path(args.student) / "report.json").is_file():
+        report = Path(args.student) / "report.json"  # a shipped student carries its own eval report
+    quality = read_quality_report(report, args.student) if report else ()
+    if args.policy == "adaptive" and not quality and policy_config.quality_budget == PolicyConfig().quality_budget:
+        log.warning("no quality report (--quality-report, or report.json in the student directory): the default "
+                    "quality budget of %.0f%% is not enforced", 100 * policy_config.quality_budget)
+        policy_config = dataclasses.replace(policy_config, quality_budget=None)
+    if quality:
+        log.info("quality curve from %s: %s", report, ", ".join(f"{r:.2f}: +{q:.1%}" for r, q in quality))
     engine = build_engine(teacher, args.dtype, args.student, layers, args.dsla_ratio, config, args.policy,
-                          dataclass_from_args(PolicyConfig, args), quality)
+                          policy_config, quality)
     name = args.served_model_name or teacher.name
     app = create_app(engine, name, api_key=args.api_key, max_body_bytes=args.max_body_kb * 1024,
                      allowed_hosts=None if hosts is None or "*" in hosts else hosts)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         log.warning("serving on %s without --api-key: anyone who can reach it can use it", args.host)
+    set_plan_control(app, not args.no_plan_control)
     engine.start()
     log.info("serving %s (policy %s, DSLA layers %s) on http://%s:%d", name, args.policy,
              list(engine.runner.plan) or "none", args.host, args.port)
     auth = ' -H "Authorization: Bearer $DSLA_API_KEY"' if args.api_key else ""
     print(f"\ndsla serve: http://{args.host}:{args.port}  (model {name!r}, policy {args.policy}; Ctrl-C stops)\n"
           f"try:\n  {curl_example(args.host, args.port, name, bool(args.api_key))}\n"
-          f"  curl http://{args.host}:{args.port}/v1/dsla/plan{auth}\n", flush=True)
+          f"  curl http://{args.host}:{args.port}/v1/dsla/plan{auth}\n"
+          f"live page: http://{args.host}:{args.port}/dashboard\n", flush=True)
     try:
         graceful_server(app, engine, args.host, args.port, args.shutdown_timeout_s).run()
     finally:

@@ -29,6 +29,7 @@ from dsla.plan import layers_for_ratio
 from dsla.sampling import SamplingParams, stop_token_ids
 from dsla.serve.control import Controller, LatencyWindow
 from dsla.serve.detokenize import Detokenizer
+from dsla.serve.live import Timeline, live_view
 from dsla.serve.metrics import Metrics
 from dsla.serve.outputs import Collector, RequestOutput, Sink  # noqa: F401  (re-exported)
 from dsla.serve.policy import LoadSnapshot
@@ -86,6 +87,9 @@ class Engine:
         self._in_step: tuple[str, ...] | None = None  # ids of the requests the current step scheduled
         self._scheduling = False  # inside scheduler.schedule(): a fault there leaves its state unknown
         self.error: BaseException | None = None  # set if the loop itself died
+        self.timeline = Timeline()  # one sample a second of load, plan and memory (the live page)
+        self.last_load: LoadSnapshot | None = None  # the load of the latest timeline sample
+        self._period_steps, self._period_step_s = 0, 0.0  # engine steps since that sample, their time
 
     @property
     def max_model_len(self) -> int:
@@ -292,6 +296,7 @@ class Engine:
 
     def step(self) -> None:
         """Schedule, run one forward, sample, emit. Public so tests can step without the thread."""
+        t0 = time.perf_counter()
         self._scheduling = True
         out = self.scheduler.schedule()
         self._scheduling = False
@@ -316,6 +321,9 @@ class Engine:
         self._in_step = None
         self.metrics.set(requests_running=self.scheduler.num_running, requests_waiting=self.scheduler.num_waiting,
                          cache_bytes_used=self.runner.cache_bytes())
+        took = time.perf_counter() - t0
+        self.metrics.observe("step_seconds", took)
+        self._period_steps, self._period_step_s = self._period_steps + 1, self._period_step_s + took
 
     def _process_one(self, request_id: str, completes: bool, res, now: float) -> None:
         """Hand one request its step result; a failure here (sampling, stop handling, detokenising)
@@ -508,8 +516,28 @@ class Engine:
                             self.recent_ttft.median(now), self.recent_tpot.median(now))
 
     def _load_metrics(self, now: float) -> None:
+        """Every loop turn: the load gauges; once a second, a timeline sample too."""
         queued, oldest = self._queue(now)
         self.metrics.set(queued_prompt_tokens=queued, oldest_wait_seconds=oldest)
+        if self.timeline.due(now):
+            self._sample(now)
+
+    def _sample(self, now: float) -> None:
+        """Add a timeline sample (engine thread): load, plan, memory, tokens/s and step time since the last."""
+        load = self.last_load = self.load(now)
+        kv, state = self.runner.cache_bytes_by_kind()
+        snap, prev, wall = self.metrics.snapshot(), self.timeline.last(), time.time()
+        tokens = snap["generation_tokens_total"]
+        rate = (tokens - prev["generation_tokens"]) / (wall - prev["time"]) if prev and wall > prev["time"] else 0.0
+        steps, step_s = self._period_steps, self._period_step_s
+        self._period_steps, self._period_step_s = 0, 0.0
+        self.timeline.add(now, {
+            "time": wall, "ratio": len(self.runner.plan) / self.num_layers, "dsla_layers": len(self.runner.plan),
+            "running": self.scheduler.num_running, "waiting": self.scheduler.num_waiting,
+            "queued_prompt_tokens": load.queued_prompt_tokens, "oldest_wait_s": load.oldest_wait_s,
+            "generation_tokens": tokens, "tokens_per_s": rate, "steps": steps,
+            "step_s": step_s / steps if steps else None, "cache_bytes": load.cache_bytes,
+            "kv_bytes": kv, "dsla_state_bytes": state, "ttft_s": load.ttft_s, "tpot_s": load.tpot_s})
 
     def _plan_metrics(self) -> None:
         plan = set(self.runner.plan)
@@ -518,7 +546,8 @@ class Engine:
             self.metrics.set_labelled("layer_is_dsla", i, int(i in plan))
 
     def plan_view(self) -> dict[str, Any]:
-        """Plan, order, policy, load and recent changes, for /v1/dsla/plan (safe from any thread)."""
+        """Plan, order, policy, load and recent changes, for /v1/dsla/plan (safe from any thread); with
+        the live page's signals, next candidate, quality and memory (``dsla.serve.live.live_view``)."""
         plan, conv = self.runner.plan, self.converted_order
         with self._lock:
             history = list(self.plan_history)
@@ -531,7 +560,8 @@ class Engine:
                 "controller": self.controller.describe() if self.controller else None, "load": load,
                 "generation_tokens_by_dsla_layers": snap["generation_tokens_by_dsla_layers_total"],
                 "layer_conversions_total": snap["layer_conversions_total"],
-                "layer_reverts_total": snap["layer_reverts_total"], "history": history, "time": time.time()}
+                "layer_reverts_total": snap["layer_reverts_total"], "history": history, "time": time.time(),
+                **live_view(self, conv, history)}
 
 
 def release_free_memory() -> None:

@@ -48,6 +48,7 @@ class Metrics:
         "time_per_output_token_seconds": "mean gap between output tokens of a finished request",
         "e2e_request_latency_seconds": "arrival to finish",
         "queue_time_seconds": "arrival to first admission",
+        "step_seconds": "wall time of one engine step (schedule, forward, sample, emit)",
     }
     COUNTERS = {
         "prompt_tokens_total": "prompt tokens of finished requests",

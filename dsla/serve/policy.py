@@ -52,7 +52,7 @@ class PolicyConfig:
     step_layers: int = 1  # layers converted per unit of overload factor: k = step_layers * floor(factor)
     max_step_layers: int = 4  # at most this many layers per conversion step
     revert_step_layers: int = 1  # layers reverted per step
-    quality_budget: float | None = None  # max expected relative perplexity increase (0.1 = +10%); None: no budget
+    quality_budget: float | None = 0.15  # max expected relative perplexity increase (0.15 = +15%) from the student's eval report; None: no budget
     interval_s: float = 0.5  # how often the engine asks the policy, seconds
 
     def __post_init__(self) -> None:
@@ -166,7 +166,7 @@ def quality_curve_from_report(report: dict[str, Any], split: str = "test", stude
     return tuple(sorted(by_ratio.items()))
 
 
-def _signals(cfg: PolicyConfig, load: LoadSnapshot) -> list[tuple[str, float, float, float]]:
+def signals(cfg: PolicyConfig, load: LoadSnapshot) -> list[tuple[str, float, float, float]]:
     """(name, value, convert threshold, revert threshold) of each enabled signal."""
     sig = [("queued_prompt_tokens", load.queued_prompt_tokens, cfg.convert_queued_tokens, cfg.revert_queued_tokens),
            ("queue_depth", load.queue_depth, cfg.convert_queue_depth, cfg.revert_queue_depth),
@@ -182,6 +182,24 @@ def _signals(cfg: PolicyConfig, load: LoadSnapshot) -> list[tuple[str, float, fl
     return sig
 
 
+def next_candidate(cfg: PolicyConfig, converted: Sequence[int], order: Sequence[int], num_layers: int,
+                   quality: QualityCurve = ()) -> tuple[int | None, str]:
+    """The layer the next conversion would take (None when none can be), and why not when None.
+
+    The same limits as ``decide`` (the order, ``max_ratio``, the quality budget), without the load:
+    what the live page marks as the policy's next candidate.
+    """
+    todo = [i for i in order if i not in set(converted)]
+    if not todo:
+        return None, "every finished layer is converted"
+    if len(converted) + 1 > math.floor(cfg.max_ratio * num_layers + 1e-9):
+        return None, f"at max_ratio {cfg.max_ratio} ({len(converted)}/{num_layers} layers)"
+    ratio = (len(converted) + 1) / num_layers
+    if cfg.quality_budget is not None and expected_increase(quality, ratio) > cfg.quality_budget:
+        return None, f"quality budget: ratio {ratio:.2f} would exceed {cfg.quality_budget:.1%}"
+    return todo[0], ""
+
+
 def _fmt(x: float) -> str:
     return f"{x:.3g}" if isinstance(x, float) else str(x)
 
@@ -191,7 +209,7 @@ def decide(cfg: PolicyConfig, load: LoadSnapshot, state: PolicyState, order: Seq
     """One decision. ``order``: the layers the student has finished, in conversion order."""
     if len(set(order)) != len(order):
         raise ValueError(f"the layer order {list(order)} names a layer twice")
-    sig = _signals(cfg, load)
+    sig = signals(cfg, load)
     factor, name, value, thr = max(((v / c, n, v, c) for n, v, c, _ in sig), key=lambda t: t[0])
     calm = all(v <= r for _, v, _, r in sig)
     st = replace(state, calm_since_s=(state.calm_since_s if state.calm_since_s is not None else now) if calm else None)
@@ -210,7 +228,7 @@ def decide(cfg: PolicyConfig, load: LoadSnapshot, state: PolicyState, order: Seq
         if room <= 0:
             return hold(f"{why}; at max_ratio {cfg.max_ratio} ({n_conv}/{num_layers} layers)")
         k = min(cfg.max_step_layers, cfg.step_layers * math.floor(factor), room, len(todo))
-        if cfg.quality_budget is not None:
+        if cfg.quality_budget is not None and quality:
             while k > 0 and expected_increase(quality, (n_conv + k) / num_layers) > cfg.quality_budget:
                 k -= 1
             if k == 0:

@@ -100,6 +100,14 @@ class ModelRunner:
         """Bytes all live caches hold right now (what the budget is about)."""
         return sum(c.nbytes for c in self.caches.values())
 
+    def cache_bytes_by_kind(self) -> tuple[int, int]:
+        """(KV bytes of attention layers, DSLA-state bytes) over all live caches; they sum to ``cache_bytes``."""
+        total = state = 0
+        for c in self.caches.values():
+            total += c.nbytes
+            state += sum(c.layers[i].nbytes for i in c.dsla_layers())
+        return total - state, state
+
     def free(self, request_ids: Iterable[str]) -> None:
         """Drop caches (preempted, aborted or finished requests); generators survive preemption."""
         for rid in request_ids:

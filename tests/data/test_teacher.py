@@ -45,13 +45,15 @@ def test_run_reports_errors_without_traceback(monkeypatch, capsys, tmp_path):
 
 
 def test_format_summary_lists_every_corpus_and_split():
-    from dsla.data.corpora import CORPORA, SPLITS
+    from dsla.data.corpora import ALL_CORPORA, CORPORA, EVAL_CORPORA, SPLITS
 
     stats = {"documents": 3, "tokens": 12345, "characters": 50000}
     result = {"home": "/h", "teacher": "/h/t", "seconds": 1.0,
-              "corpora": {c: {s: stats for s in SPLITS} for c in CORPORA}}
+              "corpora": {c: {s: stats for s in SPLITS} for c in ALL_CORPORA}}
     table = format_summary(result)
-    assert table.count("12,345") == len(CORPORA) * len(SPLITS) and "shakespeare" in table
+    # an evaluation-only corpus has no train row
+    assert table.count("12,345") == len(CORPORA) * len(SPLITS) + len(EVAL_CORPORA) * 2
+    assert "shakespeare" in table and "techdocs (eval only)  validation" in table
 
 
 @pytest.mark.teacher

@@ -24,9 +24,15 @@ def windows_fn(salt: int):
 
 def tiny_cfg(**kw) -> DistillConfig:
     base = dict(dsla=DSLAConfig(feature_dim=8, chunk_size=8), seq_len=32, attn_sequences=8, attn_steps=4,
-                val_sequences=2, batch_size=4, e2e_sequences=4, rank_sequences=4)
+                val_sequences=2, batch_size=4, layer_kl_sequences=4, rank_sequences=4,
+                e2e_steps=4, e2e_seq_len=32, e2e_windows=2, e2e_topk=8, e2e_save_every=2)
     base.update(kw)
     return DistillConfig(**base)
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DSLA_HOME", str(tmp_path / "home"))  # the teacher top-k cache goes here
 
 
 def run(tiny_dir, out, cfg, **kw):
@@ -73,7 +79,7 @@ def test_kill_and_resume_equals_uninterrupted(tiny_dir, tmp_path, monkeypatch):
     _, full = run(tiny_dir, tmp_path / "full", cfg)
 
     calls = {"n": 0}
-    real = train_mod.train_e2e_stage
+    real = train_mod.train_layer_kl_stage
 
     def dies_on_second_layer(*a, **k):
         calls["n"] += 1
@@ -81,11 +87,11 @@ def test_kill_and_resume_equals_uninterrupted(tiny_dir, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(train_mod, "train_e2e_stage", dies_on_second_layer)
+    monkeypatch.setattr(train_mod, "train_layer_kl_stage", dies_on_second_layer)
     with pytest.raises(KeyboardInterrupt):
         run(tiny_dir, tmp_path / "resumed", cfg)
     assert len(read_manifest(tmp_path / "resumed")["layers_done"]) == 1
-    monkeypatch.setattr(train_mod, "train_e2e_stage", real)
+    monkeypatch.setattr(train_mod, "train_layer_kl_stage", real)
     _, resumed = run(tiny_dir, tmp_path / "resumed", cfg)
     assert resumed["layers_done"] == full["layers_done"]
     a, b = load_file(tmp_path / "full" / "dsla.safetensors"), load_file(tmp_path / "resumed" / "dsla.safetensors")
@@ -129,3 +135,27 @@ def test_bad_config_values_are_named():
         DistillConfig(order="given")
     with pytest.raises(ValueError, match="num_states"):
         DSLAConfig(num_states=3)
+
+
+def test_compact_export_loads_to_the_same_model(tiny_dir, tmp_path):
+    from dsla.distill.artifact import export_student
+
+    run(tiny_dir, tmp_path / "s", tiny_cfg(e2e_steps=0))
+    (tmp_path / "s" / "report.json").write_text("{}")
+    teacher = load_teacher(tiny_dir)
+    for block in teacher.model.layers:  # the same teacher `run` distilled from
+        block.self_attn.q_proj.weight.mul_(6.0)
+    export_student(tmp_path / "s", tmp_path / "c", teacher, SHA)
+    assert (tmp_path / "c" / "report.json").is_file()
+    assert any(k.endswith("_delta") for k in load_file(tmp_path / "c" / "dsla.safetensors"))
+    outs = []
+    for d in ("s", "c"):
+        model = load_teacher(tiny_dir)
+        for block in model.model.layers:
+            block.self_attn.q_proj.weight.mul_(6.0)
+        m = load_student(model, tmp_path / d, SHA)
+        with torch.no_grad():
+            outs.append(model(torch.arange(3, 40)[None], dsla_layers=m["layers_done"]))
+    torch.testing.assert_close(outs[0], outs[1], rtol=2e-2, atol=2e-2)
+    with pytest.raises(ValueError, match="distilled from teacher"):
+        load_student(load_teacher(tiny_dir), tmp_path / "c", "f" * 64)

@@ -38,15 +38,16 @@ def eval_home(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def eval_teacher(tmp_path_factory, eval_home):
-    """A tiny Llama (3 layers, vocab 1000, context 512) whose corpora are prepared in eval_home."""
-    from dsla.data.corpora import CORPORA, prepare_corpus
+    """A tiny Llama (3 layers, vocab 1000, context 512) whose corpora (the evaluation-only ones too)
+    are prepared in eval_home."""
+    from dsla.data.corpora import ALL_CORPORA, prepare_corpus
     from dsla.data.sources import Document
 
     path = tmp_path_factory.mktemp("eval_teacher")
     make_tiny_hf_dir(path, vocab_size=VOCAB)
     write_tokenizer(path)
     rng = random.Random(1)
-    for c in CORPORA:
+    for c in ALL_CORPORA:
         docs = [Document(f"{c}{i}", document(rng, 25)) for i in range(12)]  # ~1.5k characters each
         prepare_corpus(c, path, eval_home, documents=docs)
     return path

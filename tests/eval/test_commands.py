@@ -92,6 +92,30 @@ def test_teacher_alone(eval_teacher, tmp_path):
     assert any("only the teacher" in n for n in rep["notes"])
 
 
+def test_ppl_reports_the_out_of_domain_corpus_beside_the_others(eval_teacher, students, tmp_path, monkeypatch):
+    from dsla.eval import plots
+
+    titles = []
+    real = plots._against_ratio
+
+    def spy(report, suite, panels, *a, title=str, **kw):
+        titles.extend(title(p) for p in panels if suite == "ppl")
+        return real(report, suite, panels, *a, title=title, **kw)
+
+    monkeypatch.setattr(plots, "_against_ratio", spy)
+    out = tmp_path / "ood"
+    assert main(small_args(eval_teacher, out, "ppl", "--student", str(students[0]), "--ratios", "0,0.5",
+                           "--splits", "validation,test")) == 0
+    rep = read_report(out)
+    for r in rep["runs"]:
+        for split in ("validation", "test"):
+            assert list(r["ppl"][split]) == ["wikipedia", "lee", "shakespeare", "techdocs"]
+    assert rep["config"]["ppl"]["out_of_domain"] == ["techdocs"]
+    md = (out / "report.md").read_text()
+    assert "| techdocs (out of domain) |" in md and "Django 5.1.4 documentation" in md
+    assert "techdocs (out of domain)" in titles and "wikipedia" in titles
+
+
 @pytest.mark.parametrize("extra,message", [
     (["perplexity"], "unknown suite(s) ['perplexity']"),
     (["mc", "--tasks", "social_iqa,nope"], "unknown multiple-choice task(s) ['nope']"),

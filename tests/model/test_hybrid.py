@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -12,11 +14,12 @@ from dsla.model.state import DSLAState, KVState
 CFG = DSLAConfig(feature_dim=8, chunk_size=8)
 
 
-@pytest.fixture()
-def hybrid(tiny_dir):
+@pytest.fixture(params=[0, 4], ids=["pure", "window4"])
+def hybrid(tiny_dir, request):
+    """DSLA on all 3 layers; pure, or with an exact window of 4 tokens (shorter than the prompts)."""
     torch.manual_seed(0)
     m = load_teacher(tiny_dir)
-    m.add_dsla(range(3), CFG)
+    m.add_dsla(range(3), dataclasses.replace(CFG, window=request.param))
     with torch.no_grad():  # move gates and mix off their init so the test is not a special case
         for mod in m.dsla.values():
             for p in mod.parameters():
@@ -65,6 +68,11 @@ def test_fold_equals_dsla_prefill_state(hybrid):
         folded = hybrid.dsla["1"].fold(attn_cache.layers[1], hybrid.inv_freq)
     assert folded.length == 37 and folded.state.dtype == torch.float32
     torch.testing.assert_close(folded.state, dsla_cache.layers[1].state, rtol=1e-4, atol=1e-5)
+    assert folded.nbytes == dsla_cache.layers[1].nbytes == hybrid.dsla["1"].new_state().nbytes
+    if hybrid.dsla["1"].cfg.window:  # the window rows are the last 4 cached k (after RoPE), v
+        kv = attn_cache.layers[1]
+        assert torch.equal(folded.window_k, kv.k[:, -4:]) and torch.equal(folded.window_v, kv.v[:, -4:])
+        torch.testing.assert_close(folded.window_k, dsla_cache.layers[1].window_k, rtol=0, atol=0)
 
 
 def test_mid_request_conversion(hybrid):
@@ -133,3 +141,62 @@ def test_bad_shapes_and_layers_are_named(tiny_dir):
         m.add_dsla([5])
     with pytest.raises(ValueError, match="no DSLA module"):
         m.new_cache([1])
+
+
+@pytest.mark.parametrize("window", [1, 4, 16])
+def test_window_fold_then_continue_equals_window_dsla_from_the_start(tiny_dir, window):
+    """Layer 1 converted mid-request (window rows kept, older KV folded) continues with the logits
+    of a request whose layer 1 ran DSLA-with-window over the same k, v from the start."""
+    torch.manual_seed(0)
+    m = load_teacher(tiny_dir)
+    m.add_dsla([1], dataclasses.replace(CFG, window=window))
+    with torch.no_grad():
+        for p in m.dsla.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ids = torch.randint(0, 97, (26,), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        conv = m.new_cache([])
+        m(ids[:9], [9], [conv])
+        m.convert_layer(conv, 1)  # 9 tokens: more than 1 and 4, fewer than 16
+        assert conv.layers[1].window_count == min(window, 9) and conv.layers[1].length == 9
+        # the reference: same caches for layers 0 and 2, layer 1's state from a DSLA prefill over
+        # the same layer-1 input (layer 0 is attention in both, so that input is identical)
+        ref = m.new_cache([])
+        m(ids[:9], [9], [ref])
+        dsla_run = m.new_cache([1])
+        m(ids[:9], [9], [dsla_run])
+        ref.layers[1] = dsla_run.layers[1]
+        got = torch.cat([m(ids[9:20], [11], [conv])] + [m(ids[t: t + 1], [1], [conv]) for t in range(20, 26)])
+        want = torch.cat([m(ids[9:20], [11], [ref])] + [m(ids[t: t + 1], [1], [ref]) for t in range(20, 26)])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert conv.layers[1].nbytes == m.dsla["1"].new_state().nbytes  # constant: no growth with T
+
+
+def test_window_changes_the_output_and_w0_has_no_new_parameter(tiny_dir):
+    torch.manual_seed(0)
+    m = load_teacher(tiny_dir)
+    m.add_dsla([0], CFG)
+    m.add_dsla([1], dataclasses.replace(CFG, window=4))
+    assert not any("window" in n for n in m.dsla["0"].state_dict())
+    assert m.dsla["1"].window_log_scale.shape == (6,)
+    st0, st1 = m.dsla["0"].new_state(), m.dsla["1"].new_state()
+    assert st0.window == 0 and st1.window == 4 and st1.window_k.shape == (2, 4, 8)
+    assert st1.nbytes == st0.nbytes + 2 * 2 * 4 * 8 * 4  # + k and v rows (float32 model)
+    fork = st1.clone()  # what eval's fork_cache uses: an independent copy, window included
+    fork.window_k.fill_(1.0)
+    assert fork.window == 4 and not st1.window_k.any() and st0.clone().window_k is None
+    ids = torch.randint(0, 97, (12,), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        a = m(ids[None], dsla_layers=[0])
+        b = m(ids[None], dsla_layers=[1])
+        m.dsla["1"].window_log_scale.fill_(-30.0)  # window weight ~0: the dual states alone, shifted
+        c = m(ids[None], dsla_layers=[1])
+    assert not torch.allclose(a, b)
+    assert torch.isfinite(c).all()
+
+
+def test_window_is_validated():
+    with pytest.raises(ValueError, match="window=-1"):
+        DSLAConfig(window=-1)
+    with pytest.raises(ValueError, match="window=2.5"):
+        DSLAConfig(window=2.5)

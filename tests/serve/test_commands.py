@@ -42,7 +42,7 @@ def test_cli_registers_serve():
 def test_build_engine_adaptive_without_student_uses_every_layer(serve_dir):
     from dsla.serve.policy import PolicyConfig
 
-    engine = build_engine(serve_dir, policy="adaptive", policy_config=PolicyConfig(max_ratio=0.5))
+    engine = build_engine(serve_dir, policy="adaptive", policy_config=PolicyConfig(max_ratio=0.5, quality_budget=None))
     assert engine.controller is not None and engine.controller.order == (0, 1, 2)
     assert engine.order == (0, 1, 2) and engine.runner.plan == ()
     assert engine.plan_view()["controller"]["config"]["max_ratio"] == 0.5

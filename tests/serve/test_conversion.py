@@ -172,7 +172,7 @@ def test_adaptive_controller_converts_under_load_and_reverts_after(model, serve_
     from dsla.serve.control import Controller
     from dsla.serve.policy import PolicyConfig
 
-    cfg = PolicyConfig(convert_queued_tokens=100, revert_queued_tokens=10, convert_queue_depth=3,
+    cfg = PolicyConfig(quality_budget=None, convert_queued_tokens=100, revert_queued_tokens=10, convert_queue_depth=3,
                        revert_queue_depth=0, calm_s=0.2, cooldown_s=0.05, interval_s=0.0, max_ratio=0.67,
                        max_step_layers=1)
     engine = Engine(ModelRunner(model), serve_tok, SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=16),

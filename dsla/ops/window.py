@@ -1,0 +1,292 @@
+"""DSLA with an exact sliding window: softmax over the last W tokens, the dual states for older ones.
+
+Tokens leave the window and enter the states. For a query at position t (letters as in
+dsla/ops/dsla.py, plus D the head dim of q and k):
+
+    exact part    keys j in (t-W, t]:   s_tj = q_t · k_j / √D,   w_tj = exp(s_tj - m_t),
+                                        m_t = max of s_tj over the window
+    linear part   token j enters the states at time j + W (nothing enters while t < W):
+                  S_s[t] = diag(exp(g_s[t])) S_s[t-1] + φ(k_{t-W})ᵀ [v_{t-W}, 1]
+                  u_lin[t] = Σ_s mix_s · φ(q_t) S_s[t]                         (V+1 wide)
+    combined      u[t] = u_lin[t] + f · [Σ_j w_tj v_j, Σ_j w_tj]
+                  o[t] = u[t, :V] / (u[t, V] + eps)                      (the caller divides)
+
+The decays g[t] come from the current token t, as without a window; so the linear part is exactly
+``dsla_*`` run over φ(k), [v, 1] shifted right by W (zero rows where nothing enters: a zero key
+adds nothing) with unshifted queries and gates, and the forms below reuse those functions. m_t is
+a deterministic function of the window's scores, so every form computes the same u.
+
+Forms with one signature, ``fn(q, k, v, fq, log_gates, mix, factor, feature, state=None, *,
+window, ...) -> (u, state)`` (the fold, like ``dsla_fold``, takes no queries and returns the state):
+
+    q          (B, H, G, T, D)   queries after RoPE (exact part)
+    k          (B, H, T, D)      keys after RoPE
+    v          (B, H, T, V)
+    fq         (B, H, G, T, K)   feature-mapped queries (linear part)
+    log_gates  (B, H, S, T, K)   ≤ 0, computed from the current tokens
+    mix        (H, G, S)         per query head weights of the states
+    factor     (H, G)            f > 0, the window's weight per query head
+    feature    callable (B, H, N, D) -> (B, H, N, K): φ of keys (applied to the rows entering
+               the states; a function so the same keys serve the window and, W tokens later, φ)
+    state      ``WindowState`` or None (zero states, empty window)
+    window     W ≥ 1
+    returns u  (B, H, G, T, V+1) in fq.dtype and the final ``WindowState``
+
+- ``window_reference``: a per-step loop over t with a list of the last W (k, v) rows; the definition.
+- ``window_chunked``: prefill and training. The exact part is banded attention over blocks of
+  Q = min(T, 16) queries against the W keys before the block plus its own (never T × T); the
+  linear part is ``dsla_chunked`` over the shifted rows.
+- ``window_step``: one decode step (batched over requests with different window fills).
+- ``window_fold``: the state a prefill over (k, v) would leave, with no queries (KV cache → state).
+
+Accumulation is float32 (float64 for float64 fq, for gradient checks); the window rows keep k's
+and v's dtype (the model dtype), so a prefill and a fold store the same rows.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from dsla.ops.dsla import _acc_dtype, dsla_chunked, dsla_fold, dsla_reference, dsla_step
+
+__all__ = ["WindowState", "window_chunked", "window_fold", "window_reference", "window_step"]
+
+Feature = Callable[[Tensor], Tensor]
+
+
+class WindowState(NamedTuple):
+    """Dual states plus the last W keys and values of a batch of sequences.
+
+    The window rows are right-aligned: rows W - count .. W - 1 hold the last ``count`` tokens,
+    oldest first; the rows before them are zeros (and ignored).
+    """
+
+    states: Tensor  # (B, H, S, K, V+1) float32 (float64 for float64 inputs)
+    k: Tensor  # (B, H, W, D) keys after RoPE
+    v: Tensor  # (B, H, W, V)
+    count: Tensor  # (B,) int64, valid rows, ≤ W
+
+
+def _check(q: Tensor | None, k: Tensor, v: Tensor, fq: Tensor | None, log_gates: Tensor,
+           state: WindowState | None, window: int) -> tuple[int, ...]:
+    """Validate what dsla's own checks do not see; return (B, H, T, D, V, W)."""
+    if int(window) < 1:
+        raise ValueError(f"window must be a positive number of tokens, got {window}; "
+                         "window 0 is plain DSLA (dsla.ops.dsla)")
+    if k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"k must be (B, H, T, D) and v (B, H, T, V) alike, got shapes "
+                         f"{tuple(k.shape)} and {tuple(v.shape)}")
+    B, H, T, D = k.shape
+    V, W = v.shape[3], int(window)
+    if q is not None:
+        if q.dim() != 5 or (q.shape[0], q.shape[1], q.shape[3], q.shape[4]) != (B, H, T, D):
+            raise ValueError(f"q must be (B, H, G, T, D) = ({B}, {H}, G, {T}, {D}) to match k "
+                             f"{tuple(k.shape)}, got shape {tuple(q.shape)}")
+        if fq is None or fq.dim() != 5 or tuple(fq.shape[:4]) != tuple(q.shape[:4]):
+            raise ValueError(f"fq must be (B, H, G, T, K) with (B, H, G, T) = {tuple(q.shape[:4])}, "
+                             f"got {None if fq is None else tuple(fq.shape)}")
+    if log_gates.dim() != 5 or log_gates.shape[3] != T:
+        raise ValueError(f"log_gates must be (B, H, S, T, K) with T = {T}, got shape {tuple(log_gates.shape)}")
+    if state is not None:
+        want = {"k": (B, H, W, D), "v": (B, H, W, V), "count": (B,)}
+        for name, shape in want.items():
+            got = tuple(getattr(state, name).shape)
+            if got != shape:
+                raise ValueError(f"state.{name} must be {shape} for window {W}, got {got}")
+    return B, H, T, D, V, W
+
+
+def _initial(state: WindowState | None, k: Tensor, v: Tensor, log_gates: Tensor, W: int,
+             acc: torch.dtype) -> WindowState:
+    B, H, _, D = k.shape
+    if state is None:
+        S, K, V = log_gates.shape[2], log_gates.shape[4], v.shape[3]
+        return WindowState(torch.zeros(B, H, S, K, V + 1, dtype=acc, device=k.device),
+                           k.new_zeros(B, H, W, D), v.new_zeros(B, H, W, V),
+                           torch.zeros(B, dtype=torch.long, device=k.device))
+    return WindowState(state.states.to(acc), state.k.to(k.dtype), state.v.to(v.dtype),
+                       state.count.to(device=k.device, dtype=torch.long))
+
+
+def _concat(st: WindowState, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The window rows followed by the new ones, (B, H, W+T, ·), invalid rows zeroed, and the
+    validity of each row (B, W+T): row i is a token iff i ≥ W - count."""
+    W, T = st.k.shape[2], k.shape[2]
+    valid = torch.arange(W + T, device=k.device)[None] >= (W - st.count)[:, None]  # (B, W+T)
+    vm = valid[:, None, :W, None]  # only window rows can be empty
+    kc = torch.cat([torch.where(vm, st.k, 0), k], dim=2)  # (B, H, W+T, D)
+    vc = torch.cat([torch.where(vm, st.v, 0), v], dim=2)  # (B, H, W+T, V)
+    return kc, vc, valid
+
+
+def _entering(kc: Tensor, vc: Tensor, valid: Tensor, T: int, feature: Feature,
+              acc: torch.dtype) -> tuple[Tensor, Tensor]:
+    """φ(k) and [v, 1] of the rows that enter the states during the T new tokens: row i of the
+    concatenation enters at new token i (it is W tokens older). Zero where no token enters."""
+    m = valid[:, None, :T, None]  # (B, 1, T, 1)
+    fk = torch.where(m, feature(kc[:, :, :T]).to(acc), 0)  # (B, H, T, K)
+    v = vc[:, :, :T].to(acc)
+    v1 = torch.where(m, torch.cat([v, torch.ones_like(v[..., :1])], dim=-1), 0)  # (B, H, T, V+1)
+    return fk, v1
+
+
+def _next_window(kc: Tensor, vc: Tensor, st: WindowState, T: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The last W rows (copies: a view would keep the whole concatenation alive) and their count."""
+    W = st.k.shape[2]
+    return (kc[:, :, -W:].clone(memory_format=torch.contiguous_format),
+            vc[:, :, -W:].clone(memory_format=torch.contiguous_format), (st.count + T).clamp(max=W))
+
+
+def _combine(u_lin: Tensor, num: Tensor, den: Tensor, factor: Tensor) -> Tensor:
+    """u_lin (B, H, G, T, V+1) + f · [num, den]; num (B, H, G, T, V), den (B, H, G, T, 1)."""
+    f = factor.to(u_lin.dtype)[None, :, :, None, None]  # (1, H, G, 1, 1)
+    return u_lin + f * torch.cat([num, den], dim=-1)
+
+
+def window_reference(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, log_gates: Tensor, mix: Tensor,
+                     factor: Tensor, feature: Feature, state: WindowState | None = None, *,
+                     window: int) -> tuple[Tensor, WindowState]:
+    """Token by token, per sequence: a list of the last W rows; the oldest leaves and enters the
+    states (one dsla_reference step). Slow; the definition the other forms match."""
+    B, H, T, D, V, W = _check(q, k, v, fq, log_gates, state, window)
+    acc = _acc_dtype(fq)
+    st = _initial(state, k, v, log_gates, W, acc)
+    G = q.shape[2]
+    us, finals, ks, vs = [], [], [], []
+    for b in range(B):
+        n = int(st.count[b])
+        rows = [(st.k[b, :, i], st.v[b, :, i]) for i in range(W - n, W)]  # (H, D), (H, V) each
+        s = st.states[b:b + 1]  # (1, H, S, K, V+1)
+        ub = []
+        for t in range(T):
+            rows.append((k[b, :, t], v[b, :, t]))
+            fk = fq.new_zeros(1, H, 1, fq.shape[-1], dtype=acc)
+            v1 = fq.new_zeros(1, H, 1, V + 1, dtype=acc)
+            if len(rows) > W:  # token t - W leaves the window and enters the states
+                ke, ve = rows.pop(0)
+                fk = feature(ke[None, :, None]).to(acc)  # (1, H, 1, K)
+                v1 = torch.cat([ve.to(acc), ve.new_ones(H, 1, dtype=acc)], dim=-1)[None, :, None]
+            u_lin, s = dsla_reference(fq[b:b + 1, :, :, t:t + 1].to(acc), fk, v1,
+                                      log_gates[b:b + 1, :, :, t:t + 1], mix, s)  # (1, H, G, 1, V+1)
+            kw = torch.stack([r[0] for r in rows], dim=1).to(acc)  # (H, n, D)
+            vw = torch.stack([r[1] for r in rows], dim=1).to(acc)  # (H, n, V)
+            sc = q[b, :, :, t].to(acc) @ kw.mT / math.sqrt(D)  # (H, G, n)
+            w = (sc - sc.amax(-1, keepdim=True)).exp()
+            ub.append(_combine(u_lin, (w @ vw)[None, :, :, None], w.sum(-1)[None, :, :, None, None], factor))
+        us.append(torch.cat(ub, dim=3) if ub else fq.new_zeros(1, H, G, 0, V + 1, dtype=acc))
+        finals.append(s)
+        kb, vb = st.k.new_zeros(H, W, D), st.v.new_zeros(H, W, V)
+        if rows:
+            kb[:, W - len(rows):] = torch.stack([r[0] for r in rows], dim=1)
+            vb[:, W - len(rows):] = torch.stack([r[1] for r in rows], dim=1)
+        ks.append(kb)
+        vs.append(vb)
+    u = torch.cat(us).to(fq.dtype)
+    return u, WindowState(torch.cat(finals), torch.stack(ks), torch.stack(vs), (st.count + T).clamp(max=W))
+
+
+_QUERY_BLOCK = 16  # queries per block of the banded exact part: each block computes W + Q scores
+#                   per query, W + 1 of them in the band; on CPU 16 beat 64 (about 2x) and 8 at W = 64
+
+
+def _band(q: Tensor, kc: Tensor, vc: Tensor, valid: Tensor, W: int) -> tuple[Tensor, Tensor]:
+    """Exact part for T new queries over the concatenation kc (W window rows, then the T new).
+
+    Queries in blocks of Q = min(T, _QUERY_BLOCK); block n's keys are concatenation rows
+    nQ .. nQ+W+Q-1 (the W before the block and its own Q). Query a of a block sees key c of its
+    keys iff a < c ≤ W + a (the band) and the key row is a token. Returns num (B, H, G, T, V)
+    and den (B, H, G, T, 1), computed in q's dtype.
+    """
+    B, H, G, T, D = q.shape
+    V = vc.shape[3]
+    Q = min(T, _QUERY_BLOCK)
+    nb = -(-T // Q)
+    P = nb * Q
+    pad = P - T
+    if pad:  # the padded queries see real or zero keys on their diagonal: no empty rows
+        q = torch.cat([q, q.new_zeros(B, H, G, pad, D)], dim=3)
+        kc = torch.cat([kc, kc.new_zeros(B, H, pad, D)], dim=2)
+        vc = torch.cat([vc, vc.new_zeros(B, H, pad, V)], dim=2)
+        valid = torch.cat([valid, valid.new_ones(B, pad)], dim=1)
+    qb = q.view(B, H, G, nb, Q, D).transpose(2, 3).reshape(B, H, nb, G * Q, D) / math.sqrt(D)
+    kb = kc.unfold(2, W + Q, Q)  # (B, H, nb, D, W+Q)
+    vb = vc.unfold(2, W + Q, Q).transpose(-1, -2)  # (B, H, nb, W+Q, V)
+    s = (qb @ kb).view(B, H, nb, G, Q, W + Q)  # scores
+    a = torch.arange(Q, device=q.device)[:, None]
+    c = torch.arange(W + Q, device=q.device)[None]
+    band = (c > a) & (c <= a + W)  # (Q, W+Q)
+    off = ~(band & valid.unfold(1, W + Q, Q)[:, None, :, None, None, :])  # (B, 1, nb, 1, Q, W+Q)
+    if torch.is_grad_enabled() and s.requires_grad:
+        s = s.masked_fill(off, float("-inf"))
+        w = (s - s.amax(-1, keepdim=True)).exp()  # (B, H, nb, G, Q, W+Q)
+    else:  # without autograd in place: the scores are the biggest temporary
+        s.masked_fill_(off, float("-inf"))
+        w = s.sub_(s.amax(-1, keepdim=True)).exp_()
+    num = (w.view(B, H, nb, G * Q, W + Q) @ vb).view(B, H, nb, G, Q, V)
+    num = num.transpose(2, 3).reshape(B, H, G, P, V)[:, :, :, :T]
+    den = w.sum(-1).transpose(2, 3).reshape(B, H, G, P, 1)[:, :, :, :T]
+    return num, den
+
+
+def window_chunked(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, log_gates: Tensor, mix: Tensor,
+                   factor: Tensor, feature: Feature, state: WindowState | None = None, *,
+                   window: int, chunk_size: int = 64) -> tuple[Tensor, WindowState]:
+    """Prefill / training form; equals window_reference. Any T ≥ 0; continues from ``state``
+    (its window rows go in front of the new tokens). Differentiable through plain torch ops."""
+    *_, T, _, _, W = _check(q, k, v, fq, log_gates, state, window)
+    acc = _acc_dtype(fq)
+    st = _initial(state, k, v, log_gates, W, acc)
+    kc, vc, valid = _concat(st, k, v)
+    fk, v1 = _entering(kc, vc, valid, T, feature, acc)
+    u_lin, states = dsla_chunked(fq.to(acc), fk, v1, log_gates, mix, st.states, chunk_size=chunk_size)
+    if T:
+        u = _combine(u_lin, *_band(q.to(acc), kc.to(acc), vc.to(acc), valid, W), factor)
+    else:
+        u = u_lin
+    return u.to(fq.dtype), WindowState(states, *_next_window(kc, vc, st, T))
+
+
+def window_step(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, log_gates: Tensor, mix: Tensor,
+                factor: Tensor, feature: Feature, state: WindowState | None = None, *,
+                window: int) -> tuple[Tensor, WindowState]:
+    """One decode step (T must be 1), batched over B sequences whose windows may hold different
+    numbers of rows."""
+    *_, T, D, _, W = _check(q, k, v, fq, log_gates, state, window)
+    if T != 1:
+        raise ValueError(f"window_step takes exactly one token, got T = {T}; use window_chunked for T > 1")
+    acc = _acc_dtype(fq)
+    st = _initial(state, k, v, log_gates, W, acc)
+    kc, vc, valid = _concat(st, k, v)  # (B, H, W+1, ·): row 0 leaves the window, rows 1..W are it
+    fk, v1 = _entering(kc, vc, valid, 1, feature, acc)
+    u_lin, states = dsla_step(fq.to(acc), fk, v1, log_gates, mix, st.states)  # (B, H, G, 1, V+1)
+    s = (q[:, :, :, 0].to(acc) / math.sqrt(D)) @ kc[:, :, 1:].to(acc).mT  # (B, H, G, W)
+    s = s.masked_fill(~valid[:, None, None, 1:], float("-inf"))
+    w = (s - s.amax(-1, keepdim=True)).exp()
+    num = (w @ vc[:, :, 1:].to(acc))[:, :, :, None]  # (B, H, G, 1, V)
+    u = _combine(u_lin, num, w.sum(-1)[..., None, None], factor)
+    return u.to(fq.dtype), WindowState(states, *_next_window(kc, vc, st, 1))
+
+
+def window_fold(k: Tensor, v: Tensor, log_gates: Tensor, feature: Feature,
+                state: WindowState | None = None, *, window: int, chunk_size: int = 64) -> WindowState:
+    """The ``WindowState`` a prefill over (k, v) would leave behind (KV cache → state): the rows
+    older than the window folded into the states, the last min(W, count + T) rows kept.
+
+    Raises ValueError when a result is not finite: a NaN must never be saved in a state.
+    """
+    *_, T, _, _, W = _check(None, k, v, None, log_gates, state, window)
+    acc = _acc_dtype(log_gates)
+    st = _initial(state, k, v, log_gates, W, acc)
+    kc, vc, valid = _concat(st, k, v)
+    fk, v1 = _entering(kc, vc, valid, T, feature, acc)
+    states = dsla_fold(fk, v1, log_gates, st.states, chunk_size=chunk_size)
+    wk, wv, count = _next_window(kc, vc, st, T)
+    if not (torch.isfinite(wk).all() and torch.isfinite(wv).all()):
+        raise ValueError("window_fold produced non-finite window rows; non-finite input(s): k or v "
+                         "(the last tokens of the cache)")
+    return WindowState(states, wk, wv, count)

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Reproduce the shipped default student (dsla/students/default) from scratch, on a CPU:
+#   1. rank: the retrieval probe (each layer alone restricted to local attention; loss at 1024
+#      tokens and passkey log-likelihood) -> a retrieval-aware conversion order;
+#   2. distill: layer-wise (chained, 1024-token windows) over the first $LAYERS layers of that
+#      order with an exact 64-token window, then the end-to-end KL stage (2048-token windows, ratio drawn per step);
+#   3. eval: perplexity (1024-token windows), loss by position and passkey at ratios 0..$RATIOS;
+#   4. export: the compact artifact + its eval report into dsla/students/default.
+# Every step resumes where it stopped: re-run the same command after an interruption.
+# Usage: scripts/make_default_student.sh [extra `dsla distill` flags, e.g. --window 0 for pure DSLA]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${BIN:-.venv/bin}
+HOME_DIR=${DSLA_HOME:-$HOME/.cache/dsla}
+OUT=${OUT:-$HOME_DIR/students/default}
+RANK=${RANK:-docs/results/quality/rank_retrieval.json}
+LAYERS=${LAYERS:-15}
+RATIOS=${RATIOS:-0,0.25,0.5}
+DTYPE=${DTYPE:-bfloat16}   # fast on CPUs with avx512_bf16; use float32 on AVX2-only machines
+THREADS=${THREADS:-2}
+SHIP=${SHIP:-dsla/students/default}
+export HF_HUB_OFFLINE=1
+
+if [ ! -f "$RANK" ]; then
+  "$BIN/dsla" rank --metric retrieval --out "$RANK" --dtype "$DTYPE" --threads "$THREADS" \
+    --sequences 4 --seq-len 1024 --passkey-prompts 4 --passkey-context 1024
+fi
+ORDER=$("$BIN/python" -c 'import json, sys; print(",".join(map(str, json.load(open(sys.argv[1]))["order"])))' "$RANK")
+"$BIN/dsla" distill --order given --layers "$ORDER" --max-layers "$LAYERS" --window 64 --dtype "$DTYPE" \
+  --threads "$THREADS" --out "$OUT" --no-loss-delta "$@"
+"$BIN/dsla" eval ppl position passkey --student "$OUT" --ratios "$RATIOS" --dtype "$DTYPE" \
+  --threads "$THREADS" --no-progress --out "$OUT/eval" --position-windows 2 \
+  --contexts 1024,2048,4096 --trials 20 --resume
+"$BIN/dsla" export "$OUT" --out "$SHIP" --report "$OUT/eval/report.json" --dtype "$DTYPE"

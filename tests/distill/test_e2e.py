@@ -1,0 +1,93 @@
+"""The end-to-end stage: top-k KL, mixed-precision optimiser, ratios, what trains, resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from dsla.distill import e2e as e2e_mod
+from dsla.distill.artifact import read_manifest
+from dsla.distill.e2e import MasterAdam, ratio_ks, topk_kl
+from tests.distill.test_distill import SHA, run, tiny_cfg
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DSLA_HOME", str(tmp_path / "home"))
+
+
+def test_topk_kl_with_the_whole_vocabulary_is_the_kl():
+    g = torch.Generator().manual_seed(0)
+    t, s = torch.randn(5, 11, generator=g), torch.randn(5, 11, generator=g)
+    lp = F.log_softmax(t, -1)
+    top = lp.topk(11, -1)
+    full = F.kl_div(F.log_softmax(s, -1), lp, log_target=True, reduction="none").sum(-1).mean()
+    torch.testing.assert_close(topk_kl(s, top.values, top.indices), full, rtol=1e-4, atol=1e-5)
+    part = lp.topk(3, -1)
+    assert float(topk_kl(s, part.values, part.indices)) >= 0
+    assert float(topk_kl(t, part.values, part.indices)) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_ratio_ks_follow_round_and_the_layers_available():
+    assert ratio_ks((0.25, 0.5, 0.75, 1.0), 30, 30) == [8, 15, 22, 30]
+    assert ratio_ks((0.25, 0.5, 0.75, 1.0), 30, 15) == [8, 15]
+    assert ratio_ks((0.5,), 30, 8) == []
+
+
+def test_master_adam_moves_bfloat16_weights_that_plain_bfloat16_adam_cannot():
+    w = torch.nn.Parameter(torch.full((4,), 256.0, dtype=torch.bfloat16))
+    opt = MasterAdam([{"params": [w], "lr": 0.1}])
+    for _ in range(10):  # each update (0.1) is below bfloat16's spacing at 256 (2.0)
+        w.grad = torch.ones_like(w)
+        opt.step()
+    assert float(w[0]) == pytest.approx(255.0, abs=1.01)  # the master copy accumulated the steps
+    assert float(opt.masters[0][0]) == pytest.approx(255.0, abs=0.05)
+
+
+def test_e2e_lowers_the_kl_and_trains_only_the_converted_layers(tiny_dir, tmp_path):
+    from dsla.model.loading import load_teacher
+    cfg = tiny_cfg(e2e_steps=30, e2e_lr=1e-2, e2e_windows=2, e2e_ratios=(1.0,))
+    frozen = {k: v.clone() for k, v in load_teacher(tiny_dir).state_dict().items()}
+    model, m = run(tiny_dir, tmp_path / "s", cfg)
+    losses = [loss for _, loss in m["e2e"]["losses"]]
+    assert m["e2e"]["done"] and len(losses) == 30
+    assert sum(losses[-4:]) < 0.7 * sum(losses[:4])
+    for k, v in model.state_dict().items():  # teacher weights (q sharpened in `run`) never move
+        if not k.startswith("dsla.") and "q_proj" not in k:
+            torch.testing.assert_close(v, frozen[k], rtol=0, atol=0)
+    assert not (tmp_path / "s" / e2e_mod.E2E_STATE).exists()
+
+
+@pytest.mark.parametrize("window", [0, 4])
+def test_e2e_draws_k_from_the_ratios(tiny_dir, tmp_path, window):
+    from dsla.config import DSLAConfig
+    dsla = DSLAConfig(feature_dim=8, chunk_size=8, window=window)
+    _, m = run(tiny_dir, tmp_path / "s", tiny_cfg(e2e_steps=12, e2e_ratios=(0.34, 1.0), dsla=dsla))
+    assert {k for k, _ in m["e2e"]["losses"]} == {1, 3}
+
+
+def test_e2e_kill_and_resume_equals_uninterrupted(tiny_dir, tmp_path, monkeypatch):
+    cfg = tiny_cfg(e2e_steps=6, e2e_save_every=2)
+    run(tiny_dir, tmp_path / "full", cfg)
+    real, calls = e2e_mod.topk_kl, {"n": 0}
+
+    def dies_at_step_5(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(e2e_mod, "topk_kl", dies_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_dir, tmp_path / "resumed", cfg)
+    assert read_manifest(tmp_path / "resumed")["e2e"]["step"] == 4
+    monkeypatch.setattr(e2e_mod, "topk_kl", real)
+    _, m = run(tiny_dir, tmp_path / "resumed", cfg)
+    assert m["e2e"]["step"] == 6 and m["e2e"]["done"]
+    a, b = load_file(tmp_path / "full" / "dsla.safetensors"), load_file(tmp_path / "resumed" / "dsla.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    assert read_manifest(tmp_path / "full")["e2e"]["losses"] == m["e2e"]["losses"]
+    assert m["teacher"]["sha256"] == SHA

@@ -1,0 +1,39 @@
+"""Forward-only layer probe: local attention, per-layer costs, the retrieval-aware order."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsla.distill.probe import KeyPrompt, LocalAttention, probe_layers, retrieval_aware_order
+from dsla.ops.rope import rope_cos_sin
+
+
+def test_local_attention_with_a_window_covering_everything_is_the_teacher(tiny_model):
+    attn = tiny_model.model.layers[1].self_attn
+    x = torch.randn(2 * 10, tiny_model.cfg.hidden_size)
+    cos, sin = rope_cos_sin(torch.arange(10).repeat(2), tiny_model.inv_freq)
+    full = attn(x, cos, sin, [10, 10])
+    torch.testing.assert_close(LocalAttention(attn, window=10, sinks=0)(x, cos, sin, [10, 10]), full)
+    torch.testing.assert_close(LocalAttention(attn, window=1, sinks=10)(x, cos, sin, [10, 10]), full)
+    assert not torch.allclose(LocalAttention(attn, window=2, sinks=1)(x, cos, sin, [10, 10]), full)
+
+
+def test_probe_measures_every_layer_and_restores_the_model(tiny_model):
+    windows = torch.randint(0, 97, (2, 24))
+    prompts = [KeyPrompt(tuple(torch.randint(0, 97, (20,)).tolist()), 16)]
+    before = tiny_model.dsla_layers()
+    res = probe_layers(tiny_model, windows, prompts, window=4, sinks=1)
+    L = tiny_model.cfg.num_hidden_layers
+    assert len(res["loss_delta"]) == len(res["key_logp_drop"]) == len(res["key_acc"]) == L
+    assert tiny_model.dsla_layers() == before
+    assert all(0.0 <= a <= 1.0 for a in res["key_acc"])
+
+
+def test_retrieval_aware_order_puts_the_retrieval_layers_last():
+    loss = [0.5, 0.1, 0.3, 0.2]
+    key = [0.0, 2.0, 0.1, 1.0]
+    assert retrieval_aware_order(loss, key, 0) == [1, 3, 2, 0]
+    assert retrieval_aware_order(loss, key, 2) == [2, 0, 3, 1]
+    with pytest.raises(ValueError, match="protect"):
+        retrieval_aware_order(loss, key, 5)
