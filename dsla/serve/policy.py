@@ -195,7 +195,7 @@ def next_candidate(cfg: PolicyConfig, converted: Sequence[int], order: Sequence[
     if len(converted) + 1 > math.floor(cfg.max_ratio * num_layers + 1e-9):
         return None, f"at max_ratio {cfg.max_ratio} ({len(converted)}/{num_layers} layers)"
     ratio = (len(converted) + 1) / num_layers
-    if cfg.quality_budget is not None and expected_increase(quality, ratio) > cfg.quality_budget:
+    if cfg.quality_budget is not None and quality and expected_increase(quality, ratio) > cfg.quality_budget:
         return None, f"quality budget: ratio {ratio:.2f} would exceed {cfg.quality_budget:.1%}"
     return todo[0], ""
 

@@ -23,7 +23,7 @@ def test_distill_window_flag():
 
 
 def test_window_student_trains_saves_and_loads(tiny_dir, tmp_path):
-    cfg = tiny_cfg(dsla=DSLAConfig(feature_dim=8, chunk_size=8, window=4), e2e_sequences=0)
+    cfg = tiny_cfg(dsla=DSLAConfig(feature_dim=8, chunk_size=8, window=4), layer_kl_sequences=0, e2e_steps=0)
     trained, m = run(tiny_dir, tmp_path / "s", cfg, max_layers=1)
     (layer,) = m["layers_done"]
     assert m["config"]["dsla"]["window"] == 4
@@ -44,11 +44,11 @@ def test_window_student_trains_saves_and_loads(tiny_dir, tmp_path):
 
 def test_manifest_without_window_reads_as_window_0(tiny_dir, tmp_path):
     """Students saved before the window existed load (and resume) as pure DSLA."""
-    run(tiny_dir, tmp_path / "s", tiny_cfg(e2e_sequences=0), max_layers=1)
+    run(tiny_dir, tmp_path / "s", tiny_cfg(layer_kl_sequences=0, e2e_steps=0), max_layers=1)
     p = tmp_path / "s" / MANIFEST
     m = json.loads(p.read_text())
     del m["config"]["dsla"]["window"]
     p.write_text(json.dumps(m))
     assert read_manifest(tmp_path / "s")["config"]["dsla"]["window"] == 0
-    _, resumed = run(tiny_dir, tmp_path / "s", tiny_cfg(e2e_sequences=0), max_layers=2)
+    _, resumed = run(tiny_dir, tmp_path / "s", tiny_cfg(layer_kl_sequences=0, e2e_steps=0), max_layers=2)
     assert len(resumed["layers_done"]) == 2

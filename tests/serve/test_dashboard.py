@@ -134,12 +134,12 @@ def test_memory_splits_kv_and_dsla_state_and_says_what_a_conversion_freed(serve_
     sample and the plan view count its KV and its DSLA state apart, and they add up."""
     from dsla.model.loading import load_teacher
     from dsla.serve.outputs import Collector
-    from dsla.serve.request import SamplingOptions
+    from dsla.sampling import SamplingParams
 
     model = load_teacher(serve_dir)
     model.add_dsla((0, 1, 2))
     engine = make_engine(model, serve_tok, start=False)
-    engine.submit(list(range(5, 45)), SamplingOptions(max_tokens=8, temperature=0.0, ignore_eos=True), Collector())
+    engine.submit(list(range(5, 45)), SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True), Collector())
     engine._drain(block=False)
     for _ in range(3):
         engine.step()

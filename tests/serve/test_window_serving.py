@@ -10,7 +10,7 @@ import torch
 from dsla.config import DSLAConfig
 from dsla.model.state import DSLAState
 from dsla.serve.engine import Collector
-from dsla.serve.request import SamplingOptions
+from dsla.sampling import SamplingParams
 from tests.serve.test_conversion import finish, manual_engine, step_checked
 
 W = 4  # shorter than the prompts: older tokens go through the states
@@ -34,7 +34,7 @@ def model(serve_dir):
 def submit(engine, prompts):
     cols = [Collector() for _ in prompts]
     for p, c in zip(prompts, cols):
-        engine.submit(p, SamplingOptions(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True, logprobs=0), c)
+        engine.submit(p, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True, logprobs=0), c)
     engine._drain(block=False)
     return cols
 
