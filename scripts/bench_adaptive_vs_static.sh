@@ -16,7 +16,7 @@ BIN=${BIN:-.venv/bin}
 PORT=${PORT:-8000}
 THREADS=${THREADS:-1}
 TRACE=${TRACE:-synthetic}
-STUDENT=${STUDENT:-$($BIN/python -c 'from dsla.paths import default_student_dir; print(default_student_dir())')}
+STUDENT=${STUDENT:-$($BIN/python -c 'from dsla.paths import SHIPPED_STUDENT_DIR; print(SHIPPED_STUDENT_DIR)')}
 mkdir -p "$OUT"
 
 for policy in static adaptive; do
