@@ -21,6 +21,7 @@ pytestmark = pytest.mark.skipif(not (SHIPPED_STUDENT_DIR / "manifest.json").is_f
 def test_shipped_student_is_small_and_names_its_teacher():
     m = read_manifest(SHIPPED_STUDENT_DIR)
     assert len(m["teacher"]["sha256"]) == 64 and m["layers_done"]
+    assert (SHIPPED_STUDENT_DIR / "dsla.safetensors").is_file(), "the shipped weights are missing (git-ignored?)"
     size = sum(f.stat().st_size for f in SHIPPED_STUDENT_DIR.iterdir())
     assert size <= 25 * 2**20, f"the shipped student is {size / 2**20:.1f} MiB, over 25 MiB"
     report = json.loads((SHIPPED_STUDENT_DIR / "report.json").read_text())
