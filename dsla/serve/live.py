@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
-from dsla.serve.policy import LoadSnapshot, expected_increase, next_candidate, signals
+from dsla.serve.policy import LoadSnapshot, expected_increase, next_candidate, on_layers, signals
 
 SAMPLE_PERIOD_S = 1.0  # one sample a second
 SPAN_S = 600.0  # ten minutes of them
@@ -73,7 +73,7 @@ def live_view(engine: Any, converted: Sequence[int], history: list[dict[str, Any
         todo = [i for i in engine.order if i not in set(converted)]
         layer, why = (todo[0], "") if todo else (None, "every convertible layer is converted")
     curve = ctl.quality if ctl is not None else ()
-    expected = expected_increase(curve, len(converted) / engine.num_layers) if curve else None
+    expected = expected_increase(on_layers(curve, engine.num_layers), len(converted) / engine.num_layers) if curve else None
     last = next((e for e in reversed(history) if e["converted"]), None)
     return {
         "signals": sig, "next_candidate": {"layer": layer, "blocked": why},

@@ -119,6 +119,13 @@ class Decision:
         return self.state.converted
 
 
+def on_layers(curve: QualityCurve, num_layers: int) -> QualityCurve:
+    """The curve with each measured ratio r moved to round(r * num_layers) / num_layers, the
+    fraction of layers an evaluation at r actually converted (0.25 of 30 layers is 8, i.e. 0.267),
+    so a plan of exactly those layers counts as measured."""
+    return tuple(sorted((round(r * num_layers) / num_layers, q) for r, q in curve))
+
+
 def expected_increase(curve: QualityCurve, ratio: float) -> float:
     """Expected relative perplexity increase at ``ratio``: linear between measured ratios, 0 at
     ratio 0 when it is not measured, infinite beyond the largest measured ratio (unknown)."""
@@ -195,7 +202,8 @@ def next_candidate(cfg: PolicyConfig, converted: Sequence[int], order: Sequence[
     if len(converted) + 1 > math.floor(cfg.max_ratio * num_layers + 1e-9):
         return None, f"at max_ratio {cfg.max_ratio} ({len(converted)}/{num_layers} layers)"
     ratio = (len(converted) + 1) / num_layers
-    if cfg.quality_budget is not None and quality and expected_increase(quality, ratio) > cfg.quality_budget:
+    if (cfg.quality_budget is not None and quality
+            and expected_increase(on_layers(quality, num_layers), ratio) > cfg.quality_budget):
         return None, f"quality budget: ratio {ratio:.2f} would exceed {cfg.quality_budget:.1%}"
     return todo[0], ""
 
@@ -229,6 +237,7 @@ def decide(cfg: PolicyConfig, load: LoadSnapshot, state: PolicyState, order: Seq
             return hold(f"{why}; at max_ratio {cfg.max_ratio} ({n_conv}/{num_layers} layers)")
         k = min(cfg.max_step_layers, cfg.step_layers * math.floor(factor), room, len(todo))
         if cfg.quality_budget is not None and quality:
+            quality = on_layers(quality, num_layers)
             while k > 0 and expected_increase(quality, (n_conv + k) / num_layers) > cfg.quality_budget:
                 k -= 1
             if k == 0:

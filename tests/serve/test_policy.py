@@ -142,3 +142,11 @@ def test_quality_curve_from_an_eval_report():
 def test_policy_imports_no_torch():
     code = "import sys, dsla.serve.policy, dsla.serve.control; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_ratio_measured_by_eval_covers_the_layers_it_converted():
+    from dsla.serve.policy import expected_increase, on_layers
+    curve = ((0.0, 0.0), (0.25, 0.065))  # eval at 0.25 of 30 layers converted round(7.5) = 8
+    assert expected_increase(curve, 8 / 30) == float("inf")  # 0.267 lies past the measured 0.25
+    assert expected_increase(on_layers(curve, 30), 8 / 30) == pytest.approx(0.065)
+    assert expected_increase(on_layers(curve, 30), 9 / 30) == float("inf")

@@ -91,7 +91,10 @@
       data = res.json;
       const cut = data.server_time - KEEP_S;
       // With ?since the server sends only what is new; the first answer has everything it keeps.
-      changes = (since ? changes.concat(data.plan.history) : data.plan.history).filter((e) => e.time >= cut);
+      // A change newer than the last sample comes again with every poll until the next sample: keep it once.
+      const seen = changes.length ? changes[changes.length - 1].time : -Infinity;
+      changes = (since ? changes.concat(data.plan.history.filter((e) => e.time > seen)) : data.plan.history)
+        .filter((e) => e.time >= cut);
       samples = samples.concat(data.samples).filter((s) => s.time >= cut);
       $("keygate").hidden = true;
       $("main").hidden = false;
