@@ -5,6 +5,11 @@ from __future__ import annotations
 from typing import Iterable, Sequence
 
 
+def layer_count(ratio: float, num_layers: int) -> int:
+    """How many layers a conversion ratio means: round(ratio * num_layers) (0.25 of 30 is 8)."""
+    return round(ratio * num_layers)
+
+
 def layers_for_ratio(order: Sequence[int], num_layers: int, ratio: float,
                      available: Iterable[int] | None = None) -> list[int]:
     """The first round(ratio * num_layers) layers of ``order`` (in that order).
@@ -14,7 +19,7 @@ def layers_for_ratio(order: Sequence[int], num_layers: int, ratio: float,
     """
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"ratio {ratio} is outside [0, 1]")
-    k = round(ratio * num_layers)
+    k = layer_count(ratio, num_layers)
     layers = list(order[:k])
     usable = set(order) if available is None else set(available) & set(order)
     missing = [i for i in layers if i not in usable]

@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from dsla.fileio import atomic_write
+from dsla.plan import layer_count
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +157,7 @@ def topk_kl(student_logits: Tensor, t_logp: Tensor, t_ids: Tensor) -> Tensor:
 def ratio_ks(ratios: Sequence[float], num_layers: int, available: int) -> list[int]:
     """The numbers of converted layers the ratios ask for (round(ratio * num_layers), as the
     server and the evaluation compute them), those the student has enough layers for."""
-    ks = sorted({round(r * num_layers) for r in ratios} - {0})
+    ks = sorted({layer_count(r, num_layers) for r in ratios} - {0})
     return [k for k in ks if k <= available]
 
 

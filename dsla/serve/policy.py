@@ -23,6 +23,8 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
+from dsla.plan import layer_count
+
 QualityCurve = tuple[tuple[float, float], ...]  # (conversion ratio, expected relative ppl increase), by ratio
 
 
@@ -123,7 +125,7 @@ def on_layers(curve: QualityCurve, num_layers: int) -> QualityCurve:
     """The curve with each measured ratio r moved to round(r * num_layers) / num_layers, the
     fraction of layers an evaluation at r actually converted (0.25 of 30 layers is 8, i.e. 0.267),
     so a plan of exactly those layers counts as measured."""
-    return tuple(sorted((round(r * num_layers) / num_layers, q) for r, q in curve))
+    return tuple(sorted((layer_count(r, num_layers) / num_layers, q) for r, q in curve))
 
 
 def expected_increase(curve: QualityCurve, ratio: float) -> float:
