@@ -14,8 +14,8 @@ BIN=${BIN:-.venv/bin}
 HOME_DIR=${DSLA_HOME:-$HOME/.cache/dsla}
 OUT=${OUT:-$HOME_DIR/students/default}
 RANK=${RANK:-docs/results/quality/rank_retrieval.json}
-LAYERS=${LAYERS:-15}
-RATIOS=${RATIOS:-0,0.25,0.5}
+LAYERS=${LAYERS:-8}        # the shipped student: 8 layers (ratio 0.25); LAYERS=15 RATIOS=0,0.25,0.5 for more
+RATIOS=${RATIOS:-0,0.25}
 DTYPE=${DTYPE:-bfloat16}   # fast on CPUs with avx512_bf16; use float32 on AVX2-only machines
 THREADS=${THREADS:-2}
 SHIP=${SHIP:-dsla/students/default}
