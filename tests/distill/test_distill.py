@@ -30,11 +30,6 @@ def tiny_cfg(**kw) -> DistillConfig:
     return DistillConfig(**base)
 
 
-@pytest.fixture(autouse=True)
-def _own_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("DSLA_HOME", str(tmp_path / "home"))  # the teacher top-k cache goes here
-
-
 def run(tiny_dir, out, cfg, **kw):
     model = load_teacher(tiny_dir)
     for block in model.model.layers:  # sharpen the random teacher's attention so there is something to learn

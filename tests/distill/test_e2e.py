@@ -13,11 +13,6 @@ from dsla.distill.e2e import MasterAdam, ratio_ks, topk_kl
 from tests.distill.test_distill import SHA, run, tiny_cfg
 
 
-@pytest.fixture(autouse=True)
-def _own_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("DSLA_HOME", str(tmp_path / "home"))
-
-
 def test_topk_kl_with_the_whole_vocabulary_is_the_kl():
     g = torch.Generator().manual_seed(0)
     t, s = torch.randn(5, 11, generator=g), torch.randn(5, 11, generator=g)
