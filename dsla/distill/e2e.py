@@ -101,13 +101,18 @@ def warmup_cosine(steps: int, warmup: float = 0.1) -> Callable[[int], float]:
 
 # ---- teacher top-k cache ----------------------------------------------------------------------
 @torch.no_grad()
-def teacher_topk(model: nn.Module, windows: Tensor, k: int, batch_size: int = 1) -> tuple[Tensor, Tensor]:
+def teacher_topk(model: nn.Module, windows: Tensor, k: int, batch_size: int = 1,
+                 progress: bool = False) -> tuple[Tensor, Tensor]:
     """The teacher's (all layers softmax) top-k next-token log-probs and their ids per position.
 
     windows (n, T) -> logp (n, T, k) float32, ids (n, T, k) int64.
     """
     lps, ids = [], []
-    for s in range(0, len(windows), batch_size):
+    starts = range(0, len(windows), batch_size)
+    if progress:
+        from tqdm import tqdm
+        starts = tqdm(starts, desc="teacher top-k", unit="batch", dynamic_ncols=True)
+    for s in starts:
         logp = F.log_softmax(model(windows[s: s + batch_size]).float(), -1)  # (B, T, vocab)
         top = logp.topk(k, dim=-1)
         lps.append(top.values)
@@ -124,16 +129,7 @@ def cached_teacher_topk(model: nn.Module, windows: Tensor, k: int, cache_dir: Pa
     if path.is_file():
         t = load_file(str(path))
         return t["logp"].float(), t["ids"].long()
-    lps, ids = [], []
-    rows = range(len(windows))
-    if progress:
-        from tqdm import tqdm
-        rows = tqdm(rows, desc="teacher top-k", unit="window", dynamic_ncols=True)
-    for r in rows:
-        lp, ix = teacher_topk(model, windows[r: r + 1], k)
-        lps.append(lp)
-        ids.append(ix)
-    logp, idx = torch.cat(lps), torch.cat(ids)
+    logp, idx = teacher_topk(model, windows, k, progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: save_file({"logp": logp.half(), "ids": idx.int()}, tmp,
                                              metadata={"key": json.dumps(key, sort_keys=True)}))
