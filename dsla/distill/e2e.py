@@ -209,10 +209,11 @@ def train_e2e(model, order: list[int], cfg, windows: Tensor, t_logp: Tensor, t_i
             opt.zero_grad()
             loss.backward()
             opt.step()
-            rec["losses"].append([k, round(loss.item(), 5)])
+            value = loss.item()
+            rec["losses"].append([k, round(value, 5)])
             rec["step"] = s + 1
             if bar is not None:
-                bar.set_postfix(k=k, loss=f"{float(loss):.4f}")
+                bar.set_postfix(k=k, loss=f"{value:.4f}")
                 bar.update(1)
             if rec["step"] % cfg.e2e_save_every == 0 or rec["step"] == cfg.e2e_steps:
                 rec["wall_time_s"] += time.time() - t_start
