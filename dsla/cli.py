@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from dsla.cliargs import DTYPE_NAMES, add_model_arguments  # noqa: F401  (add_model_arguments: re-exported)
+from dsla.cliargs import DTYPE_NAMES, add_model_arguments, add_weights_argument  # noqa: F401  (re-exported)
 
 # name -> ("module:add_fn:run_fn", one-line help)
 COMMANDS = {
@@ -51,6 +51,7 @@ assert set(DTYPES) == set(DTYPE_NAMES)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:  # `dsla generate`
     add_model_arguments(p)
+    add_weights_argument(p)
     p.add_argument("prompt", help="the prompt text (with --chat: the user message)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.add_argument("--system", default=None, help="system message for --chat")
@@ -72,7 +73,10 @@ def run(args: argparse.Namespace) -> int:  # `dsla generate`
                             seed=args.seed, max_tokens=args.max_tokens)
     teacher = resolve_teacher(args.teacher)
     tok = Tokenizer(teacher)
+    from dsla.model.quant import apply_weights
+
     model = load_teacher(teacher, dtype=DTYPES[args.dtype])
+    apply_weights(model, args.weights)
     if args.chat:
         msgs = ([{"role": "system", "content": args.system}] if args.system else [])
         text = tok.apply_chat_template(msgs + [{"role": "user", "content": args.prompt}])
