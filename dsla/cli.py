@@ -34,6 +34,8 @@ BENCHES = {
     "layer": ("dsla.bench.layer:add_arguments:run", "one layer: softmax attention vs DSLA, prefill/decode/memory/fold"),
     "serve": ("dsla.bench.serve:add_arguments:run",
               "open-loop load (Poisson or a replayed trace) against an OpenAI-compatible server"),
+    "quant": ("dsla.bench.quant:add_arguments:run",
+              "accuracy of the quantised weight paths (--weights): perplexity and greedy tokens vs float32"),
     "plot": ("dsla.bench.timeline:add_arguments:run", "plot the conversion ratio and queue of `bench serve` runs"),
     "chaos": ("dsla.bench.chaos:add_arguments:run",
               "concurrent streams with random forced conversions/reverts: check nothing breaks"),
