@@ -55,8 +55,12 @@ def gguf_closeness(gguf_path: Path, teacher_dir: Path, max_tensors: int | None =
     import gguf
     import numpy as np
 
+    from dsla.config import LlamaConfig
     from dsla.model.loading import read_state_dict
     from dsla.model.quant import quantize_int4
+
+    cfg = LlamaConfig.from_dir(teacher_dir)
+    heads = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads}
 
     names = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
              "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
@@ -66,7 +70,9 @@ def gguf_closeness(gguf_path: Path, teacher_dir: Path, max_tensors: int | None =
     tensors = [t for t in reader.tensors if t.tensor_type.name == "Q4_1"][:max_tensors]
     out: dict[str, Any] = {"path": str(gguf_path), "q4_1_tensors": len(tensors), "blocks": 0, "q_mismatches": 0,
                            "max_abs_d_diff": 0.0, "max_abs_m_diff": 0.0, "max_abs_err_int4_bf16_scales": 0.0,
-                           "max_abs_err_bf16_weights": 0.0, "unmapped": []}
+                           "max_abs_err_bf16_weights": 0.0, "mean_abs_err_int4_bf16_scales": 0.0,
+                           "mean_abs_err_bf16_weights": 0.0, "unmapped": []}
+    sums = [0.0, 0.0]
     for t in tensors:
         blk, layer, kind, _ = t.name.split(".")
         if blk != "blk" or kind not in names:
@@ -78,6 +84,9 @@ def gguf_closeness(gguf_path: Path, teacher_dir: Path, max_tensors: int | None =
         qs = raw[:, 4:]
         q = torch.from_numpy(np.concatenate([qs & 15, qs >> 4], axis=1).astype(np.int32))  # (blocks, 32)
         w = sd[f"model.layers.{layer}.{names[kind]}.weight"].float()
+        if kind in heads:  # llama.cpp stores q/k rows in its own RoPE order: put the checkpoint's in it
+            H = heads[kind]
+            w = w.view(H, 2, w.shape[0] // H // 2, -1).transpose(1, 2).reshape(w.shape)
         q2, d2, m2 = (x.reshape(q.shape[0], -1) for x in quantize_int4(w))
         exact = q * d[:, None] + m[:, None]  # GGUF's own dequantisation, (blocks, 32)
         kernel = (q2 - 8) * d2.bfloat16().float() + (m2 + 8 * d2).bfloat16().float()  # what the kernel multiplies by
@@ -88,6 +97,10 @@ def gguf_closeness(gguf_path: Path, teacher_dir: Path, max_tensors: int | None =
         out["max_abs_err_int4_bf16_scales"] = max(out["max_abs_err_int4_bf16_scales"], float((kernel - exact).abs().max()))
         out["max_abs_err_bf16_weights"] = max(out["max_abs_err_bf16_weights"],
                                               float((exact.bfloat16().float() - exact).abs().max()))
+        sums[0] += float((kernel - exact).abs().sum())
+        sums[1] += float((exact.bfloat16().float() - exact).abs().sum())
+    n = max(1, 32 * out["blocks"])
+    out["mean_abs_err_int4_bf16_scales"], out["mean_abs_err_bf16_weights"] = sums[0] / n, sums[1] / n
     return out
 
 
