@@ -75,10 +75,12 @@ def run(args: argparse.Namespace) -> int:  # `dsla generate`
                             seed=args.seed, max_tokens=args.max_tokens)
     teacher = resolve_teacher(args.teacher)
     tok = Tokenizer(teacher)
-    from dsla.model.quant import apply_weights
+    from dsla.config import LlamaConfig
+    from dsla.model.quant import load_dtype, quantize_model, resolve_weights
 
-    model = load_teacher(teacher, dtype=DTYPES[args.dtype])
-    apply_weights(model, args.weights)
+    preset, _ = resolve_weights(args.weights, DTYPES[args.dtype], LlamaConfig.from_dir(teacher))
+    model = load_teacher(teacher, dtype=load_dtype(preset, DTYPES[args.dtype]))
+    quantize_model(model, preset, DTYPES[args.dtype])
     if args.chat:
         msgs = ([{"role": "system", "content": args.system}] if args.system else [])
         text = tok.apply_chat_template(msgs + [{"role": "user", "content": args.prompt}])

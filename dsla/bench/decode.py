@@ -120,8 +120,10 @@ class OursRunner:
     def __init__(self, teacher_dir: Path, dtype: torch.dtype, weights: str = "native") -> None:
         from dsla.model.loading import load_teacher
 
-        self.model = load_teacher(teacher_dir, dtype=dtype)
-        self.weights = weights
+        from dsla.model.quant import load_dtype
+
+        self.model = load_teacher(teacher_dir, dtype=load_dtype(weights, dtype))  # float32 until quantised
+        self.dtype, self.weights = dtype, weights
         self.num_layers = self.model.cfg.num_hidden_layers
         self.vocab_size = self.model.cfg.vocab_size
 
@@ -132,7 +134,7 @@ class OursRunner:
         if missing:
             self.model.add_dsla(missing)
         if self.model.weights != self.weights:
-            quantize_model(self.model, self.weights)
+            quantize_model(self.model, self.weights, self.dtype)
 
     def weights_mb(self) -> float:
         tensors = [*self.model.parameters(), *self.model.buffers()]
@@ -298,7 +300,8 @@ def run_benchmark(teacher_dir: str | Path, s: DecodeSettings,
                   on_row: Callable[[dict[str, Any]], None] = lambda r: None) -> dict[str, Any]:
     """Every dtype in turn, with all implementations of that dtype loaded; returns the JSON document."""
     from dsla.cli import DTYPES
-    from dsla.model.quant import choose_weights
+    from dsla.config import LlamaConfig
+    from dsla.model.quant import resolve_weights
 
     bad = [d for d in s.dtypes if d not in DTYPES]
     if bad:
@@ -316,7 +319,7 @@ def run_benchmark(teacher_dir: str | Path, s: DecodeSettings,
                 continue
             for requested in s.weights:
                 try:
-                    preset, why = choose_weights(requested, DTYPES[dtype], "cpu")
+                    preset, why = resolve_weights(requested, DTYPES[dtype], LlamaConfig.from_dir(teacher_dir))
                 except ValueError as e:
                     skipped.append(f"{dtype} --weights {requested}: {e}")
                     log.warning("skipped: %s", skipped[-1])

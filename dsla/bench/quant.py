@@ -106,10 +106,10 @@ def gguf_closeness(gguf_path: Path, teacher_dir: Path, max_tensors: int | None =
 
 def load_path(teacher_dir: Path, dtype: torch.dtype, weights: str):
     from dsla.model.loading import load_teacher
-    from dsla.model.quant import quantize_model
+    from dsla.model.quant import load_dtype, quantize_model
 
-    model = load_teacher(teacher_dir, dtype=dtype)
-    quantize_model(model, weights)
+    model = load_teacher(teacher_dir, dtype=load_dtype(weights, dtype))
+    quantize_model(model, weights, dtype)
     return model
 
 

@@ -183,18 +183,22 @@ def choose_weights(requested: str, dtype: torch.dtype, device_type: str,
     return requested, "requested"
 
 
-def quantize_model(model: nn.Module, preset: str) -> WeightPlan:
+def quantize_model(model: nn.Module, preset: str, dtype: torch.dtype | None = None) -> WeightPlan:
     """Replace the linear layers of a loaded ``HybridLM`` (teacher, lm_head, and any DSLA q/o
     already attached) in place by quantised modules of ``WEIGHT_PRESETS[preset]``; return the plan.
 
-    For inference only: attach DSLA layers (or load a student) first. The embedding lookup stays
-    native; with tied embeddings the lm_head becomes a quantised copy of it.
+    The blocks are computed from the weights at the model's current precision, the scales kept
+    in ``dtype`` (the activation dtype; default: the model's), and the rest of the model is then
+    cast to ``dtype``. Load in float32 (``load_dtype``): a teacher dequantised from GGUF then
+    gives back its exact blocks, which bfloat16-rounded weights would not. For inference only:
+    attach DSLA layers (or load a student) first. The embedding lookup stays native; with tied
+    embeddings the lm_head becomes a quantised copy of it.
     """
     if preset not in WEIGHT_PRESETS:
         raise ValueError(f"weight preset {preset!r} is not one of {', '.join(WEIGHT_PRESETS)} "
                          "(resolve 'auto' with choose_weights first)")
     plan = WEIGHT_PRESETS[preset]
-    dtype = model.model.embed_tokens.weight.dtype
+    dtype = dtype or model.model.embed_tokens.weight.dtype
     with torch.no_grad():
         if plan.teacher != "native":
             for block in model.model.layers:
@@ -209,6 +213,7 @@ def quantize_model(model: nn.Module, preset: str) -> WeightPlan:
             for mod in model.dsla.values():
                 _replace(mod, "q_proj", plan.dsla, dtype)
                 _replace(mod, "o_proj", plan.dsla, dtype)
+    model.to(dtype=dtype)  # floating tensors only: the int8 / packed int4 buffers stay as they are
     model.weights = preset
     log.info("weights %s: teacher linears %s, lm_head %s, DSLA q/o %s", preset, plan.teacher, plan.lm_head, plan.dsla)
     return plan
@@ -220,17 +225,26 @@ def _replace(parent: nn.Module, name: str, kind: str, dtype: torch.dtype) -> Non
         setattr(parent, name, quantized_linear(old.weight, kind, dtype))
 
 
-def apply_weights(model: nn.Module, requested: str) -> tuple[str, str]:
-    """``choose_weights`` for the model's dtype and device, then ``quantize_model``: (preset, reason)."""
-    w = model.model.embed_tokens.weight
-    preset, reason = choose_weights(requested, w.dtype, w.device.type)
-    cfg = model.cfg
-    odd = [d for d in (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads * cfg.head_dim) if d % GROUP_SIZE]
-    if preset == "int4" and odd:
-        if requested != "auto":
-            raise ValueError(f"--weights int4 needs every linear's input dim to be a multiple of {GROUP_SIZE} "
-                             f"(this model has {odd}): use --weights int8 or native")
-        preset, reason = "int8", f"int4 needs input dims that are multiples of {GROUP_SIZE} (this model has {odd})"
-    quantize_model(model, preset)
-    log.info("--weights %s -> %s (%s)", requested, preset, reason)
-    return preset, reason
+def load_dtype(preset: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype to load a teacher in before ``quantize_model(model, preset, dtype)``: float32
+    for a quantised preset (exact blocks from the full-precision weights), else ``dtype``."""
+    return dtype if preset == "native" else torch.float32
+
+
+def check_int4_dims(cfg, requested: str, preset: str, reason: str) -> tuple[str, str]:
+    """int4 needs every linear's input dim to be a multiple of the group: ``auto`` falls back to
+    int8 when it is not; an explicit int4 raises ValueError."""
+    odd = [d for d in (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads * cfg.head_dim)
+           if d % GROUP_SIZE]
+    if preset != "int4" or not odd:
+        return preset, reason
+    if requested != "auto":
+        raise ValueError(f"--weights int4 needs every linear's input dim to be a multiple of {GROUP_SIZE} "
+                         f"(this model has {odd}): use --weights int8 or native")
+    return "int8", f"int4 needs input dims that are multiples of {GROUP_SIZE} (this model has {odd})"
+
+
+def resolve_weights(requested: str, dtype: torch.dtype, cfg, device_type: str = "cpu") -> tuple[str, str]:
+    """``choose_weights`` then ``check_int4_dims`` for a model of config ``cfg``: (preset, reason)."""
+    preset, reason = choose_weights(requested, dtype, device_type)
+    return check_int4_dims(cfg, requested, preset, reason)

@@ -52,7 +52,8 @@ def build_engine(teacher: str | Path, dtype: str = "float32", student: str | Pat
     import torch
 
     from dsla.model.loading import load_teacher, teacher_hash
-    from dsla.model.quant import apply_weights
+    from dsla.config import LlamaConfig
+    from dsla.model.quant import load_dtype, quantize_model, resolve_weights
     from dsla.model.tokenizer import Tokenizer
     from dsla.serve.control import Controller
     from dsla.serve.engine import Engine
@@ -64,7 +65,9 @@ def build_engine(teacher: str | Path, dtype: str = "float32", student: str | Pat
         raise ValueError(f"--policy={policy!r} must be static or adaptive")
 
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-    model = load_teacher(teacher, dtype=dtypes[dtype])
+    target = dtypes[dtype]
+    preset, reason = resolve_weights(weights, target, LlamaConfig.from_dir(teacher))
+    model = load_teacher(teacher, dtype=load_dtype(preset, target))  # float32 until quantised (exact blocks)
     order = None
     if student is not None:
         from dsla.distill.artifact import load_student
@@ -88,7 +91,7 @@ def build_engine(teacher: str | Path, dtype: str = "float32", student: str | Pat
             model.add_dsla([i for i in order if i not in model.dsla_layers()])
         controller = Controller(policy_config or PolicyConfig(quality_budget=PolicyConfig.quality_budget if quality else None),
                                 order, quality)
-    preset, reason = apply_weights(model, weights)
+    quantize_model(model, preset, target)  # after every DSLA module is attached
     log.info("weights: %s (--weights %s: %s)", preset, weights, reason)
     runner = ModelRunner(model, plan)
     engine = Engine(runner, Tokenizer(teacher), config or SchedulerConfig(), controller=controller, order=order)

@@ -157,3 +157,32 @@ def test_weights_flag_parses():
     assert p.parse_args(["--weights", "int4"]).weights == "int4"
     with pytest.raises(SystemExit):
         p.parse_args(["--weights", "int2"])
+
+
+def test_quantize_a_float32_model_into_bfloat16(tmp_path):
+    """Served models load in float32 (exact blocks), then quantise and cast the rest to bfloat16."""
+    from tests.conftest import make_tiny_hf_dir
+
+    make_tiny_hf_dir(tmp_path, hidden_size=64, intermediate_size=128, head_dim=16, num_attention_heads=4,
+                     num_key_value_heads=2)
+    m = load_teacher(tmp_path, dtype=quant.load_dtype("int4", torch.bfloat16))
+    assert m.model.embed_tokens.weight.dtype == torch.float32
+    w = m.model.layers[0].mlp.down_proj.weight.clone()
+    quant.quantize_model(m, "int4", torch.bfloat16)
+    floats = [t for t in [*m.parameters(), *m.buffers()] if t.is_floating_point() and t is not m.inv_freq]
+    assert floats and all(t.dtype == torch.bfloat16 for t in floats)
+    sz = m.model.layers[0].mlp.down_proj.scales_and_zeros  # (K/G, N, 2): d from the float32 weight
+    _, d, _ = quant.quantize_int4(w)
+    assert torch.equal(sz[..., 0], d.t().bfloat16())
+    assert m(torch.tensor([[1, 2, 3]])).dtype == torch.bfloat16
+    assert quant.load_dtype("native", torch.bfloat16) == torch.bfloat16
+
+
+def test_resolve_weights_int4_needs_dims_on_the_group():
+    from dsla.config import LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=96, num_hidden_layers=1,
+                      num_attention_heads=6, num_key_value_heads=2, head_dim=8)
+    assert quant.resolve_weights("auto", torch.bfloat16, cfg, "cpu")[0] in ("int8", "native")  # never int4
+    with pytest.raises(ValueError, match="multiple of 32"):
+        quant.resolve_weights("int4", torch.bfloat16, cfg, "cpu")
