@@ -119,7 +119,6 @@ class OursRunner:
 
     def __init__(self, teacher_dir: Path, dtype: torch.dtype, weights: str = "native") -> None:
         from dsla.model.loading import load_teacher
-
         from dsla.model.quant import load_dtype
 
         self.model = load_teacher(teacher_dir, dtype=load_dtype(weights, dtype))  # float32 until quantised
