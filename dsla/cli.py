@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from dsla.cliargs import DTYPE_NAMES, add_model_arguments  # noqa: F401  (add_model_arguments: re-exported)
+from dsla.cliargs import DTYPE_NAMES, add_model_arguments, add_weights_argument  # noqa: F401  (re-exported)
 
 # name -> ("module:add_fn:run_fn", one-line help)
 COMMANDS = {
@@ -34,6 +34,8 @@ BENCHES = {
     "layer": ("dsla.bench.layer:add_arguments:run", "one layer: softmax attention vs DSLA, prefill/decode/memory/fold"),
     "serve": ("dsla.bench.serve:add_arguments:run",
               "open-loop load (Poisson or a replayed trace) against an OpenAI-compatible server"),
+    "quant": ("dsla.bench.quant:add_arguments:run",
+              "accuracy of the quantised weight paths (--weights): perplexity and greedy tokens vs float32"),
     "plot": ("dsla.bench.timeline:add_arguments:run", "plot the conversion ratio and queue of `bench serve` runs"),
     "chaos": ("dsla.bench.chaos:add_arguments:run",
               "concurrent streams with random forced conversions/reverts: check nothing breaks"),
@@ -51,6 +53,7 @@ assert set(DTYPES) == set(DTYPE_NAMES)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:  # `dsla generate`
     add_model_arguments(p)
+    add_weights_argument(p)
     p.add_argument("prompt", help="the prompt text (with --chat: the user message)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.add_argument("--system", default=None, help="system message for --chat")
@@ -72,7 +75,12 @@ def run(args: argparse.Namespace) -> int:  # `dsla generate`
                             seed=args.seed, max_tokens=args.max_tokens)
     teacher = resolve_teacher(args.teacher)
     tok = Tokenizer(teacher)
-    model = load_teacher(teacher, dtype=DTYPES[args.dtype])
+    from dsla.config import LlamaConfig
+    from dsla.model.quant import load_dtype, quantize_model, resolve_weights
+
+    preset, _ = resolve_weights(args.weights, DTYPES[args.dtype], LlamaConfig.from_dir(teacher))
+    model = load_teacher(teacher, dtype=load_dtype(preset, DTYPES[args.dtype]))
+    quantize_model(model, preset, DTYPES[args.dtype])
     if args.chat:
         msgs = ([{"role": "system", "content": args.system}] if args.system else [])
         text = tok.apply_chat_template(msgs + [{"role": "user", "content": args.prompt}])

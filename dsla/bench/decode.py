@@ -4,7 +4,7 @@ Both implementations load the same checkpoint (ours with ``load_teacher``, trans
 ``LlamaForCausalLM.from_pretrained(..., attn_implementation="sdpa")``) and run in each dtype of
 ``--dtype-list``, with no gradients, on random token ids from a seeded generator.
 
-One JSON row per measurement, ``{"impl", "dtype", "batch", "context", "dsla_ratio",
+One JSON row per measurement, ``{"impl", "weights", "dtype", "batch", "context", "dsla_ratio",
 "prefill_tokens_per_s", "decode_ms_per_token", ...}``; two kinds of rows:
 
 - **prefill** rows: ``batch`` = 1, ``context`` = T (prompt length), ``prefill_tokens_per_s`` =
@@ -23,6 +23,12 @@ One JSON row per measurement, ``{"impl", "dtype", "batch", "context", "dsla_rati
 Both kinds also carry the same quantity from process CPU time (``prefill_cpu_tokens_per_s``,
 ``decode_cpu_ms_per_token``): with ``--threads 1`` on a machine other processes keep busy it is
 close to what an idle core would take, while wall time also counts waiting for a core.
+
+``weights`` (ours only; transformers rows have "native"): the linear-layer storage of
+``--weights-list`` (``dsla.model.quant``: native, int8, int4; auto resolved for the machine and
+dtype, a combination it refuses, e.g. int4 with float32, is skipped and listed in ``skipped``).
+Each preset is its own loaded model and takes turns with the others like the implementations;
+``weights_mb`` is its parameter and buffer bytes.
 
 ``dsla_ratio`` (ours only; transformers rows have 0): the first round(ratio * L) layers, in layer
 order, run DSLA (untrained: fine for speed). Prefill rows run those layers' chunked form from an
@@ -63,6 +69,7 @@ from dsla.model.state import KVState
 log = logging.getLogger(__name__)
 
 IMPLS = ("ours", "hf")
+WEIGHT_ORDER = ("native", "int8", "int4")  # resolved presets (dsla.model.quant.WEIGHT_PRESETS), in row order
 
 
 @dataclass(frozen=True)
@@ -75,6 +82,7 @@ class DecodeSettings:
     contexts: tuple[int, ...] = (512, 2048, 8192)  # cache length reached by the decode steps
     batches: tuple[int, ...] = (1, 8)  # requests decoded together
     dsla_ratios: tuple[float, ...] = (0.0,)  # fraction of layers running DSLA (ours only)
+    weights: tuple[str, ...] = ("native",)  # linear-layer storage of ours: auto, native, int8, int4
     steps: int = 16  # timed decode steps per decode row (median reported)
     warmup_steps: int = 2  # untimed decode steps before them
     prefill_repeats: int = 3  # timed prefills per prefill row (median reported) ...
@@ -85,6 +93,11 @@ class DecodeSettings:
         bad = [i for i in self.impls if i not in IMPLS]
         if bad:
             raise ValueError(f"unknown --impl {bad}: choose from {', '.join(IMPLS)}")
+        from dsla.model.quant import WEIGHT_CHOICES
+
+        bad = [w for w in self.weights if w not in WEIGHT_CHOICES]
+        if bad or not self.weights:
+            raise ValueError(f"--weights-list {bad or '(empty)'}: choose from {', '.join(WEIGHT_CHOICES)}")
         for r in self.dsla_ratios:
             if not 0.0 <= r <= 1.0:
                 raise ValueError(f"--dsla-ratios value {r} must lie in [0, 1]")
@@ -101,19 +114,30 @@ class DecodeSettings:
 
 # ---- the two implementations behind one small interface ------------------------------------------
 class OursRunner:
-    """HybridLM: flattened batch, one RequestCache per request."""
+    """HybridLM: flattened batch, one RequestCache per request; ``weights`` a resolved preset
+    (dsla.model.quant), applied once the DSLA modules are attached (``add_dsla``), as a server does."""
 
-    def __init__(self, teacher_dir: Path, dtype: torch.dtype) -> None:
+    def __init__(self, teacher_dir: Path, dtype: torch.dtype, weights: str = "native") -> None:
         from dsla.model.loading import load_teacher
+        from dsla.model.quant import load_dtype
 
-        self.model = load_teacher(teacher_dir, dtype=dtype)
+        self.model = load_teacher(teacher_dir, dtype=load_dtype(weights, dtype))  # float32 until quantised
+        self.dtype, self.weights = dtype, weights
         self.num_layers = self.model.cfg.num_hidden_layers
         self.vocab_size = self.model.cfg.vocab_size
 
     def add_dsla(self, layers: Sequence[int]) -> None:
+        from dsla.model.quant import quantize_model
+
         missing = [i for i in layers if i not in self.model.dsla_layers()]
         if missing:
             self.model.add_dsla(missing)
+        if self.model.weights != self.weights:
+            quantize_model(self.model, self.weights, self.dtype)
+
+    def weights_mb(self) -> float:
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        return round(sum(t.numel() * t.element_size() for t in tensors) / 2**20, 3)
 
     def prefill(self, ids: torch.Tensor, dsla_layers: Sequence[int] = ()) -> Any:
         """One request's cache after a prefill of ``ids`` (logits for the last token only)."""
@@ -145,6 +169,8 @@ class OursRunner:
 class HFRunner:
     """transformers' LlamaForCausalLM with SDPA attention and a DynamicCache."""
 
+    weights = "native"
+
     def __init__(self, teacher_dir: Path, dtype: torch.dtype) -> None:
         from transformers import LlamaForCausalLM
 
@@ -175,13 +201,23 @@ class HFRunner:
         cache.batch_repeat_interleave(batch)
         return cache
 
+    def weights_mb(self) -> float:
+        return round(sum(t.numel() * t.element_size() for t in self.model.parameters()) / 2**20, 3)
+
     def decode(self, cache: Any, tokens: torch.Tensor) -> None:
         self.model(tokens[:, None], cache=cache, use_cache=True)
 
 
 # ---- measuring ---------------------------------------------------------------------------------
-def _row(impl: str, dtype: str, batch: int, context: int, ratio: float, **fields: Any) -> dict[str, Any]:
-    row = {"impl": impl, "dtype": dtype, "batch": batch, "context": context, "dsla_ratio": ratio,
+def runner_key(impl: str, weights: str) -> str:
+    """The name of one loaded model: "ours", "ours:int4", "hf"."""
+    return impl if weights == "native" else f"{impl}:{weights}"
+
+
+def _row(key: str, dtype: str, batch: int, context: int, ratio: float, **fields: Any) -> dict[str, Any]:
+    impl, _, weights = key.partition(":")
+    row = {"impl": impl, "weights": weights or "native", "dtype": dtype, "batch": batch, "context": context,
+           "dsla_ratio": ratio,
            "prefill_tokens_per_s": None, "decode_ms_per_token": None, "decode_tokens_per_s": None}
     row.update(fields)
     return row
@@ -193,7 +229,7 @@ def bench_dtype(runners: dict[str, OursRunner | HFRunner], dtype: str, s: Decode
     implementation and DSLA ratio) take turns call by call, so a busy neighbour on a shared
     machine slows every side of a comparison alike."""
     any_runner = next(iter(runners.values()))
-    variants = [(impl, r) for impl in runners for r in (s.dsla_ratios if impl == "ours" else (0.0,))]
+    variants = [(impl, r) for impl in runners for r in (s.dsla_ratios if impl.startswith("ours") else (0.0,))]
     layers = {(impl, r): list(range(round(r * runners[impl].num_layers))) for impl, r in variants}
     gen = torch.Generator().manual_seed(s.seed)
     ids = torch.randint(0, any_runner.vocab_size, (max(*s.prefill_lengths, *s.contexts),), generator=gen)
@@ -227,7 +263,8 @@ def bench_dtype(runners: dict[str, OursRunner | HFRunner], dtype: str, s: Decode
             timings = measure_alternating([prefill(v) for v in variants], warmup=0, repeats=s.prefill_repeats,
                                           max_seconds=s.prefill_budget_s, trackers=mems)
             for (impl, ratio), timing, mem in zip(variants, timings, mems):
-                add(_row(impl, dtype, 1, T, ratio, prefill_tokens_per_s=round(T / timing.median, 1),
+                add(_row(impl, dtype, 1, T, ratio, weights_mb=runners[impl].weights_mb(),
+                         prefill_tokens_per_s=round(T / timing.median, 1),
                          prefill_cpu_tokens_per_s=round(T / timing.cpu_median, 1), repeats=timing.repeats,
                          **mem.fields(), load_1m=round(os.getloadavg()[0], 2)))
                 if T in bases and ratio == 0.0:
@@ -248,7 +285,8 @@ def bench_dtype(runners: dict[str, OursRunner | HFRunner], dtype: str, s: Decode
                 timings = measure_alternating(steps, warmup=s.warmup_steps, repeats=s.steps, trackers=mems)
                 for (impl, ratio), timing, mem in zip(variants, timings, mems):
                     ms = timing.median * 1e3
-                    add(_row(impl, dtype, B, C, ratio, decode_ms_per_token=round(ms, 2),
+                    add(_row(impl, dtype, B, C, ratio, weights_mb=runners[impl].weights_mb(),
+                             decode_ms_per_token=round(ms, 2),
                              decode_tokens_per_s=round(B * 1e3 / ms, 1),
                              decode_cpu_ms_per_token=round(timing.cpu_median * 1e3, 2),
                              repeats=timing.repeats, **mem.fields(), load_1m=round(os.getloadavg()[0], 2)))
@@ -261,6 +299,8 @@ def run_benchmark(teacher_dir: str | Path, s: DecodeSettings,
                   on_row: Callable[[dict[str, Any]], None] = lambda r: None) -> dict[str, Any]:
     """Every dtype in turn, with all implementations of that dtype loaded; returns the JSON document."""
     from dsla.cli import DTYPES
+    from dsla.config import LlamaConfig
+    from dsla.model.quant import resolve_weights
 
     bad = [d for d in s.dtypes if d not in DTYPES]
     if bad:
@@ -268,55 +308,82 @@ def run_benchmark(teacher_dir: str | Path, s: DecodeSettings,
     can_reset = reset_peak_rss()
     start = machine_info(peak_rss_per_row=can_reset)
     rows: list[dict[str, Any]] = []
+    skipped: list[str] = []
     for dtype in s.dtypes:
         log.info("decode bench: %s, %s", dtype, ", ".join(s.impls))
-        runners = {impl: (OursRunner if impl == "ours" else HFRunner)(Path(teacher_dir), DTYPES[dtype])
-                   for impl in s.impls}
+        runners: dict[str, OursRunner | HFRunner] = {}
+        for impl in s.impls:
+            if impl == "hf":
+                runners["hf"] = HFRunner(Path(teacher_dir), DTYPES[dtype])
+                continue
+            for requested in s.weights:
+                try:
+                    preset, why = resolve_weights(requested, DTYPES[dtype], LlamaConfig.from_dir(teacher_dir))
+                except ValueError as e:
+                    skipped.append(f"{dtype} --weights {requested}: {e}")
+                    log.warning("skipped: %s", skipped[-1])
+                    continue
+                log.info("%s --weights %s -> %s (%s)", dtype, requested, preset, why)
+                if runner_key(impl, preset) not in runners:
+                    runners[runner_key(impl, preset)] = OursRunner(Path(teacher_dir), DTYPES[dtype], preset)
+        if not runners:
+            continue
         rows += bench_dtype(runners, dtype, s, on_row)
         del runners
         release_freed_memory()
     order = {impl: i for i, impl in enumerate(s.impls)}
-    rows.sort(key=lambda r: (order[r["impl"]], s.dtypes.index(r["dtype"]), r["dsla_ratio"],
+    rows.sort(key=lambda r: (order[r["impl"]], s.dtypes.index(r["dtype"]), WEIGHT_ORDER.index(r["weights"]),
+                             r["dsla_ratio"],
                              r["decode_ms_per_token"] is not None, r["batch"], r["context"]))
     machine = machine_info(peak_rss_per_row=can_reset)  # now transformers is imported, if it ran
     machine["load_average_1m_at_start"] = start.get("load_average_1m")
+    from dsla.model.quant import BF16_CPU_FLAGS, cpu_flags
+
+    machine["cpu_bf16_flags"] = sorted(set(BF16_CPU_FLAGS) & cpu_flags())  # what --weights auto looks at
     return {"machine": machine, "teacher": str(teacher_dir), "settings": asdict(s), "results": rows,
-            "summary": summarise(rows)}
+            "skipped": skipped, "summary": summarise(rows)}
 
 
 def summarise(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The ratios the targets are stated in, one entry per decode (dtype, batch, context) of ours,
-    from wall time and (``*_cpu``) from CPU time. Each ratio is > 1 when the first-named side wins:
-    ``hf_over_ours`` (transformers' ms over ours), ``throughput_over_batch1`` (tokens/s at this
-    batch over batch 1), ``dsla{r}_throughput_over_attention`` (ratio r against all attention)."""
-    wall = {(r["impl"], r["dtype"], r["batch"], r["context"], r["dsla_ratio"]): r["decode_ms_per_token"]
-            for r in rows if r["decode_ms_per_token"] is not None}
-    cpu = {(r["impl"], r["dtype"], r["batch"], r["context"], r["dsla_ratio"]): r["decode_cpu_ms_per_token"]
-           for r in rows if r["decode_ms_per_token"] is not None}
+    """The ratios the targets are stated in, one entry per decode (weights, dtype, batch, context) of
+    ours, from wall time and (``*_cpu``) from CPU time. Each ratio is > 1 when the first-named side
+    wins: ``hf_over_ours`` (transformers' ms over ours), ``throughput_over_batch1`` (tokens/s at this
+    batch over batch 1), ``dsla{r}_throughput_over_attention`` (ratio r against all attention),
+    ``native_over_{weights}`` (the same dtype's native weights' ms over these quantised ones)."""
+    def key(r: dict[str, Any]) -> tuple:
+        return r["impl"], r["weights"], r["dtype"], r["batch"], r["context"], r["dsla_ratio"]
+
+    decode = [r for r in rows if r["decode_ms_per_token"] is not None]
+    wall = {key(r): r["decode_ms_per_token"] for r in decode}
+    cpu = {key(r): r["decode_cpu_ms_per_token"] for r in decode}
     out = []
-    for key in sorted(k for k in wall if k[0] == "ours" and k[4] == 0.0):
-        _, dtype, B, C, _ = key
-        entry: dict[str, Any] = {"dtype": dtype, "batch": B, "context": C, "ours_ms": wall[key]}
+    for k in sorted((k for k in wall if k[0] == "ours" and k[5] == 0.0),
+                    key=lambda k: (WEIGHT_ORDER.index(k[1]), k[2:])):
+        _, w, dtype, B, C, _ = k
+        entry: dict[str, Any] = {"weights": w, "dtype": dtype, "batch": B, "context": C, "ours_ms": wall[k]}
 
         def ratios(name: str, num: tuple, den: tuple, scale: float = 1.0) -> None:
             if num in wall and den in wall:
                 entry[name] = round(scale * wall[num] / wall[den], 3)
                 entry[name + "_cpu"] = round(scale * cpu[num] / cpu[den], 3)
 
-        if ("hf", dtype, B, C, 0.0) in wall:
-            entry["hf_ms"] = wall[("hf", dtype, B, C, 0.0)]
-        ratios("hf_over_ours", ("hf", dtype, B, C, 0.0), key)
+        hf = ("hf", "native", dtype, B, C, 0.0)
+        if hf in wall:
+            entry["hf_ms"] = wall[hf]
+        ratios("hf_over_ours", hf, k)
+        if w != "native":
+            ratios(f"native_over_{w}", ("ours", "native", dtype, B, C, 0.0), k)
         if B != 1:
-            ratios("throughput_over_batch1", ("ours", dtype, 1, C, 0.0), key, scale=B)
-        for k2 in sorted(k for k in wall if k[:4] == key[:4] and k[4] != 0.0):
-            entry[f"dsla{k2[4]:g}_ms"] = wall[k2]
-            ratios(f"dsla{k2[4]:g}_throughput_over_attention", key, k2)
+            ratios("throughput_over_batch1", ("ours", w, dtype, 1, C, 0.0), k, scale=B)
+        for k2 in sorted(k2 for k2 in wall if k2[:5] == k[:5] and k2[5] != 0.0):
+            entry[f"dsla{k2[5]:g}_ms"] = wall[k2]
+            ratios(f"dsla{k2[5]:g}_throughput_over_attention", k, k2)
         out.append(entry)
     return out
 
 
 # ---- CLI -----------------------------------------------------------------------------------------
-TABLE = ["impl", "dtype", "dsla_ratio", "batch", "context", "prefill_tokens_per_s", "decode_ms_per_token",
+TABLE = ["impl", "weights", "dtype", "dsla_ratio", "batch", "context", "prefill_tokens_per_s", "decode_ms_per_token",
          "decode_tokens_per_s", "prefill_cpu_tokens_per_s", "decode_cpu_ms_per_token", "peak_rss_mb", "rss_delta_mb",
          "load_1m"]
 QUICK = dict(prefill_lengths=(128,), contexts=(256,), batches=(1, 4), steps=4, prefill_repeats=1)
@@ -334,6 +401,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-lengths", default=None, help="prompt lengths T of the prefill rows")
     p.add_argument("--contexts", default=None, help="contexts C of the decode rows")
     p.add_argument("--batches", default=None, help="requests per decode step")
+    p.add_argument("--weights-list", default="native",
+                   help="comma list of linear-layer weights for ours: auto, native, int8, int4 (dsla.model.quant; "
+                        "int8/int4 need bfloat16, and are skipped for float32)")
     p.add_argument("--dsla-ratios", default="0", help="fractions of layers running DSLA (ours only), e.g. 0,0.5,1")
     p.add_argument("--steps", type=int, default=None, help=f"timed decode steps per row (default {d.steps})")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -346,7 +416,8 @@ def settings_from_args(args: argparse.Namespace) -> DecodeSettings:
     if args.dtype and args.dtype_list:
         raise ValueError("give --dtype or --dtype-list, not both")
     kw: dict[str, Any] = {"impls": tuple(parse_list(args.impl)), "seed": args.seed,
-                          "dsla_ratios": tuple(parse_list(args.dsla_ratios, float))}
+                          "dsla_ratios": tuple(parse_list(args.dsla_ratios, float)),
+                          "weights": tuple(parse_list(args.weights_list))}
     if args.dtype or args.dtype_list:
         kw["dtypes"] = tuple(parse_list(args.dtype or args.dtype_list))
     for name in ("prefill_lengths", "contexts", "batches"):

@@ -98,7 +98,7 @@ class DSLAAttention(nn.Module):
         W = self.cfg.window
         if not W:
             return DSLAState(st)
-        lc, dtype = self.lcfg, self.q_proj.weight.dtype
+        lc, dtype = self.lcfg, self.feature_q.weight.dtype  # the model dtype (q_proj may be quantised)
         rows = lambda: torch.zeros(lc.num_key_value_heads, W, lc.head_dim, dtype=dtype, device=device)  # noqa: E731
         return DSLAState(st, 0, rows(), rows())
 
@@ -130,7 +130,7 @@ class DSLAAttention(nn.Module):
         """(Hkv, G, S) weights of the states in the output: gamma, 1 - gamma per query head."""
         lc = self.lcfg
         if self.cfg.num_states == 1:
-            return torch.ones(lc.num_key_value_heads, lc.group_size, 1, device=self.q_proj.weight.device)
+            return torch.ones(lc.num_key_value_heads, lc.group_size, 1, device=self.feature_q.weight.device)
         gamma = torch.sigmoid(self.mix_logits.float()).view(lc.num_key_value_heads, lc.group_size, 1)
         return torch.cat([gamma, 1 - gamma], dim=-1)
 

@@ -157,6 +157,7 @@ class HybridLM(nn.Module):
         self.model = LlamaBackbone(cfg)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.dsla = nn.ModuleDict()  # str(layer index) -> DSLAAttention
+        self.weights = "native"  # linear-layer storage: a dsla.model.quant preset (quantize_model sets it)
         self.register_buffer("inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling),
                              persistent=False)
 
@@ -165,6 +166,9 @@ class HybridLM(nn.Module):
         """Attach a fresh DSLA module (initialised from the teacher's attention) to each layer."""
         from dsla.model.dsla import DSLAAttention
 
+        if self.weights != "native":
+            raise ValueError(f"the model's weights are quantised ({self.weights}): add or load DSLA layers "
+                             "before quantising (DSLA is initialised from the unquantised teacher)")
         for i in layers:
             self._check_layer(i)
             attn = self.model.layers[i].self_attn
@@ -267,5 +271,6 @@ class HybridLM(nn.Module):
         return self.model.norm(x)
 
     def logits(self, h: Tensor) -> Tensor:
-        w = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(h, w)
+        if self.lm_head is None:  # tied to the embedding (a quantised model has its own lm_head module)
+            return F.linear(h, self.model.embed_tokens.weight)
+        return self.lm_head(h)

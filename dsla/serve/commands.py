@@ -38,8 +38,12 @@ def plan_layers(num_layers: int, dsla_layers: Sequence[int] | None, dsla_ratio: 
 
 def build_engine(teacher: str | Path, dtype: str = "float32", student: str | Path | None = None,
                  dsla_layers: Sequence[int] | None = None, dsla_ratio: float | None = None,
-                 config=None, policy: str = "static", policy_config=None, quality=()):
+                 config=None, policy: str = "static", policy_config=None, quality=(), weights: str = "native"):
     """Load the model and tokenizer and return a (not yet started) ``Engine``.
+
+    ``weights`` (``--weights``: auto, native, int8, int4) quantises the linear layers once the
+    DSLA modules are attached (``dsla.model.quant``); the preset it resolved to is logged and
+    exported in /metrics as ``dsla_model_info{weights=...}``.
 
     ``policy="adaptive"`` attaches a controller with ``policy_config`` (default ``PolicyConfig()``)
     and the per-ratio ``quality`` curve; it converts the student's finished layers in its order
@@ -48,6 +52,8 @@ def build_engine(teacher: str | Path, dtype: str = "float32", student: str | Pat
     import torch
 
     from dsla.model.loading import load_teacher, teacher_hash
+    from dsla.config import LlamaConfig
+    from dsla.model.quant import load_dtype, quantize_model, resolve_weights
     from dsla.model.tokenizer import Tokenizer
     from dsla.serve.control import Controller
     from dsla.serve.engine import Engine
@@ -59,7 +65,9 @@ def build_engine(teacher: str | Path, dtype: str = "float32", student: str | Pat
         raise ValueError(f"--policy={policy!r} must be static or adaptive")
 
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-    model = load_teacher(teacher, dtype=dtypes[dtype])
+    target = dtypes[dtype]
+    preset, reason = resolve_weights(weights, target, LlamaConfig.from_dir(teacher))
+    model = load_teacher(teacher, dtype=load_dtype(preset, target))  # float32 until quantised (exact blocks)
     order = None
     if student is not None:
         from dsla.distill.artifact import load_student
@@ -83,8 +91,12 @@ def build_engine(teacher: str | Path, dtype: str = "float32", student: str | Pat
             model.add_dsla([i for i in order if i not in model.dsla_layers()])
         controller = Controller(policy_config or PolicyConfig(quality_budget=PolicyConfig.quality_budget if quality else None),
                                 order, quality)
+    quantize_model(model, preset, target)  # after every DSLA module is attached
+    log.info("weights: %s (--weights %s: %s)", preset, weights, reason)
     runner = ModelRunner(model, plan)
-    return Engine(runner, Tokenizer(teacher), config or SchedulerConfig(), controller=controller, order=order)
+    engine = Engine(runner, Tokenizer(teacher), config or SchedulerConfig(), controller=controller, order=order)
+    engine.metrics.set_info(dtype=dtype, weights=preset)
+    return engine
 
 
 def read_quality_report(path: str | Path, student: str | Path | None = None):
@@ -108,12 +120,13 @@ def curl_example(host: str, port: int, model: str, api_key: bool) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from dsla.cliargs import add_dataclass_arguments, add_model_arguments
+    from dsla.cliargs import add_dataclass_arguments, add_model_arguments, add_weights_argument
     from dsla.serve.policy import PolicyConfig
     from dsla.serve.scheduler import SchedulerConfig
 
     d = SchedulerConfig()
     add_model_arguments(p)
+    add_weights_argument(p)
     p.add_argument("--student", default=None, help="student directory from `dsla distill` (DSLA weights)")
     p.add_argument("--policy", choices=["static", "adaptive"], default="static",
                    help="static: keep the --dsla-layers/--dsla-ratio plan; adaptive: convert layers under load "
@@ -181,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
     if quality:
         log.info("quality curve from %s: %s", report, ", ".join(f"{r:.2f}: +{q:.1%}" for r, q in quality))
     engine = build_engine(teacher, args.dtype, args.student, layers, args.dsla_ratio, config, args.policy,
-                          policy_config, quality)
+                          policy_config, quality, args.weights)
     name = args.served_model_name or teacher.name
     app = create_app(engine, name, api_key=args.api_key, max_body_bytes=args.max_body_kb * 1024,
                      allowed_hosts=None if hosts is None or "*" in hosts else hosts)
@@ -189,8 +202,8 @@ def run(args: argparse.Namespace) -> int:
         log.warning("serving on %s without --api-key: anyone who can reach it can use it", args.host)
     set_plan_control(app, not args.no_plan_control)
     engine.start()
-    log.info("serving %s (policy %s, DSLA layers %s) on http://%s:%d", name, args.policy,
-             list(engine.runner.plan) or "none", args.host, args.port)
+    log.info("serving %s (%s, weights %s, policy %s, DSLA layers %s) on http://%s:%d", name, args.dtype,
+             engine.runner.model.weights, args.policy, list(engine.runner.plan) or "none", args.host, args.port)
     auth = ' -H "Authorization: Bearer $DSLA_API_KEY"' if args.api_key else ""
     print(f"\ndsla serve: http://{args.host}:{args.port}  (model {name!r}, policy {args.policy}; Ctrl-C stops)\n"
           f"try:\n  {curl_example(args.host, args.port, name, bool(args.api_key))}\n"

@@ -87,6 +87,12 @@ class Metrics:
         self.gauges = {k: 0.0 for k in self.GAUGES}
         self.finished: dict[str, int] = {}  # finish reason -> count
         self.labelled: dict[str, dict[int, float]] = {k: {} for k in self.LABELLED}
+        self.info: dict[str, str] = {}  # static facts about the served model, as labels of one series
+
+    def set_info(self, **labels: str) -> None:
+        """Static labels of the ``model_info`` series (e.g. dtype, weights); its value is always 1."""
+        with self.lock:
+            self.info.update({k: str(v) for k, v in labels.items()})
 
     def inc(self, name: str, by: float = 1) -> None:
         with self.lock:
@@ -117,7 +123,7 @@ class Metrics:
         """Plain numbers (for tests and /health)."""
         with self.lock:
             return {**self.counters, **self.gauges,
-                    "requests_finished": dict(self.finished),
+                    "requests_finished": dict(self.finished), "model_info": dict(self.info),
                     **{k: {str(i): v for i, v in sorted(s.items())} for k, s in self.labelled.items()},
                     **{f"{k}_count": h.count for k, h in self.hist.items()}}
 
@@ -128,6 +134,10 @@ class Metrics:
             if rss is not None:  # the standard process metric, so a soak can watch for leaks
                 out += ["# HELP process_resident_memory_bytes resident memory of the server process",
                         "# TYPE process_resident_memory_bytes gauge", f"process_resident_memory_bytes {rss}"]
+            if self.info:
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(self.info.items()))
+                out += [f"# HELP {PREFIX}_model_info the served model (value always 1; facts in the labels)",
+                        f"# TYPE {PREFIX}_model_info gauge", f"{PREFIX}_model_info{{{labels}}} 1"]
             for k, help_ in self.GAUGES.items():
                 out += [f"# HELP {PREFIX}_{k} {help_}", f"# TYPE {PREFIX}_{k} gauge", f"{PREFIX}_{k} {self.gauges[k]!r}"]
             for k, help_ in self.COUNTERS.items():

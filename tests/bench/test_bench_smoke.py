@@ -100,6 +100,27 @@ def test_decode_bench_dsla_axis(tiny_dir):
     assert "dsla1_throughput_over_attention" in doc["summary"][0]
 
 
+def test_decode_bench_weights_axis(tmp_path):
+    from tests.conftest import make_tiny_hf_dir
+
+    make_tiny_hf_dir(tmp_path, hidden_size=64, intermediate_size=128, head_dim=16, num_attention_heads=4,
+                     num_key_value_heads=2)  # input dims that are multiples of 32, so int4 applies
+    s = decode.DecodeSettings(impls=("ours",), dtypes=("float32", "bfloat16"), prefill_lengths=(8,), contexts=(12,),
+                              batches=(2,), weights=("native", "int8", "int4"), dsla_ratios=(0.0, 1.0), steps=2,
+                              warmup_steps=1, prefill_repeats=1)
+    doc = decode.run_benchmark(tmp_path, s)
+    got = {(r["dtype"], r["weights"], r["dsla_ratio"]) for r in doc["results"]}
+    assert got == {("float32", "native", 0.0), ("float32", "native", 1.0)} | {
+        ("bfloat16", w, r) for w in ("native", "int8", "int4") for r in (0.0, 1.0)}
+    assert len(doc["skipped"]) == 2 and all("float32" in m and "bfloat16" in m for m in doc["skipped"])
+    by_w = {r["weights"]: r["weights_mb"] for r in doc["results"] if r["dtype"] == "bfloat16"}
+    assert by_w["int4"] < by_w["int8"] < by_w["native"]
+    q = [e for e in doc["summary"] if e["weights"] == "int4"]
+    assert len(q) == 1 and "native_over_int4" in q[0] and "dsla1_throughput_over_attention" in q[0]
+    with pytest.raises(ValueError, match="weights-list"):
+        decode.DecodeSettings(weights=("int3",))
+
+
 def test_decode_settings_reject_bad_values():
     with pytest.raises(ValueError, match="leave no prefill"):
         decode.DecodeSettings(contexts=(10,), steps=16)

@@ -79,3 +79,20 @@ def test_help_carries_the_config_field_docs(capsys):
     out = " ".join(capsys.readouterr().out.split())
     assert "recent median time to first token above this is overload" in out  # PolicyConfig.ttft_target_s
     assert "--shutdown-timeout-s" in out and "--allowed-hosts" in out
+
+
+def test_build_engine_quantised_weights_are_reported(serve_dir):
+    from dsla.cli import build_parser
+    from dsla.model.quant import Int8Linear
+
+    engine = build_engine(serve_dir, dtype="bfloat16", dsla_layers=[2], weights="int8")
+    model = engine.runner.model
+    assert model.weights == "int8" and isinstance(model.dsla["2"].q_proj, Int8Linear)
+    assert engine.metrics.snapshot()["model_info"] == {"dtype": "bfloat16", "weights": "int8"}
+    assert 'dsla_model_info{dtype="bfloat16",weights="int8"} 1' in engine.metrics.render()
+    # auto keeps float32 native (the quantised kernels are slow with float32 activations)
+    assert build_engine(serve_dir, weights="auto").metrics.snapshot()["model_info"]["weights"] == "native"
+    with pytest.raises(ValueError, match="needs --dtype bfloat16"):
+        build_engine(serve_dir, weights="int4")
+    assert build_parser().parse_args(["serve", "--weights", "int4"]).weights == "int4"
+    assert build_parser().parse_args(["generate", "hi"]).weights == "auto"

@@ -1,0 +1,250 @@
+"""Weight-only quantised linear layers for CPU inference, and the rule that picks them.
+
+Two storage formats, each with a plain reference (``quantize_*`` / ``dequantize_*``) and a
+module that runs PyTorch's fused CPU kernel on it:
+
+- **int4**, groups of G = 32 along the input dim, asymmetric: ``w = d * q + m`` with q in 0..15,
+  d = (max - min) / 15 and m = min of the group. This is GGUF's Q4_1 block, so quantising a
+  teacher dequantised from Q4_1 recovers its q, d and m (exactly, for SmolLM2's GGUF). The kernel
+  (``aten._weight_int4pack_mm_for_cpu``) takes ``(q - 8) * scale + zero`` with scale and zero in
+  the activation dtype: scale = d, zero = m + 8d, so in bfloat16 they lose a few bits against
+  GGUF's float16 d and m (``dsla bench quant`` measures what that costs).
+- **int8**, one scale per output channel, symmetric: ``w = s * q`` with q in -127..127 and
+  s = max|w| / 127 (``aten._weight_int8pack_mm``). For the lm_head (GGUF stores it as Q8_0) and
+  the DSLA layers' own trained q/o projections, which have no 4-bit grid to recover.
+
+``--weights`` names a preset (``WEIGHT_PRESETS``); ``auto`` resolves by ``choose_weights``. The
+measurement behind the rule (1 thread, Xeon with avx512_bf16, torch 2.13; microseconds per call of
+the SmolLM2 shapes, batch 1 / 8):
+
+    shape (out x in)   bf16 linear   int4 bf16   int8 bf16   fp32 linear   int4 fp32
+    1536 x 576           297 / 528    64 / 258    69 / 303     312 / 569   1542 / 12650
+    576 x 1536           325 / 401    79 / 228    75 / 218     249 / 470   1572 / 12419
+    49152 x 576 (head)  6910 / 8522 1876 / 5718 4112 / 11634 10351 / 19524 48933 / 400566
+
+So with bfloat16 activations on a CPU with native bf16 both kernels are 2-5x faster than a bf16
+linear; with float32 activations they are 5-20x slower than a float32 linear (the kernels are
+not vectorised for float32), so a quantised path is only offered with bfloat16. Quantisation is
+for inference only: the modules hold buffers, no parameters, and have no backward.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+GROUP_SIZE = 32  # GGUF's Q4_1 / Q8_0 block length along the input dim
+WEIGHT_CHOICES = ("auto", "native", "int8", "int4")  # --weights
+
+
+@dataclass(frozen=True)
+class WeightPlan:
+    """Storage per kind of linear layer: "native" (the model dtype), "int8" or "int4"."""
+
+    teacher: str  # the teacher blocks' q/k/v/o and MLP gate/up/down projections
+    lm_head: str  # the output projection (tied to the embedding in SmolLM2; the lookup stays native)
+    dsla: str  # the DSLA layers' own (trained) q/o projections
+
+
+WEIGHT_PRESETS = {
+    "native": WeightPlan("native", "native", "native"),
+    "int8": WeightPlan("int8", "int8", "int8"),
+    # lm_head int8: its GGUF source is Q8_0, which int4 would degrade; DSLA q/o: trained, no 4-bit grid
+    "int4": WeightPlan("int4", "int8", "int8"),
+}
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of CPUs with native bf16 dot products
+
+
+# ---- reference formats ------------------------------------------------------------------------
+def quantize_int4(w: Tensor, group_size: int = GROUP_SIZE) -> tuple[Tensor, Tensor, Tensor]:
+    """w (N, K) -> q (N, K) int32 in 0..15, d (N, K/G) and m (N, K/G) float32, w ~ d * q + m."""
+    N, K = w.shape
+    if K % group_size:
+        raise ValueError(f"int4 needs the input dim {K} to be a multiple of the group size {group_size}; "
+                         "use --weights int8 or native for this model")
+    blocks = w.float().view(N, K // group_size, group_size)  # (N, K/G, G)
+    m = blocks.amin(-1)
+    d = (blocks.amax(-1) - m) / 15
+    q = ((blocks - m[..., None]) / torch.where(d == 0, 1.0, d)[..., None]).round().clamp(0, 15)
+    return q.to(torch.int32).view(N, K), d, m
+
+
+def dequantize_int4(q: Tensor, d: Tensor, m: Tensor) -> Tensor:
+    """The float32 weight (N, K) of ``quantize_int4``'s output."""
+    N, K = q.shape
+    G = K // d.shape[1]
+    return (q.view(N, -1, G).float() * d[..., None] + m[..., None]).view(N, K)
+
+
+def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
+    """w (N, K) -> q (N, K) int8 in -127..127 and s (N,) float32, w ~ s[:, None] * q."""
+    s = w.float().abs().amax(1) / 127
+    q = (w.float() / torch.where(s == 0, 1.0, s)[:, None]).round().clamp(-127, 127)
+    return q.to(torch.int8), s
+
+
+def dequantize_int8(q: Tensor, s: Tensor) -> Tensor:
+    return q.float() * s[:, None]
+
+
+# ---- modules ---------------------------------------------------------------------------------
+class Int4Linear(nn.Module):
+    """y = x W^T with W in 4-bit groups (see the module doc); x (..., K) in ``dtype`` -> (..., N)."""
+
+    def __init__(self, weight: Tensor, dtype: torch.dtype, group_size: int = GROUP_SIZE) -> None:
+        super().__init__()
+        if weight.device.type != "cpu":
+            raise ValueError(f"the int4 weight path runs on CPU only, not {weight.device}: use --weights native")
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.group_size = group_size
+        q, d, m = quantize_int4(weight, group_size)
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))  # (N, K/2) uint8
+        self.register_buffer("scales_and_zeros", torch.stack([d, m + 8 * d], -1).transpose(0, 1).contiguous().to(dtype))  # (K/G, N, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x2 = x.reshape(-1, self.in_features).contiguous()  # (M, K); the kernel needs it contiguous
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_and_zeros)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
+
+
+class Int8Linear(nn.Module):
+    """y = x W^T with W int8 per output channel; x (..., K) in ``dtype`` -> (..., N)."""
+
+    def __init__(self, weight: Tensor, dtype: torch.dtype) -> None:
+        super().__init__()
+        if weight.device.type != "cpu":
+            raise ValueError(f"the int8 weight path runs on CPU only, not {weight.device}: use --weights native")
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        q, s = quantize_int8(weight)
+        self.register_buffer("qweight", q)  # (N, K) int8
+        self.register_buffer("scales", s.to(dtype))  # (N,)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x2 = x.reshape(-1, self.in_features).contiguous()  # (M, K)
+        y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+def quantized_linear(weight: Tensor, kind: str, dtype: torch.dtype) -> nn.Module:
+    return Int4Linear(weight, dtype) if kind == "int4" else Int8Linear(weight, dtype)
+
+
+# ---- choosing and applying --------------------------------------------------------------------
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo); empty where unreadable."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def choose_weights(requested: str, dtype: torch.dtype, device_type: str,
+                   flags: frozenset[str] | None = None) -> tuple[str, str]:
+    """The preset to run (native, int8 or int4) and why, for ``--weights requested``.
+
+    ``auto``: int4 on a CPU with native bf16 (``BF16_CPU_FLAGS``) running bfloat16; native
+    otherwise (float32 activations, CUDA, or a CPU where the kernels were not measured).
+    An explicit int8/int4 with float32 or off CPU raises ValueError (slow or unsupported).
+    """
+    if requested not in WEIGHT_CHOICES:
+        raise ValueError(f"--weights {requested!r} is not one of {', '.join(WEIGHT_CHOICES)}")
+    flags = cpu_flags() if flags is None else flags
+    if requested == "native":
+        return "native", "requested"
+    if requested == "auto":
+        if device_type != "cpu":
+            return "native", f"device {device_type}: the quantised kernels here are CPU-only"
+        if dtype != torch.bfloat16:
+            return "native", f"dtype {dtype}: int4/int8 kernels are 5-20x slower than a float32 linear"
+        have = sorted(set(BF16_CPU_FLAGS) & flags)
+        if not have:
+            return "native", f"CPU lacks {' / '.join(BF16_CPU_FLAGS)}: the quantised kernels were not measured there"
+        return "int4", f"bfloat16 on a CPU with {', '.join(have)}: int4 linears measured 2-5x faster than bf16"
+    if device_type != "cpu":
+        raise ValueError(f"--weights {requested} runs on CPU only (device is {device_type}): use --weights native")
+    if dtype != torch.bfloat16:
+        raise ValueError(f"--weights {requested} needs --dtype bfloat16: with {dtype} activations the CPU kernels "
+                         "are 5-20x slower than a native linear. Use --dtype bfloat16, or --weights native")
+    return requested, "requested"
+
+
+def quantize_model(model: nn.Module, preset: str, dtype: torch.dtype | None = None) -> WeightPlan:
+    """Replace the linear layers of a loaded ``HybridLM`` (teacher, lm_head, and any DSLA q/o
+    already attached) in place by quantised modules of ``WEIGHT_PRESETS[preset]``; return the plan.
+
+    The blocks are computed from the weights at the model's current precision, the scales kept
+    in ``dtype`` (the activation dtype; default: the model's), and the rest of the model is then
+    cast to ``dtype``. Load in float32 (``load_dtype``): a teacher dequantised from GGUF then
+    gives back its exact blocks, which bfloat16-rounded weights would not. For inference only:
+    attach DSLA layers (or load a student) first. The embedding lookup stays native; with tied
+    embeddings the lm_head becomes a quantised copy of it.
+    """
+    if preset not in WEIGHT_PRESETS:
+        raise ValueError(f"weight preset {preset!r} is not one of {', '.join(WEIGHT_PRESETS)} "
+                         "(resolve 'auto' with choose_weights first)")
+    plan = WEIGHT_PRESETS[preset]
+    dtype = dtype or model.model.embed_tokens.weight.dtype
+    with torch.no_grad():
+        if plan.teacher != "native":
+            for block in model.model.layers:
+                for parent, names in ((block.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
+                                      (block.mlp, ("gate_proj", "up_proj", "down_proj"))):
+                    for name in names:
+                        _replace(parent, name, plan.teacher, dtype)
+        if plan.lm_head != "native":
+            w = model.model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
+            model.lm_head = quantized_linear(w, plan.lm_head, dtype)
+        if plan.dsla != "native":
+            for mod in model.dsla.values():
+                _replace(mod, "q_proj", plan.dsla, dtype)
+                _replace(mod, "o_proj", plan.dsla, dtype)
+    model.to(dtype=dtype)  # floating tensors only: the int8 / packed int4 buffers stay as they are
+    model.weights = preset
+    log.info("weights %s: teacher linears %s, lm_head %s, DSLA q/o %s", preset, plan.teacher, plan.lm_head, plan.dsla)
+    return plan
+
+
+def _replace(parent: nn.Module, name: str, kind: str, dtype: torch.dtype) -> None:
+    old = getattr(parent, name)
+    if isinstance(old, nn.Linear):  # already quantised (a second call) stays as it is
+        setattr(parent, name, quantized_linear(old.weight, kind, dtype))
+
+
+def load_dtype(preset: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype to load a teacher in before ``quantize_model(model, preset, dtype)``: float32
+    for a quantised preset (exact blocks from the full-precision weights), else ``dtype``."""
+    return dtype if preset == "native" else torch.float32
+
+
+def check_int4_dims(cfg, requested: str, preset: str, reason: str) -> tuple[str, str]:
+    """int4 needs every linear's input dim to be a multiple of the group: ``auto`` falls back to
+    int8 when it is not; an explicit int4 raises ValueError."""
+    odd = [d for d in (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads * cfg.head_dim)
+           if d % GROUP_SIZE]
+    if preset != "int4" or not odd:
+        return preset, reason
+    if requested != "auto":
+        raise ValueError(f"--weights int4 needs every linear's input dim to be a multiple of {GROUP_SIZE} "
+                         f"(this model has {odd}): use --weights int8 or native")
+    return "int8", f"int4 needs input dims that are multiples of {GROUP_SIZE} (this model has {odd})"
+
+
+def resolve_weights(requested: str, dtype: torch.dtype, cfg, device_type: str = "cpu") -> tuple[str, str]:
+    """``choose_weights`` then ``check_int4_dims`` for a model of config ``cfg``: (preset, reason)."""
+    preset, reason = choose_weights(requested, dtype, device_type)
+    return check_int4_dims(cfg, requested, preset, reason)
