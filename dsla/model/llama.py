@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dsla.config import DSLAConfig, LlamaConfig
-from dsla.model.state import DSLAState, KVState, LayerState, RequestCache
+from dsla.model.state import DSLAState, KVState, LayerState, RequestCache, append_one_token
 from dsla.ops.attention import causal_attention
 from dsla.ops.rope import apply_rope, rope_cos_sin, rope_inv_freq
 
@@ -75,7 +75,9 @@ class LlamaAttention(nn.Module):
         q = apply_rope(split_heads(self.q_proj(x), self.cfg.num_attention_heads), cos, sin)  # (Hq, N, D)
         _, k, v = self.project_kv(x, cos, sin)  # (Hkv, N, D)
         T = uniform_length(seq_lens, states)
-        if T is not None:
+        if states is not None and len(seq_lens) == x.shape[0]:  # every request adds one token
+            o = decode_attention(q, k, v, states)
+        elif T is not None:
             B = len(seq_lens)
             to_batch = lambda t: t.view(t.shape[0], B, T, -1).transpose(0, 1)  # noqa: E731  (B, H, T, D)
             o = causal_attention(to_batch(q), to_batch(k), to_batch(v))  # (B, Hq, T, D)
@@ -99,6 +101,29 @@ class LlamaAttention(nn.Module):
                 start += L
             o = torch.cat(outs) if len(outs) > 1 else outs[0]
         return self.o_proj(o)
+
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, states: Sequence[KVState]) -> Tensor:
+    """One decode step of R requests: append each request's new key and value to its KVState
+    (one copy call for all) and attend over its whole cache in place (no KV is copied).
+
+    q: (Hq, R, D) after RoPE; k, v: (Hkv, R, D). Returns (R, Hq*D). Caches of different lengths
+    cannot share one SDPA call without copying them into a padded batch (measured slower at 512
+    tokens), so each request still gets one SDPA call, on views built once per cache.
+    """
+    Hq, R, D = q.shape
+    Hkv = k.shape[0]
+    append_one_token(states, torch.stack([k, v]))  # (2, Hkv, R, D)
+    if q.dtype == torch.float32:  # enable_gqa is fine in fp32 and splits over 9 heads, not 3
+        qs = q.transpose(0, 1)[:, None, :, None].unbind(0)  # R x (1, Hq, 1, D)
+        gqa = True
+    else:
+        # A group's G query heads become G "queries" of their KV head, so SDPA runs on the KV heads
+        # directly. On CPU, enable_gqa in bf16/fp16 falls back to a path ~6x slower.
+        qs = q.view(Hkv, Hq // Hkv, R, D).permute(2, 0, 1, 3)[:, None].unbind(0)  # R x (1, Hkv, G, D)
+        gqa = False
+    outs = [F.scaled_dot_product_attention(qr, *s.batch_views(), enable_gqa=gqa) for qr, s in zip(qs, states)]
+    return torch.cat(outs).view(R, Hq * D)  # (R, Hkv, G, D) or (R, Hq, 1, D): head-major either way
 
 
 class LlamaMLP(nn.Module):

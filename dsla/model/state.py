@@ -9,6 +9,7 @@ request can run some layers as attention and others as DSLA.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -19,15 +20,27 @@ from dsla.model.capacity import grown_capacity
 class KVState:
     """Keys (after RoPE) and values of one attention layer for one request.
 
-    Storage starts at ``capacity`` tokens and grows by ``grown_capacity``.
-    ``k``/``v`` views: (H, T, D) with H = KV heads.
+    K and V share one preallocated buffer of ``capacity`` tokens, (2, H, capacity, D) with H = KV
+    heads: a decode step writes a token's key and value with one copy. The server sizes it at
+    admission for the prompt plus the decode reserve; past that it grows by ``grown_capacity``
+    (one copy, rare). ``k``/``v`` views: (H, T, D).
     """
 
     def __init__(self, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device | str = "cpu", capacity: int = 64) -> None:
-        self._k = torch.empty(num_kv_heads, capacity, head_dim, dtype=dtype, device=device)
-        self._v = torch.empty_like(self._k)
+        self._set_buffer(torch.empty(2, num_kv_heads, capacity, head_dim, dtype=dtype, device=device))
         self.length = 0
+
+    def _set_buffer(self, kv: Tensor) -> None:
+        self._kv = kv  # (2, H, capacity, D): K then V
+        self._k, self._v = kv.unbind(0)  # (H, capacity, D) views
+        # (1, H, capacity, D) views: a request's keys and values as a batch of one, built once
+        # so a decode step only narrows them (per-request work is the decode path's overhead)
+        self._k1, self._v1 = kv[0:1], kv[1:2]
+
+    @property
+    def capacity(self) -> int:
+        return self._kv.shape[2]
 
     @property
     def k(self) -> Tensor:
@@ -37,23 +50,43 @@ class KVState:
     def v(self) -> Tensor:
         return self._v[:, : self.length]  # (H, T, D)
 
+    def reserve(self, needed: int) -> None:
+        """Make room for ``needed`` tokens (growing by ``grown_capacity``: one copy of the prefix)."""
+        cap = grown_capacity(self.capacity, needed)
+        if cap != self.capacity:
+            kv = self._kv.new_empty(2, self._kv.shape[1], cap, self._kv.shape[3])
+            kv[:, :, : self.length] = self._kv[:, :, : self.length]
+            self._set_buffer(kv)
+
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Append (H, L, D) keys and values; return all keys and values so far, (H, T, D) each."""
         new_len = self.length + k.shape[1]
-        if new_len > self._k.shape[1]:
-            cap = grown_capacity(self._k.shape[1], new_len)
-            grow = lambda buf: torch.cat(  # noqa: E731 - tiny local helper
-                [buf[:, : self.length], buf.new_empty(buf.shape[0], cap - self.length, buf.shape[2])], dim=1)
-            self._k, self._v = grow(self._k), grow(self._v)
+        self.reserve(new_len)
         self._k[:, self.length: new_len] = k
         self._v[:, self.length: new_len] = v
         self.length = new_len
         return self.k, self.v
 
+    def batch_views(self) -> tuple[Tensor, Tensor]:
+        """Keys and values so far as a batch of one, (1, H, T, D) each (views, no copy)."""
+        return self._k1.narrow(2, 0, self.length), self._v1.narrow(2, 0, self.length)
+
     @property
     def nbytes(self) -> int:
         """Bytes held (allocated capacity, which is what the memory budget must count)."""
-        return self._k.numel() * self._k.element_size() * 2
+        return self._kv.numel() * self._kv.element_size()
+
+
+def append_one_token(states: Sequence[KVState], kv: Tensor) -> None:
+    """Append one token to each of R states: ``kv`` (2, H, R, D) holds request r's key and value
+    at [:, :, r]. All R copies go in one ``_foreach_copy_`` call (a Python loop of R slice
+    assignments is a decode step's per-request overhead, paid in every attention layer)."""
+    for s in states:
+        if s.length == s.capacity:
+            s.reserve(s.length + 1)
+    torch._foreach_copy_([s._kv.select(2, s.length) for s in states], kv.unbind(2))
+    for s in states:
+        s.length += 1
 
 
 @dataclass
