@@ -35,6 +35,16 @@ and each DSLA ratio of ours; all are loaded for a dtype) take turns call by call
 prefill B, ..., or decode step A, step B, ... - so a busy neighbour slows every side alike.
 ``load_1m`` (1-minute load average when the row finished) shows when the machine was busy.
 
+**llama.cpp** (``--impl llamacpp``, a peer: never a dependency) runs in its own venv behind a
+worker subprocess (``dsla.bench.llamacpp``). Its rows have ``impl`` "llamacpp", ``dtype`` the GGUF
+type (``--llamacpp-gguf``: q4_1, f16, bf16, f32 or a path), ``threads`` and ``group_dtype``: the
+dtype whose rows it took turns with (bf16 with bfloat16, the others with float32), call by call
+like the rest. Prefill: one ``llama_decode`` of T tokens (micro-batches of 512) into an empty
+context, logits for the last. Decode: B sequences in one context, one KV stream each
+(``kv_unified`` off), the prompt prefilled once and copied to all; each step is one
+``llama_decode`` of B tokens (one per sequence). Time and memory are measured by the worker in
+its own process (its CPU time covers llama.cpp's threads), so the pipe is not counted.
+
 Memory, per row (Linux; the peak RSS is reset before every call, ``clear_refs``):
 ``rss_delta_mb`` = resident memory that building the row's own caches added (decode rows: B
 copies of the prompt cache, DSLA layers folded) + the largest rise of RSS during one of its
@@ -62,14 +72,14 @@ from dsla.model.state import KVState
 
 log = logging.getLogger(__name__)
 
-IMPLS = ("ours", "hf")
+IMPLS = ("ours", "hf", "llamacpp")
 
 
 @dataclass(frozen=True)
 class DecodeSettings:
     """What to measure (recorded in the JSON next to the results)."""
 
-    impls: tuple[str, ...] = IMPLS  # "ours" (HybridLM) and/or "hf" (transformers)
+    impls: tuple[str, ...] = ("ours", "hf")  # "ours" (HybridLM), "hf" (transformers), "llamacpp" (peer venv)
     dtypes: tuple[str, ...] = ("float32", "bfloat16")  # weight/activation dtypes
     prefill_lengths: tuple[int, ...] = (512, 2048, 8192)  # tokens per prefill row (batch 1)
     contexts: tuple[int, ...] = (512, 2048, 8192)  # cache length reached by the decode steps
@@ -80,6 +90,9 @@ class DecodeSettings:
     prefill_repeats: int = 3  # timed prefills per prefill row (median reported) ...
     prefill_budget_s: float = 20.0  # ... but no more once the timed ones took this many seconds
     seed: int = 0  # token ids
+    llamacpp_ggufs: tuple[str, ...] = ("bf16",)  # --impl llamacpp: GGUF names (q4_1, f16, bf16, f32) or paths
+    llamacpp_threads: int | None = None  # llama.cpp threads (None: torch's thread count, as ours uses)
+    llamacpp_flash_attn: bool = False  # llama.cpp's flash attention (off: llama-cpp-python's default)
 
     def __post_init__(self) -> None:
         bad = [i for i in self.impls if i not in IMPLS]
@@ -93,6 +106,15 @@ class DecodeSettings:
         for name in ("prefill_lengths", "contexts", "batches"):
             if any(v < 1 for v in getattr(self, name)):
                 raise ValueError(f"{name}={getattr(self, name)} must all be positive")
+        if self.llamacpp_threads is not None and self.llamacpp_threads < 1:
+            raise ValueError(f"--llamacpp-threads {self.llamacpp_threads} must be at least 1")
+        if "llamacpp" in self.impls:
+            from dsla.bench.llamacpp import GGUF_NAMES
+
+            bad = [g for g in self.llamacpp_ggufs if g not in GGUF_NAMES and not g.endswith(".gguf")]
+            if bad or not self.llamacpp_ggufs:
+                raise ValueError(f"--llamacpp-gguf {bad or '(empty)'}: give names from {', '.join(GGUF_NAMES)} "
+                                 "or paths ending in .gguf")
         short = [c for c in self.contexts if c <= self.steps + self.warmup_steps]
         if short:
             raise ValueError(f"contexts {short} leave no prefill before {self.warmup_steps} + {self.steps} "
@@ -187,6 +209,34 @@ def _row(impl: str, dtype: str, batch: int, context: int, ratio: float, **fields
     return row
 
 
+def _runner_row(runner: Any, name: str, dtype: str, batch: int, context: int, ratio: float,
+                **fields: Any) -> dict[str, Any]:
+    """A row of runner ``name`` measured with ``dtype``'s configurations. A peer runner (llama.cpp)
+    names its own impl and dtype (the GGUF type), adds its own fields and records ``group_dtype``."""
+    if not hasattr(runner, "row_dtype"):
+        return _row(name, dtype, batch, context, ratio, **fields)
+    return _row(runner.impl, runner.row_dtype, batch, context, ratio, group_dtype=dtype, **runner.row_extra, **fields)
+
+
+def _start_reports(runners: dict[str, Any]) -> None:
+    """Forget what peer workers reported so far: the next measurement's calls are its own."""
+    from dsla.bench.llamacpp import WorkerReports
+
+    for r in runners.values():
+        if hasattr(r, "reports"):
+            r.reports = WorkerReports()
+
+
+def _use_reports(runners: dict[str, Any], variants: Sequence[tuple[str, float]], timings: list, mems: list) -> None:
+    """For peer runners, replace this process's clocks and memory readings (which saw only the
+    pipe and an idle parent) with what the worker measured in its own process, in place."""
+    for i, (name, _) in enumerate(variants):
+        reports = getattr(runners[name], "reports", None)
+        if reports is not None:
+            timings[i] = reports.timing(timings[i].repeats)
+            mems[i] = reports
+
+
 def bench_dtype(runners: dict[str, OursRunner | HFRunner], dtype: str, s: DecodeSettings,
                 on_row: Callable[[dict[str, Any]], None] = lambda r: None) -> list[dict[str, Any]]:
     """All rows of one dtype. Within a prefill length or a (context, batch), the variants (each
@@ -224,10 +274,12 @@ def bench_dtype(runners: dict[str, OursRunner | HFRunner], dtype: str, s: Decode
             # Before each call (untimed): drop the previous call's cache and return freed memory
             # to the OS, so the call's rise in RSS is its whole footprint.
             mems = [MemoryTracker(release=True, on_before=lambda v=v: last.pop(v, None)) for v in variants]
+            _start_reports(runners)
             timings = measure_alternating([prefill(v) for v in variants], warmup=0, repeats=s.prefill_repeats,
                                           max_seconds=s.prefill_budget_s, trackers=mems)
+            _use_reports(runners, variants, timings, mems)
             for (impl, ratio), timing, mem in zip(variants, timings, mems):
-                add(_row(impl, dtype, 1, T, ratio, prefill_tokens_per_s=round(T / timing.median, 1),
+                add(_runner_row(runners[impl], impl, dtype, 1, T, ratio, prefill_tokens_per_s=round(T / timing.median, 1),
                          prefill_cpu_tokens_per_s=round(T / timing.cpu_median, 1), repeats=timing.repeats,
                          **mem.fields(), load_1m=round(os.getloadavg()[0], 2)))
                 if T in bases and ratio == 0.0:
@@ -239,6 +291,7 @@ def bench_dtype(runners: dict[str, OursRunner | HFRunner], dtype: str, s: Decode
                     bases[C][impl] = runner.prefill(ids[: prompt_len[C]])
             for B in s.batches:
                 caches, mems = [], []
+                _start_reports(runners)
                 for impl, ratio in variants:
                     c, mb = setup_rss_mb(lambda: runners[impl].batch_caches(bases[C][impl], layers[(impl, ratio)], B))
                     caches.append(c)
@@ -246,15 +299,38 @@ def bench_dtype(runners: dict[str, OursRunner | HFRunner], dtype: str, s: Decode
                 steps = [lambda runner=runners[impl], c=c: runner.decode(c, tokens[B])
                          for (impl, _), c in zip(variants, caches)]
                 timings = measure_alternating(steps, warmup=s.warmup_steps, repeats=s.steps, trackers=mems)
+                _use_reports(runners, variants, timings, mems)
                 for (impl, ratio), timing, mem in zip(variants, timings, mems):
                     ms = timing.median * 1e3
-                    add(_row(impl, dtype, B, C, ratio, decode_ms_per_token=round(ms, 2),
+                    add(_runner_row(runners[impl], impl, dtype, B, C, ratio, decode_ms_per_token=round(ms, 2),
                              decode_tokens_per_s=round(B * 1e3 / ms, 1),
                              decode_cpu_ms_per_token=round(timing.cpu_median * 1e3, 2),
                              repeats=timing.repeats, **mem.fields(), load_1m=round(os.getloadavg()[0], 2)))
                 del caches, steps
             del bases[C]
     return rows
+
+
+def make_runners(teacher_dir: Path, dtype: str, s: DecodeSettings) -> dict[str, Any]:
+    """The runners of one dtype's configurations: ours and/or transformers in that dtype, and a
+    llama.cpp worker for each GGUF grouped with it (``dsla.bench.llamacpp.group_ggufs``)."""
+    from dsla.cli import DTYPES
+
+    runners: dict[str, Any] = {impl: (OursRunner if impl == "ours" else HFRunner)(teacher_dir, DTYPES[dtype])
+                               for impl in s.impls if impl != "llamacpp"}
+    if "llamacpp" in s.impls:
+        from dsla.bench.llamacpp import LlamaCppRunner, group_ggufs
+
+        threads = s.llamacpp_threads or torch.get_num_threads()
+        try:
+            for g in group_ggufs(s.llamacpp_ggufs, s.dtypes)[dtype]:
+                runners[f"llamacpp-{g}"] = LlamaCppRunner(g, threads, s.warmup_steps + s.steps, s.llamacpp_flash_attn)
+        except BaseException:
+            for r in runners.values():
+                if hasattr(r, "close"):
+                    r.close()
+            raise
+    return runners
 
 
 def run_benchmark(teacher_dir: str | Path, s: DecodeSettings,
@@ -270,14 +346,18 @@ def run_benchmark(teacher_dir: str | Path, s: DecodeSettings,
     rows: list[dict[str, Any]] = []
     for dtype in s.dtypes:
         log.info("decode bench: %s, %s", dtype, ", ".join(s.impls))
-        runners = {impl: (OursRunner if impl == "ours" else HFRunner)(Path(teacher_dir), DTYPES[dtype])
-                   for impl in s.impls}
-        rows += bench_dtype(runners, dtype, s, on_row)
+        runners = make_runners(Path(teacher_dir), dtype, s)
+        try:
+            rows += bench_dtype(runners, dtype, s, on_row)
+        finally:
+            for r in runners.values():
+                if hasattr(r, "close"):
+                    r.close()
         del runners
         release_freed_memory()
     order = {impl: i for i, impl in enumerate(s.impls)}
-    rows.sort(key=lambda r: (order[r["impl"]], s.dtypes.index(r["dtype"]), r["dsla_ratio"],
-                             r["decode_ms_per_token"] is not None, r["batch"], r["context"]))
+    rows.sort(key=lambda r: (order[r["impl"]], s.dtypes.index(r.get("group_dtype", r["dtype"])), r["dtype"],
+                             r["dsla_ratio"], r["decode_ms_per_token"] is not None, r["batch"], r["context"]))
     machine = machine_info(peak_rss_per_row=can_reset)  # now transformers is imported, if it ran
     machine["load_average_1m_at_start"] = start.get("load_average_1m")
     return {"machine": machine, "teacher": str(teacher_dir), "settings": asdict(s), "results": rows,
@@ -288,11 +368,14 @@ def summarise(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """The ratios the targets are stated in, one entry per decode (dtype, batch, context) of ours,
     from wall time and (``*_cpu``) from CPU time. Each ratio is > 1 when the first-named side wins:
     ``hf_over_ours`` (transformers' ms over ours), ``throughput_over_batch1`` (tokens/s at this
-    batch over batch 1), ``dsla{r}_throughput_over_attention`` (ratio r against all attention)."""
+    batch over batch 1), ``dsla{r}_throughput_over_attention`` (ratio r against all attention),
+    ``llamacpp_{gguf}_over_ours`` (llama.cpp's ms over ours, for each GGUF measured with this
+    dtype's rows; its CPU time is the worker process's)."""
     wall = {(r["impl"], r["dtype"], r["batch"], r["context"], r["dsla_ratio"]): r["decode_ms_per_token"]
             for r in rows if r["decode_ms_per_token"] is not None}
     cpu = {(r["impl"], r["dtype"], r["batch"], r["context"], r["dsla_ratio"]): r["decode_cpu_ms_per_token"]
            for r in rows if r["decode_ms_per_token"] is not None}
+    peer_group = {r["dtype"]: r["group_dtype"] for r in rows if r["impl"] == "llamacpp"}
     out = []
     for key in sorted(k for k in wall if k[0] == "ours" and k[4] == 0.0):
         _, dtype, B, C, _ = key
@@ -311,12 +394,16 @@ def summarise(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         for k2 in sorted(k for k in wall if k[:4] == key[:4] and k[4] != 0.0):
             entry[f"dsla{k2[4]:g}_ms"] = wall[k2]
             ratios(f"dsla{k2[4]:g}_throughput_over_attention", key, k2)
+        for gguf in sorted(g for g, d in peer_group.items() if d == dtype):
+            if ("llamacpp", gguf, B, C, 0.0) in wall:
+                entry[f"llamacpp_{gguf}_ms"] = wall[("llamacpp", gguf, B, C, 0.0)]
+                ratios(f"llamacpp_{gguf}_over_ours", ("llamacpp", gguf, B, C, 0.0), key)
         out.append(entry)
     return out
 
 
 # ---- CLI -----------------------------------------------------------------------------------------
-TABLE = ["impl", "dtype", "dsla_ratio", "batch", "context", "prefill_tokens_per_s", "decode_ms_per_token",
+TABLE = ["impl", "dtype", "threads", "dsla_ratio", "batch", "context", "prefill_tokens_per_s", "decode_ms_per_token",
          "decode_tokens_per_s", "prefill_cpu_tokens_per_s", "decode_cpu_ms_per_token", "peak_rss_mb", "rss_delta_mb",
          "load_1m"]
 QUICK = dict(prefill_lengths=(128,), contexts=(256,), batches=(1, 4), steps=4, prefill_repeats=1)
@@ -329,7 +416,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(dtype=None)  # here --dtype X is shorthand for --dtype-list X
     d = DecodeSettings()
     p.add_argument("--json", required=True, type=Path, help="write the results here (atomically)")
-    p.add_argument("--impl", default=",".join(d.impls), help="comma list of: ours, hf")
+    p.add_argument("--impl", default=",".join(d.impls), help=f"comma list of: {', '.join(IMPLS)} (llamacpp: "
+                   "the peer venv of scripts/peers/setup_llamacpp.sh)")
     p.add_argument("--dtype-list", default=None, help=f"comma list (default {','.join(d.dtypes)})")
     p.add_argument("--prefill-lengths", default=None, help="prompt lengths T of the prefill rows")
     p.add_argument("--contexts", default=None, help="contexts C of the decode rows")
@@ -337,6 +425,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dsla-ratios", default="0", help="fractions of layers running DSLA (ours only), e.g. 0,0.5,1")
     p.add_argument("--steps", type=int, default=None, help=f"timed decode steps per row (default {d.steps})")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--llamacpp-gguf", default=",".join(d.llamacpp_ggufs),
+                   help="--impl llamacpp: comma list of GGUF files, names (q4_1, f16, bf16, f32: the setup script's "
+                        "files) or paths; bf16 takes turns with the bfloat16 rows, the others with float32")
+    p.add_argument("--llamacpp-threads", type=int, default=None,
+                   help="llama.cpp threads (default: --threads, else torch's thread count)")
+    p.add_argument("--llamacpp-flash-attn", action="store_true", help="turn on llama.cpp's flash attention")
     p.add_argument("--quick", action="store_true",
                    help="tiny sizes for a sanity run (explicit size flags still win)")
 
@@ -354,6 +448,9 @@ def settings_from_args(args: argparse.Namespace) -> DecodeSettings:
             kw[name] = tuple(parse_list(getattr(args, name), int))
     if args.steps is not None:
         kw["steps"] = args.steps
+    kw["llamacpp_ggufs"] = tuple(parse_list(args.llamacpp_gguf))
+    kw["llamacpp_threads"] = args.llamacpp_threads or getattr(args, "threads", None)
+    kw["llamacpp_flash_attn"] = args.llamacpp_flash_attn
     return DecodeSettings(**{**asdict(base), **kw})
 
 
