@@ -6,8 +6,9 @@
 #   scripts/peers/serve.sh dsla     PORT [THREADS]          dsla serve: the teacher, full attention, bfloat16
 # Each serves the model as "SmolLM2-135M-Instruct" with an 8192-token context. Environment:
 # DSLA_HOME, TEACHER_DIR, BIN (dsla's venv bin, default .venv/bin), VLLM_CPU_KVCACHE_SPACE (GiB of KV
-# cache, default 4), VLLM_CPU_OMP_THREADS_BIND (default: cores 0..THREADS-1), SERVE_FLAGS (extra
-# flags for the server).
+# cache, default 4), VLLM_CPU_OMP_THREADS_BIND (default: cores 0..THREADS-1), VLLM_FLAGS,
+# LLAMACPP_FLAGS, DSLA_FLAGS (extra flags for that server, e.g. VLLM_FLAGS=--enforce-eager to skip
+# vLLM's torch.compile warm-up, which takes many minutes on a busy CPU; measure without it).
 source "$(dirname "$0")/common.sh"
 WHICH=${1:?usage: $0 vllm|llamacpp|dsla PORT [THREADS] [GGUF]}
 PORT=${2:?usage: $0 vllm|llamacpp|dsla PORT [THREADS] [GGUF]}
@@ -33,7 +34,7 @@ case $WHICH in
     HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 \
       exec "$py" -m vllm.entrypoints.launchers.api_server.entry --model "$TEACHER_DIR" \
       --served-model-name "$NAME" --dtype bfloat16 --max-model-len 8192 --host 127.0.0.1 --port "$PORT" \
-      ${SERVE_FLAGS:-} ;;
+      ${VLLM_FLAGS:-} ;;
   llamacpp)
     py=$(venv_python llamacpp) || exit 1
     gguf=${4:-bf16}
@@ -41,10 +42,10 @@ case $WHICH in
     [ -f "$gguf" ] || die "GGUF file $gguf is missing: run scripts/peers/setup_llamacpp.sh (or pass a path)"
     # interrupt_requests off: by default a new request cancels the one being streamed; queue it instead.
     exec "$py" -m llama_cpp.server --model "$gguf" --model_alias "$NAME" --n_ctx 8192 --interrupt_requests False \
-      --n_threads "$THREADS" --n_threads_batch "$THREADS" --host 127.0.0.1 --port "$PORT" ${SERVE_FLAGS:-} ;;
+      --n_threads "$THREADS" --n_threads_batch "$THREADS" --host 127.0.0.1 --port "$PORT" ${LLAMACPP_FLAGS:-} ;;
   dsla)
     [ -x "$BIN/dsla" ] || die "no $BIN/dsla: set BIN to the bin directory of dsla's venv"
     exec "$BIN/dsla" serve --threads "$THREADS" --port "$PORT" --dtype bfloat16 --policy static \
-      --served-model-name "$NAME" ${TEACHER_DIR:+--teacher "$TEACHER_DIR"} ${SERVE_FLAGS:-} ;;
+      --served-model-name "$NAME" ${TEACHER_DIR:+--teacher "$TEACHER_DIR"} ${DSLA_FLAGS:-} ;;
   *) die "unknown server $WHICH: choose vllm, llamacpp or dsla" ;;
 esac
