@@ -279,7 +279,8 @@ def bench_dtype(runners: dict[str, OursRunner | HFRunner], dtype: str, s: Decode
                                           max_seconds=s.prefill_budget_s, trackers=mems)
             _use_reports(runners, variants, timings, mems)
             for (impl, ratio), timing, mem in zip(variants, timings, mems):
-                add(_runner_row(runners[impl], impl, dtype, 1, T, ratio, prefill_tokens_per_s=round(T / timing.median, 1),
+                add(_runner_row(runners[impl], impl, dtype, 1, T, ratio,
+                                prefill_tokens_per_s=round(T / timing.median, 1),
                          prefill_cpu_tokens_per_s=round(T / timing.cpu_median, 1), repeats=timing.repeats,
                          **mem.fields(), load_1m=round(os.getloadavg()[0], 2)))
                 if T in bases and ratio == 0.0:

@@ -341,7 +341,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-len-range", default="8,256", help="min,max output tokens")
     p.add_argument("--timeout", type=float, default=300, help="seconds a request may take before it counts as failed")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--server-pid", type=int, default=None, help="report this local process's RSS and CPU time over the run (soak, busy machines)")
+    p.add_argument("--server-pid", type=int, default=None,
+                   help="report this local process's RSS and CPU time, its children's included, over the run "
+                        "(soak, busy machines)")
     p.add_argument("--settle", type=float, default=0, help="seconds to wait after the load before the last RSS")
     p.add_argument("--out", default=None, help="write the JSON here (default: print only)")
     p.add_argument("--extra-body", type=_json_object, default=None,

@@ -21,10 +21,12 @@ def handle(msg):
     if op == "load":
         if not os.path.exists(msg["model"]):
             raise FileNotFoundError(msg["model"])
-        return {"n_vocab": N_VOCAB, "n_layer": N_LAYER, "n_ctx_train": 64, "version": "fake", "system_info": "", "rss_mb": 1.0}
+        return {"n_vocab": N_VOCAB, "n_layer": N_LAYER, "n_ctx_train": 64, "version": "fake", "system_info": "",
+                "rss_mb": 1.0}
     if op == "prefill":
         assert all(0 <= t < N_VOCAB for t in msg["tokens"])
-        return {"wall_s": 1e-4 * len(msg["tokens"]), "cpu_s": 2e-4 * len(msg["tokens"]), "peak_rss_mb": 10.0, "rise_mb": 1.0}
+        n = len(msg["tokens"])
+        return {"wall_s": 1e-4 * n, "cpu_s": 2e-4 * n, "peak_rss_mb": 10.0, "rise_mb": 1.0}
     if op == "fork":
         if len(msg["tokens"]) >= msg["n_ctx_seq"]:
             raise ValueError("prompt longer than the context")
@@ -32,7 +34,8 @@ def handle(msg):
         return {"setup_mb": 5.0}
     if op == "decode":
         if state["n_seq"] != len(msg["tokens"]):
-            raise ValueError(f"decode of {len(msg['tokens'])} tokens needs a fork with n_seq={len(msg['tokens'])} first")
+            n = len(msg["tokens"])
+            raise ValueError(f"decode of {n} tokens needs a fork with n_seq={n} first")
         state["positions"] = [p + 1 for p in state["positions"]]
         if max(state["positions"]) > state["n_ctx_seq"]:
             raise ValueError("context full")

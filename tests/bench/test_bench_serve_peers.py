@@ -37,7 +37,8 @@ def test_extra_body_rejects_what_is_not_an_object(text, match, capsys):
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="needs Linux /proc")
 def test_server_memory_and_cpu_include_children():
-    code = "import subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)']); time.sleep(30)"
+    code = ("import subprocess, sys, time; "
+            "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)']); time.sleep(30)")
     parent = subprocess.Popen([sys.executable, "-c", code])
     try:
         for _ in range(100):  # until the child exists
