@@ -20,7 +20,8 @@
 # Environment: SERVERS ("vllm llamacpp dsla"), WORKLOADS ("chat prefill saturation"), THREADS (1),
 # PORT (8100), GGUF (bf16; q4_1, f16 or a path), READY_TIMEOUT (900 s: vLLM starts slowly),
 # SMOKE (1: 3 requests per workload, short lengths: checks the plumbing, measures nothing),
-# BIN (dsla's venv bin, default .venv/bin). Setup first: scripts/peers/setup_vllm.sh, setup_llamacpp.sh.
+# BIN (dsla's venv bin, default .venv/bin), VLLM_FLAGS / LLAMACPP_FLAGS / DSLA_FLAGS (see peers/serve.sh).
+# Setup first: scripts/peers/setup_vllm.sh, setup_llamacpp.sh.
 set -euo pipefail
 OUT=${1:?usage: $0 OUT_DIR [bench flags...]}
 shift
