@@ -8,7 +8,10 @@
 # Then print one table of both runs and draw OUT_DIR/trace_timeline.png.
 # Environment: STUDENT (default: the default student), PORT (8000), THREADS (1),
 # SERVE_FLAGS (extra `dsla serve` flags for both servers, e.g. --cache-budget-mb 700),
-# ADAPTIVE_FLAGS (extra flags for the adaptive server only), TRACE (default: synthetic).
+# ADAPTIVE_FLAGS (extra flags for the adaptive server only), TRACE (default: synthetic),
+# PEERS (e.g. "vllm": also replay the same trace, same seed and flags, against each of these peer
+# servers, started with scripts/peers/serve.sh: a third column; set them up with
+# scripts/peers/setup_<peer>.sh first), READY_TIMEOUT (seconds a server may take to start, 900).
 set -euo pipefail
 OUT=${1:?usage: $0 OUT_DIR [bench flags...]}
 shift
@@ -17,7 +20,18 @@ PORT=${PORT:-8000}
 THREADS=${THREADS:-1}
 TRACE=${TRACE:-synthetic}
 STUDENT=${STUDENT:-$($BIN/python -c 'from dsla.paths import SHIPPED_STUDENT_DIR; print(SHIPPED_STUDENT_DIR)')}
+READY_TIMEOUT=${READY_TIMEOUT:-900}
+PEERS=${PEERS:-}
 mkdir -p "$OUT"
+
+wait_ready() {  # wait_ready NAME PID: until /v1/models answers, or the server dies or times out
+  for i in $(seq "$READY_TIMEOUT"); do
+    curl -sf "http://127.0.0.1:$PORT/v1/models" > /dev/null && return 0
+    kill -0 "$2" 2>/dev/null || { echo "server ($1) died:"; tail "$OUT/server_$1.log"; exit 1; }
+    sleep 1
+  done
+  echo "server ($1) not ready after $READY_TIMEOUT s"; exit 1
+}
 
 for policy in static adaptive; do
   flags=()
@@ -26,11 +40,7 @@ for policy in static adaptive; do
     ${SERVE_FLAGS:-} "${flags[@]}" > "$OUT/server_$policy.log" 2>&1 &
   pid=$!
   trap 'kill $pid 2>/dev/null || true' EXIT
-  for _ in $(seq 120); do
-    curl -sf "http://127.0.0.1:$PORT/health" > /dev/null && break
-    kill -0 $pid 2>/dev/null || { echo "server ($policy) died:"; tail "$OUT/server_$policy.log"; exit 1; }
-    sleep 1
-  done
+  wait_ready "$policy" $pid
   $BIN/dsla bench serve --url "http://127.0.0.1:$PORT" --trace "$TRACE" --policy "$policy" --label "$policy" \
     --server-pid $pid --timeout 3600 --save-trace "$OUT/trace.csv" --out "$OUT/trace_$policy.json" "$@"
   kill $pid
@@ -38,18 +48,34 @@ for policy in static adaptive; do
   trap - EXIT
 done
 
-$BIN/python - "$OUT" <<'EOF'
+for peer in $PEERS; do
+  # its own session, so stopping it stops its engine processes too (vLLM runs its engine in a child)
+  BIN=$BIN setsid "$(dirname "$0")/peers/serve.sh" "$peer" "$PORT" "$THREADS" > "$OUT/server_$peer.log" 2>&1 &
+  pid=$!
+  trap 'kill -- -$pid 2>/dev/null || true' EXIT
+  wait_ready "$peer" $pid
+  $BIN/dsla bench serve --url "http://127.0.0.1:$PORT" --trace "$TRACE" --label "$peer" --poll-interval 0 \
+    --server-pid $pid --timeout 3600 --out "$OUT/trace_$peer.json" "$@"
+  kill -- -$pid
+  wait $pid 2>/dev/null || true
+  trap - EXIT
+done
+
+$BIN/python - "$OUT" $PEERS <<'EOF'
 import json, sys
 from pathlib import Path
 from dsla.bench.common import format_table
 out = Path(sys.argv[1])
-rows = [json.loads((out / f"trace_{p}.json").read_text())["summary"] for p in ("static", "adaptive")]
+rows = [json.loads((out / f"trace_{p}.json").read_text())["summary"] for p in ("static", "adaptive", *sys.argv[2:])]
 cols = ["label", "requests", "completed", "rejected", "failed", "per_token_latency_mean_s", "ttft_p50_s", "ttft_p99_s",
         "e2e_p50_s", "e2e_p99_s", "output_token_throughput", "mean_token_ratio", "plan_changes"]
 print(format_table(rows, cols))
 s, a = rows[0]["per_token_latency_mean_s"], rows[1]["per_token_latency_mean_s"]
 if s and a:
     print(f"mean per-token latency, static / adaptive: {s / a:.2f}x")
+for peer in rows[2:]:
+    if peer["per_token_latency_mean_s"] and a:
+        print(f"mean per-token latency, {peer['label']} / adaptive: {peer['per_token_latency_mean_s'] / a:.2f}x")
 print("adaptive: output tokens by conversion ratio:", rows[1]["token_fraction_by_ratio"])
 EOF
 $BIN/dsla bench plot "$OUT/trace_static.json" "$OUT/trace_adaptive.json" --out "$OUT/trace_timeline.png" \

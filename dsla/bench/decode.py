@@ -41,6 +41,16 @@ and each DSLA ratio of ours; all are loaded for a dtype) take turns call by call
 prefill B, ..., or decode step A, step B, ... - so a busy neighbour slows every side alike.
 ``load_1m`` (1-minute load average when the row finished) shows when the machine was busy.
 
+**llama.cpp** (``--impl llamacpp``, a peer: never a dependency) runs in its own venv behind a
+worker subprocess (``dsla.bench.llamacpp``). Its rows have ``impl`` "llamacpp", ``dtype`` the GGUF
+type (``--llamacpp-gguf``: q4_1, f16, bf16, f32 or a path), ``threads`` and ``group_dtype``: the
+dtype whose rows it took turns with (bf16 with bfloat16, the others with float32), call by call
+like the rest. Prefill: one ``llama_decode`` of T tokens (micro-batches of 512) into an empty
+context, logits for the last. Decode: B sequences in one context, one KV stream each
+(``kv_unified`` off), the prompt prefilled once and copied to all; each step is one
+``llama_decode`` of B tokens (one per sequence). Time and memory are measured by the worker in
+its own process (its CPU time covers llama.cpp's threads), so the pipe is not counted.
+
 Memory, per row (Linux; the peak RSS is reset before every call, ``clear_refs``):
 ``rss_delta_mb`` = resident memory that building the row's own caches added (decode rows: B
 copies of the prompt cache, DSLA layers folded) + the largest rise of RSS during one of its
@@ -68,7 +78,7 @@ from dsla.model.state import KVState
 
 log = logging.getLogger(__name__)
 
-IMPLS = ("ours", "hf")
+IMPLS = ("ours", "hf", "llamacpp")
 WEIGHT_ORDER = ("native", "int8", "int4")  # resolved presets (dsla.model.quant.WEIGHT_PRESETS), in row order
 
 
@@ -76,7 +86,7 @@ WEIGHT_ORDER = ("native", "int8", "int4")  # resolved presets (dsla.model.quant.
 class DecodeSettings:
     """What to measure (recorded in the JSON next to the results)."""
 
-    impls: tuple[str, ...] = IMPLS  # "ours" (HybridLM) and/or "hf" (transformers)
+    impls: tuple[str, ...] = ("ours", "hf")  # "ours" (HybridLM), "hf" (transformers), "llamacpp" (peer venv)
     dtypes: tuple[str, ...] = ("float32", "bfloat16")  # weight/activation dtypes
     prefill_lengths: tuple[int, ...] = (512, 2048, 8192)  # tokens per prefill row (batch 1)
     contexts: tuple[int, ...] = (512, 2048, 8192)  # cache length reached by the decode steps
@@ -88,6 +98,9 @@ class DecodeSettings:
     prefill_repeats: int = 3  # timed prefills per prefill row (median reported) ...
     prefill_budget_s: float = 20.0  # ... but no more once the timed ones took this many seconds
     seed: int = 0  # token ids
+    llamacpp_ggufs: tuple[str, ...] = ("bf16",)  # --impl llamacpp: GGUF names (q4_1, f16, bf16, f32) or paths
+    llamacpp_threads: int | None = None  # llama.cpp threads (None: torch's thread count, as ours uses)
+    llamacpp_flash_attn: bool = False  # llama.cpp's flash attention (off: llama-cpp-python's default)
 
     def __post_init__(self) -> None:
         bad = [i for i in self.impls if i not in IMPLS]
@@ -106,6 +119,15 @@ class DecodeSettings:
         for name in ("prefill_lengths", "contexts", "batches"):
             if any(v < 1 for v in getattr(self, name)):
                 raise ValueError(f"{name}={getattr(self, name)} must all be positive")
+        if self.llamacpp_threads is not None and self.llamacpp_threads < 1:
+            raise ValueError(f"--llamacpp-threads {self.llamacpp_threads} must be at least 1")
+        if "llamacpp" in self.impls:
+            from dsla.bench.llamacpp import GGUF_NAMES
+
+            bad = [g for g in self.llamacpp_ggufs if g not in GGUF_NAMES and not g.endswith(".gguf")]
+            if bad or not self.llamacpp_ggufs:
+                raise ValueError(f"--llamacpp-gguf {bad or '(empty)'}: give names from {', '.join(GGUF_NAMES)} "
+                                 "or paths ending in .gguf")
         short = [c for c in self.contexts if c <= self.steps + self.warmup_steps]
         if short:
             raise ValueError(f"contexts {short} leave no prefill before {self.warmup_steps} + {self.steps} "
@@ -223,6 +245,36 @@ def _row(key: str, dtype: str, batch: int, context: int, ratio: float, **fields:
     return row
 
 
+def _runner_row(runner: Any, name: str, dtype: str, batch: int, context: int, ratio: float,
+                **fields: Any) -> dict[str, Any]:
+    """A row of runner ``name`` measured with ``dtype``'s configurations. A peer runner (llama.cpp)
+    names its own impl and dtype (the GGUF type), adds its own fields and records ``group_dtype``."""
+    if hasattr(runner, "weights_mb"):
+        fields.setdefault("weights_mb", runner.weights_mb())
+    if not hasattr(runner, "row_dtype"):
+        return _row(name, dtype, batch, context, ratio, **fields)
+    return _row(runner.impl, runner.row_dtype, batch, context, ratio, group_dtype=dtype, **runner.row_extra, **fields)
+
+
+def _start_reports(runners: dict[str, Any]) -> None:
+    """Forget what peer workers reported so far: the next measurement's calls are its own."""
+    from dsla.bench.llamacpp import WorkerReports
+
+    for r in runners.values():
+        if hasattr(r, "reports"):
+            r.reports = WorkerReports()
+
+
+def _use_reports(runners: dict[str, Any], variants: Sequence[tuple[str, float]], timings: list, mems: list) -> None:
+    """For peer runners, replace this process's clocks and memory readings (which saw only the
+    pipe and an idle parent) with what the worker measured in its own process, in place."""
+    for i, (name, _) in enumerate(variants):
+        reports = getattr(runners[name], "reports", None)
+        if reports is not None:
+            timings[i] = reports.timing(timings[i].repeats)
+            mems[i] = reports
+
+
 def bench_dtype(runners: dict[str, OursRunner | HFRunner], dtype: str, s: DecodeSettings,
                 on_row: Callable[[dict[str, Any]], None] = lambda r: None) -> list[dict[str, Any]]:
     """All rows of one dtype. Within a prefill length or a (context, batch), the variants (each
@@ -260,11 +312,13 @@ def bench_dtype(runners: dict[str, OursRunner | HFRunner], dtype: str, s: Decode
             # Before each call (untimed): drop the previous call's cache and return freed memory
             # to the OS, so the call's rise in RSS is its whole footprint.
             mems = [MemoryTracker(release=True, on_before=lambda v=v: last.pop(v, None)) for v in variants]
+            _start_reports(runners)
             timings = measure_alternating([prefill(v) for v in variants], warmup=0, repeats=s.prefill_repeats,
                                           max_seconds=s.prefill_budget_s, trackers=mems)
+            _use_reports(runners, variants, timings, mems)
             for (impl, ratio), timing, mem in zip(variants, timings, mems):
-                add(_row(impl, dtype, 1, T, ratio, weights_mb=runners[impl].weights_mb(),
-                         prefill_tokens_per_s=round(T / timing.median, 1),
+                add(_runner_row(runners[impl], impl, dtype, 1, T, ratio,
+                                prefill_tokens_per_s=round(T / timing.median, 1),
                          prefill_cpu_tokens_per_s=round(T / timing.cpu_median, 1), repeats=timing.repeats,
                          **mem.fields(), load_1m=round(os.getloadavg()[0], 2)))
                 if T in bases and ratio == 0.0:
@@ -276,6 +330,7 @@ def bench_dtype(runners: dict[str, OursRunner | HFRunner], dtype: str, s: Decode
                     bases[C][impl] = runner.prefill(ids[: prompt_len[C]])
             for B in s.batches:
                 caches, mems = [], []
+                _start_reports(runners)
                 for impl, ratio in variants:
                     c, mb = setup_rss_mb(lambda: runners[impl].batch_caches(bases[C][impl], layers[(impl, ratio)], B))
                     caches.append(c)
@@ -283,10 +338,10 @@ def bench_dtype(runners: dict[str, OursRunner | HFRunner], dtype: str, s: Decode
                 steps = [lambda runner=runners[impl], c=c: runner.decode(c, tokens[B])
                          for (impl, _), c in zip(variants, caches)]
                 timings = measure_alternating(steps, warmup=s.warmup_steps, repeats=s.steps, trackers=mems)
+                _use_reports(runners, variants, timings, mems)
                 for (impl, ratio), timing, mem in zip(variants, timings, mems):
                     ms = timing.median * 1e3
-                    add(_row(impl, dtype, B, C, ratio, weights_mb=runners[impl].weights_mb(),
-                             decode_ms_per_token=round(ms, 2),
+                    add(_runner_row(runners[impl], impl, dtype, B, C, ratio, decode_ms_per_token=round(ms, 2),
                              decode_tokens_per_s=round(B * 1e3 / ms, 1),
                              decode_cpu_ms_per_token=round(timing.cpu_median * 1e3, 2),
                              repeats=timing.repeats, **mem.fields(), load_1m=round(os.getloadavg()[0], 2)))
@@ -295,12 +350,53 @@ def bench_dtype(runners: dict[str, OursRunner | HFRunner], dtype: str, s: Decode
     return rows
 
 
+def make_runners(teacher_dir: Path, dtype: str, s: DecodeSettings, skipped: list[str]) -> dict[str, Any]:
+    """The runners of one dtype's configurations: ours (one per resolved ``--weights`` preset) and/or
+    transformers in that dtype, and a llama.cpp worker for each GGUF grouped with it
+    (``dsla.bench.llamacpp.group_ggufs``). Weight presets refused for this dtype go to ``skipped``."""
+    from dsla.cli import DTYPES
+    from dsla.config import LlamaConfig
+    from dsla.model.quant import resolve_weights
+
+    runners: dict[str, Any] = {}
+    try:
+        for impl in s.impls:
+            if impl == "hf":
+                runners["hf"] = HFRunner(teacher_dir, DTYPES[dtype])
+            elif impl == "ours":
+                for requested in s.weights:
+                    try:
+                        preset, why = resolve_weights(requested, DTYPES[dtype], LlamaConfig.from_dir(teacher_dir))
+                    except ValueError as e:
+                        skipped.append(f"{dtype} --weights {requested}: {e}")
+                        log.warning("skipped: %s", skipped[-1])
+                        continue
+                    log.info("%s --weights %s -> %s (%s)", dtype, requested, preset, why)
+                    if runner_key(impl, preset) not in runners:
+                        runners[runner_key(impl, preset)] = OursRunner(teacher_dir, DTYPES[dtype], preset)
+        if "llamacpp" in s.impls:
+            from dsla.bench.llamacpp import LlamaCppRunner, group_ggufs
+
+            threads = s.llamacpp_threads or torch.get_num_threads()
+            for g in group_ggufs(s.llamacpp_ggufs, s.dtypes)[dtype]:
+                runners[f"llamacpp-{g}"] = LlamaCppRunner(g, threads, s.warmup_steps + s.steps, s.llamacpp_flash_attn)
+    except BaseException:
+        for r in runners.values():
+            if hasattr(r, "close"):
+                r.close()
+        raise
+    return runners
+
+
+def _weight_rank(weights: str) -> int:
+    """Row order of a weights value: our presets first, in WEIGHT_ORDER, then anything else."""
+    return WEIGHT_ORDER.index(weights) if weights in WEIGHT_ORDER else len(WEIGHT_ORDER)
+
+
 def run_benchmark(teacher_dir: str | Path, s: DecodeSettings,
                   on_row: Callable[[dict[str, Any]], None] = lambda r: None) -> dict[str, Any]:
     """Every dtype in turn, with all implementations of that dtype loaded; returns the JSON document."""
     from dsla.cli import DTYPES
-    from dsla.config import LlamaConfig
-    from dsla.model.quant import resolve_weights
 
     bad = [d for d in s.dtypes if d not in DTYPES]
     if bad:
@@ -311,29 +407,20 @@ def run_benchmark(teacher_dir: str | Path, s: DecodeSettings,
     skipped: list[str] = []
     for dtype in s.dtypes:
         log.info("decode bench: %s, %s", dtype, ", ".join(s.impls))
-        runners: dict[str, OursRunner | HFRunner] = {}
-        for impl in s.impls:
-            if impl == "hf":
-                runners["hf"] = HFRunner(Path(teacher_dir), DTYPES[dtype])
-                continue
-            for requested in s.weights:
-                try:
-                    preset, why = resolve_weights(requested, DTYPES[dtype], LlamaConfig.from_dir(teacher_dir))
-                except ValueError as e:
-                    skipped.append(f"{dtype} --weights {requested}: {e}")
-                    log.warning("skipped: %s", skipped[-1])
-                    continue
-                log.info("%s --weights %s -> %s (%s)", dtype, requested, preset, why)
-                if runner_key(impl, preset) not in runners:
-                    runners[runner_key(impl, preset)] = OursRunner(Path(teacher_dir), DTYPES[dtype], preset)
+        runners = make_runners(Path(teacher_dir), dtype, s, skipped)
         if not runners:
             continue
-        rows += bench_dtype(runners, dtype, s, on_row)
+        try:
+            rows += bench_dtype(runners, dtype, s, on_row)
+        finally:
+            for r in runners.values():
+                if hasattr(r, "close"):
+                    r.close()
         del runners
         release_freed_memory()
     order = {impl: i for i, impl in enumerate(s.impls)}
-    rows.sort(key=lambda r: (order[r["impl"]], s.dtypes.index(r["dtype"]), WEIGHT_ORDER.index(r["weights"]),
-                             r["dsla_ratio"],
+    rows.sort(key=lambda r: (order[r["impl"]], s.dtypes.index(r.get("group_dtype", r["dtype"])), r["dtype"],
+                             _weight_rank(r["weights"]), r["dsla_ratio"],
                              r["decode_ms_per_token"] is not None, r["batch"], r["context"]))
     machine = machine_info(peak_rss_per_row=can_reset)  # now transformers is imported, if it ran
     machine["load_average_1m_at_start"] = start.get("load_average_1m")
@@ -349,13 +436,16 @@ def summarise(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     ours, from wall time and (``*_cpu``) from CPU time. Each ratio is > 1 when the first-named side
     wins: ``hf_over_ours`` (transformers' ms over ours), ``throughput_over_batch1`` (tokens/s at this
     batch over batch 1), ``dsla{r}_throughput_over_attention`` (ratio r against all attention),
-    ``native_over_{weights}`` (the same dtype's native weights' ms over these quantised ones)."""
+    ``native_over_{weights}`` (the same dtype's native weights' ms over these quantised ones),
+    ``llamacpp_{gguf}_over_ours`` (llama.cpp's ms over ours, for each GGUF measured with this
+    dtype's rows; its CPU time is the worker process's)."""
     def key(r: dict[str, Any]) -> tuple:
         return r["impl"], r["weights"], r["dtype"], r["batch"], r["context"], r["dsla_ratio"]
 
     decode = [r for r in rows if r["decode_ms_per_token"] is not None]
     wall = {key(r): r["decode_ms_per_token"] for r in decode}
     cpu = {key(r): r["decode_cpu_ms_per_token"] for r in decode}
+    peer_group = {r["dtype"]: r["group_dtype"] for r in rows if r["impl"] == "llamacpp"}
     out = []
     for k in sorted((k for k in wall if k[0] == "ours" and k[5] == 0.0),
                     key=lambda k: (WEIGHT_ORDER.index(k[1]), k[2:])):
@@ -378,12 +468,17 @@ def summarise(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         for k2 in sorted(k2 for k2 in wall if k2[:5] == k[:5] and k2[5] != 0.0):
             entry[f"dsla{k2[5]:g}_ms"] = wall[k2]
             ratios(f"dsla{k2[5]:g}_throughput_over_attention", k, k2)
+        for gguf in sorted(g for g, d in peer_group.items() if d == dtype):
+            peer = ("llamacpp", "native", gguf, B, C, 0.0)
+            if peer in wall:
+                entry[f"llamacpp_{gguf}_ms"] = wall[peer]
+                ratios(f"llamacpp_{gguf}_over_ours", peer, k)
         out.append(entry)
     return out
 
 
 # ---- CLI -----------------------------------------------------------------------------------------
-TABLE = ["impl", "weights", "dtype", "dsla_ratio", "batch", "context", "prefill_tokens_per_s", "decode_ms_per_token",
+TABLE = ["impl", "weights", "dtype", "threads", "dsla_ratio", "batch", "context", "prefill_tokens_per_s", "decode_ms_per_token",
          "decode_tokens_per_s", "prefill_cpu_tokens_per_s", "decode_cpu_ms_per_token", "peak_rss_mb", "rss_delta_mb",
          "load_1m"]
 QUICK = dict(prefill_lengths=(128,), contexts=(256,), batches=(1, 4), steps=4, prefill_repeats=1)
@@ -396,7 +491,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(dtype=None)  # here --dtype X is shorthand for --dtype-list X
     d = DecodeSettings()
     p.add_argument("--json", required=True, type=Path, help="write the results here (atomically)")
-    p.add_argument("--impl", default=",".join(d.impls), help="comma list of: ours, hf")
+    p.add_argument("--impl", default=",".join(d.impls), help=f"comma list of: {', '.join(IMPLS)} (llamacpp: "
+                   "the peer venv of scripts/peers/setup_llamacpp.sh)")
     p.add_argument("--dtype-list", default=None, help=f"comma list (default {','.join(d.dtypes)})")
     p.add_argument("--prefill-lengths", default=None, help="prompt lengths T of the prefill rows")
     p.add_argument("--contexts", default=None, help="contexts C of the decode rows")
@@ -407,6 +503,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dsla-ratios", default="0", help="fractions of layers running DSLA (ours only), e.g. 0,0.5,1")
     p.add_argument("--steps", type=int, default=None, help=f"timed decode steps per row (default {d.steps})")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--llamacpp-gguf", default=",".join(d.llamacpp_ggufs),
+                   help="--impl llamacpp: comma list of GGUF files, names (q4_1, f16, bf16, f32: the setup script's "
+                        "files) or paths; bf16 takes turns with the bfloat16 rows, the others with float32")
+    p.add_argument("--llamacpp-threads", type=int, default=None,
+                   help="llama.cpp threads (default: --threads, else torch's thread count)")
+    p.add_argument("--llamacpp-flash-attn", action="store_true", help="turn on llama.cpp's flash attention")
     p.add_argument("--quick", action="store_true",
                    help="tiny sizes for a sanity run (explicit size flags still win)")
 
@@ -425,6 +527,9 @@ def settings_from_args(args: argparse.Namespace) -> DecodeSettings:
             kw[name] = tuple(parse_list(getattr(args, name), int))
     if args.steps is not None:
         kw["steps"] = args.steps
+    kw["llamacpp_ggufs"] = tuple(parse_list(args.llamacpp_gguf))
+    kw["llamacpp_threads"] = args.llamacpp_threads or getattr(args, "threads", None)
+    kw["llamacpp_flash_attn"] = args.llamacpp_flash_attn
     return DecodeSettings(**{**asdict(base), **kw})
 
 

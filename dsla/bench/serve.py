@@ -23,6 +23,7 @@ import asyncio
 import json
 import logging
 import math
+import os
 import random
 import statistics
 import time
@@ -144,8 +145,18 @@ async def one_request(client, url: str, headers: dict, payload: dict, rec: Recor
         rec.error = f"connection: {type(e).__name__} {e}"
 
 
+def request_payload(model: str, prompt: str, max_tokens: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The /v1/completions body of one request: greedy, streamed, exactly ``max_tokens`` where the
+    server honours ``ignore_eos``; ``extra`` (``--extra-body``) adds or overrides fields."""
+    payload = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
+               "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    payload.update(extra or {})
+    return payload
+
+
 async def run_load(url: str, model: str, prompts: list[str], trace: list[TraceRequest], timeout: float,
-                   api_key: str | None, poll_s: float | None = None) -> tuple[list[Record], float, dict[str, Any]]:
+                   api_key: str | None, poll_s: float | None = None,
+                   extra_body: dict[str, Any] | None = None) -> tuple[list[Record], float, dict[str, Any]]:
     """Send ``prompts[i]`` at ``trace[i].arrival_s`` asking for ``trace[i].output_tokens`` tokens.
 
     Returns the records, the wall time and, with ``poll_s``, what the server said about its layer
@@ -177,8 +188,7 @@ async def run_load(url: str, model: str, prompts: list[str], trace: list[TraceRe
                 await asyncio.sleep(delay)
             rec = Record(req.prompt_tokens, req.output_tokens, sent=time.perf_counter() - t0)
             records.append(rec)
-            payload = {"model": model, "prompt": prompt, "max_tokens": req.output_tokens, "temperature": 0.0,
-                       "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+            payload = request_payload(model, prompt, req.output_tokens, extra_body)
             tasks.append(asyncio.create_task(one_request(client, endpoint, headers, payload, rec, t0, timeout)))
         await asyncio.gather(*tasks)
         wall = time.perf_counter() - t0
@@ -201,9 +211,23 @@ def cut_windows(tokens, tokenizer, lengths: list[int], rng: random.Random) -> li
     return out
 
 
-def server_rss_mb(pid: int | None) -> float | None:
-    if pid is None:
-        return None
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its live descendants (Linux /proc): servers such as vLLM run their engine in
+    child processes, whose memory and CPU time belong to the server too."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+        except OSError:
+            continue
+    return out
+
+
+def _rss_mb(pid: int) -> float | None:
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
@@ -214,19 +238,29 @@ def server_rss_mb(pid: int | None) -> float | None:
     return None
 
 
-def server_cpu_s(pid: int | None) -> float | None:
-    """User + system CPU seconds the process (all its threads) has used: on a shared, busy machine
-    output tokens per CPU second compares servers more fairly than tokens per wall second."""
-    if pid is None:
-        return None
+def _cpu_s(pid: int) -> float | None:
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
     except OSError:
         return None
-    import os
-
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def server_rss_mb(pid: int | None) -> float | None:
+    """Resident memory of the server process and its children, MiB (None: no such process)."""
+    if pid is None or _rss_mb(pid) is None:
+        return None
+    return sum(r for r in map(_rss_mb, process_tree(pid)) if r is not None)
+
+
+def server_cpu_s(pid: int | None) -> float | None:
+    """User + system CPU seconds the server process and its live children (all threads) have used:
+    on a shared, busy machine output tokens per CPU second compares servers more fairly than tokens
+    per wall second. (A child that exited during the run takes its seconds with it.)"""
+    if pid is None or _cpu_s(pid) is None:
+        return None
+    return sum(c for c in map(_cpu_s, process_tree(pid)) if c is not None)
 
 
 def fetch_model(url: str, api_key: str | None) -> tuple[str, int | None]:
@@ -307,9 +341,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-len-range", default="8,256", help="min,max output tokens")
     p.add_argument("--timeout", type=float, default=300, help="seconds a request may take before it counts as failed")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--server-pid", type=int, default=None, help="report this local process's RSS and CPU time over the run (soak, busy machines)")
+    p.add_argument("--server-pid", type=int, default=None,
+                   help="report this local process's RSS and CPU time, its children's included, over the run "
+                        "(soak, busy machines)")
     p.add_argument("--settle", type=float, default=0, help="seconds to wait after the load before the last RSS")
     p.add_argument("--out", default=None, help="write the JSON here (default: print only)")
+    p.add_argument("--extra-body", type=_json_object, default=None,
+                   help="JSON object merged into every request body, e.g. '{\"logit_bias\": {\"2\": -100}}' "
+                        "for a server that ignores ignore_eos")
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"--extra-body {text!r} is not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"--extra-body {text!r} must be a JSON object ({{...}})")
+    return value
 
 
 def build_requests(args: argparse.Namespace, tok, teacher, context: int | None):
@@ -360,7 +409,7 @@ def run(args: argparse.Namespace) -> int:
     rss_before, cpu_before = server_rss_mb(args.server_pid), server_cpu_s(args.server_pid)
     log.info("%d requests over %.0f s to %s (%s)", len(trace), trace[-1].arrival_s, args.url, model)
     records, wall, plan = asyncio.run(run_load(args.url, model, prompts, trace, args.timeout, args.api_key,
-                                               args.poll_interval or None))
+                                               args.poll_interval or None, args.extra_body))
     rss_after, cpu_after = server_rss_mb(args.server_pid), server_cpu_s(args.server_pid)
     before, after = plan.get("plan_before"), plan.get("plan_after")
     policy = (after or {}).get("policy")
