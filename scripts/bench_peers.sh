@@ -10,8 +10,8 @@
 #
 # Workloads (open loop, Poisson arrivals; greedy; prompts from the wikipedia test split):
 #   chat        1 request/s, 32 requests, prompt/output medians 64/128 (docs/results/serve.md "chat")
-#   prefill     1 request/s, 40 requests, prompt/output medians 128/64 (serve.md "prefill-heavy")
-#   saturation  8 requests/s, 64 requests, 64/128: all arrive within seconds; throughput at saturation
+#   prefill     0.5 request/s, 16 requests, prompt/output medians 1024/64 (issue 15's "prefill-heavy")
+#   saturation  20 requests/s, 48 requests, 64/128: all arrive within seconds; throughput at saturation
 # Servers: vllm (vLLM CPU, bfloat16), llamacpp (llama-cpp-python's server, $GGUF; it serves one request
 # at a time: no continuous batching in that server), dsla (dsla serve: teacher, full attention, bfloat16).
 # llama-cpp-python ignores `ignore_eos`, so its requests carry a logit bias that bans the teacher's
@@ -41,8 +41,8 @@ workload_flags() {
   local common=(--seed 0 --timeout 3600 --poll-interval 0)
   case $1 in
     chat)       echo "${common[*]} --rate 1 --num-requests 32 --prompt-len-median 64 --output-len-median 128" ;;
-    prefill)    echo "${common[*]} --rate 1 --num-requests 40 --prompt-len-median 128 --output-len-median 64" ;;
-    saturation) echo "${common[*]} --rate 8 --num-requests 64 --prompt-len-median 64 --output-len-median 128" ;;
+    prefill)    echo "${common[*]} --rate 0.5 --num-requests 16 --prompt-len-median 1024 --output-len-median 64" ;;
+    saturation) echo "${common[*]} --rate 20 --num-requests 48 --prompt-len-median 64 --output-len-median 128" ;;
     *) echo "unknown workload $1: choose chat, prefill or saturation" >&2; return 1 ;;
   esac
 }
