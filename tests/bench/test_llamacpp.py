@@ -19,13 +19,6 @@ from dsla.bench import decode, llamacpp
 FAKE = Path(__file__).with_name("fake_llamacpp_worker.py")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture
 def peers(tmp_path, monkeypatch):

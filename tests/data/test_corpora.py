@@ -138,3 +138,27 @@ def test_unknown_corpus_or_split_names_the_choices(tiny_teacher):
         load_tokens(tiny_teacher, "wiki", "train")
     with pytest.raises(ValueError, match="'valid'.*train, validation, test"):
         load_documents(tiny_teacher, "lee", "valid")
+
+
+def test_sdist_refused_by_recent_pip_is_fetched_with_the_pinned_older_pip(isolated_home, monkeypatch):
+    """bigbench's sdist declares a direct URL dependency: recent pip refuses to download it even with
+    --no-deps; the fetcher then runs pip 23.0 from its wheel (fetched once into the cache)."""
+    calls = []
+
+    def fake_pip(cmd):
+        calls.append(cmd)
+        dest = sources.Path(cmd[cmd.index("--dest") + 1])
+        if sources.OLDER_PIP in cmd:  # fetching the older pip's wheel
+            (dest / "pip-23.0-py3-none-any.whl").write_bytes(b"wheel")
+            return subprocess.CompletedProcess(cmd, 0, "", "")
+        if cmd[1:3] == ["-m", "pip"]:  # the current pip refuses
+            return subprocess.CompletedProcess(cmd, 1, "", "ERROR: Distributions from PyPI cannot declare "
+                                               "direct URL dependencies.\n")
+        assert cmd[1].endswith("pip-23.0-py3-none-any.whl/pip") and cmd[2] == "download" and "--no-deps" in cmd
+        (dest / "bigbench-1.0.0.tar.gz").write_bytes(b"sdist")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(sources, "_run_pip", fake_pip)
+    path = sources.fetch_archive(sources.Archive("bigbench", "1.0.0", wheel=False))
+    assert path.name == "bigbench-1.0.0.tar.gz" and path.read_bytes() == b"sdist" and len(calls) == 3
+    assert (isolated_home / "downloads" / "pip-23.0-py3-none-any.whl").is_file()
