@@ -14,7 +14,7 @@ module that runs PyTorch's fused CPU kernel on it:
   the DSLA layers' own trained q/o projections, which have no 4-bit grid to recover.
 
 ``--weights`` names a preset (``WEIGHT_PRESETS``); ``auto`` resolves by ``choose_weights``. The
-measurement behind the rule (1 thread, Xeon with avx512_bf16, torch 2.13; microseconds per call of
+measurement behind the rule (1 thread, 2-core AMD EPYC with avx512_bf16, busy machine, torch 2.13; microseconds per call of
 the SmolLM2 shapes, batch 1 / 8):
 
     shape (out x in)   bf16 linear   int4 bf16   int8 bf16   fp32 linear   int4 fp32

@@ -126,7 +126,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     d = SchedulerConfig()
     add_model_arguments(p)
-    add_weights_argument(p)
+    # native by default: int4 decodes a single request 2.8x faster, but its prefill is slower and, measured
+    # through the server (docs/results/speed.md), it gave 2.2-2.4x the TTFT p50 (prefill-heavy,
+    # saturation) for the same throughput
+    add_weights_argument(p, default="native")
     p.add_argument("--student", default=None, help="student directory from `dsla distill` (DSLA weights)")
     p.add_argument("--policy", choices=["static", "adaptive"], default="static",
                    help="static: keep the --dsla-layers/--dsla-ratio plan; adaptive: convert layers under load "
