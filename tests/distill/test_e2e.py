@@ -38,7 +38,7 @@ def test_master_adam_moves_bfloat16_weights_that_plain_bfloat16_adam_cannot():
         w.grad = torch.ones_like(w)
         opt.step()
     assert float(w[0].detach()) == pytest.approx(255.0, abs=1.01)  # the master copy accumulated the steps
-    assert float(opt.masters[0][0]) == pytest.approx(255.0, abs=0.05)
+    assert opt.masters[0][0].item() == pytest.approx(255.0, abs=0.05)
 
 
 def test_e2e_lowers_the_kl_and_trains_only_the_converted_layers(tiny_dir, tmp_path):
