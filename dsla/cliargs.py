@@ -48,10 +48,13 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_weights_argument(p: argparse.ArgumentParser, default: str = "auto") -> None:
     """``--weights``: the storage of the linear layers for inference (dsla.model.quant; never for training)."""
-    p.add_argument("--weights", choices=("auto", "native", "int8", "int4"), default=default,
-                   help="linear-layer weights: native (the --dtype), int8 (per channel) or int4 (groups of 32; "
-                        "lm_head and DSLA q/o int8); auto: int4 with --dtype bfloat16 on a CPU with native bf16 "
-                        f"(avx512_bf16/amx_bf16), else native (default: {default})")
+    from dsla.model.quant import MIXED_MAX_ROWS, WEIGHT_CHOICES
+
+    p.add_argument("--weights", choices=WEIGHT_CHOICES, default=default,
+                   help="linear-layer weights: native (the --dtype), int8 (per channel), int4 (groups of 32; "
+                        f"lm_head and DSLA q/o int8), packed (the --dtype weights prepacked for oneDNN) or mixed (int4's kernels for steps of <= {MIXED_MAX_ROWS} rows, "
+                        "packed weights for more, e.g. prefill); auto: mixed with --dtype bfloat16 on a CPU "
+                        f"with native bf16 (avx512_bf16/amx_bf16), else native (default: {default})")
 
 
 def _parse_floats(text: str) -> tuple[float, ...]:

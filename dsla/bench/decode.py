@@ -25,7 +25,7 @@ Both kinds also carry the same quantity from process CPU time (``prefill_cpu_tok
 close to what an idle core would take, while wall time also counts waiting for a core.
 
 ``weights`` (ours only; transformers rows have "native"): the linear-layer storage of
-``--weights-list`` (``dsla.model.quant``: native, int8, int4; auto resolved for the machine and
+``--weights-list`` (``dsla.model.quant``: native, packed, int8, int4, mixed; auto resolved for the machine and
 dtype, a combination it refuses, e.g. int4 with float32, is skipped and listed in ``skipped``).
 Each preset is its own loaded model and takes turns with the others like the implementations;
 ``weights_mb`` is its parameter and buffer bytes.
@@ -79,7 +79,7 @@ from dsla.model.state import KVState
 log = logging.getLogger(__name__)
 
 IMPLS = ("ours", "hf", "llamacpp")
-WEIGHT_ORDER = ("native", "int8", "int4")  # resolved presets (dsla.model.quant.WEIGHT_PRESETS), in row order
+WEIGHT_ORDER = ("native", "packed", "int8", "int4", "mixed")  # resolved presets (dsla.model.quant.WEIGHT_PRESETS), in row order
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ class DecodeSettings:
     contexts: tuple[int, ...] = (512, 2048, 8192)  # cache length reached by the decode steps
     batches: tuple[int, ...] = (1, 8)  # requests decoded together
     dsla_ratios: tuple[float, ...] = (0.0,)  # fraction of layers running DSLA (ours only)
-    weights: tuple[str, ...] = ("native",)  # linear-layer storage of ours: auto, native, int8, int4
+    weights: tuple[str, ...] = ("native",)  # linear-layer storage of ours: auto, native, packed, int8, int4, mixed
     steps: int = 16  # timed decode steps per decode row (median reported)
     warmup_steps: int = 2  # untimed decode steps before them
     prefill_repeats: int = 3  # timed prefills per prefill row (median reported) ...

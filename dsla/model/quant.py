@@ -13,6 +13,16 @@ module that runs PyTorch's fused CPU kernel on it:
   s = max|w| / 127 (``aten._weight_int8pack_mm``). For the lm_head (GGUF stores it as Q8_0) and
   the DSLA layers' own trained q/o projections, which have no 4-bit grid to recover.
 
+A third module keeps the weight unquantised but **prepacked for oneDNN** (``PackedLinear``, preset
+``packed``), as vLLM's CPU backend does: the same bf16 or float32 weight, reordered once into
+oneDNN's blocked layout, so a call does no reorder of its own (``F.linear`` in bf16 is slow from
+about 8 rows on).
+
+A quantised module may also keep a packed copy (``dense_above``): a call with more rows than that
+runs the packed weight instead of the kernel, which is slower than a bf16 linear for the many
+rows of a prefill. The ``mixed`` preset does that: int4/int8 kernels for decode steps (few rows,
+bound by reading the weights), packed bf16 for prefill chunks, at the memory of both copies.
+
 ``--weights`` names a preset (``WEIGHT_PRESETS``); ``auto`` resolves by ``choose_weights``. The
 measurement behind the rule (1 thread, 2-core AMD EPYC with avx512_bf16, busy machine, torch 2.13; microseconds per call of
 the SmolLM2 shapes, batch 1 / 8):
@@ -39,23 +49,31 @@ from torch import Tensor, nn
 log = logging.getLogger(__name__)
 
 GROUP_SIZE = 32  # GGUF's Q4_1 / Q8_0 block length along the input dim
-WEIGHT_CHOICES = ("auto", "native", "int8", "int4")  # --weights
+WEIGHT_CHOICES = ("auto", "native", "packed", "int8", "int4", "mixed")  # --weights
+# mixed: calls with more rows than this use the dense copy. Measured (2 threads, 2-core EPYC with
+# avx512_bf16, torch 2.13, SmolLM2's MLP shapes, busy machine): the int4 kernel beat a bf16 linear
+# up to 4-8 rows and lost from 16 rows on.
+MIXED_MAX_ROWS = 8
 
 
 @dataclass(frozen=True)
 class WeightPlan:
     """Storage per kind of linear layer: "native" (the model dtype), "int8" or "int4"."""
 
-    teacher: str  # the teacher blocks' q/k/v/o and MLP gate/up/down projections
+    teacher: str  # the teacher blocks' q/k/v/o and MLP gate/up/down projections ("packed": prepacked, unquantised)
     lm_head: str  # the output projection (tied to the embedding in SmolLM2; the lookup stays native)
     dsla: str  # the DSLA layers' own (trained) q/o projections
+    dense_above: int | None = None  # quantised modules also keep the dense weight for calls of more rows
 
 
 WEIGHT_PRESETS = {
     "native": WeightPlan("native", "native", "native"),
+    "packed": WeightPlan("packed", "packed", "packed"),
     "int8": WeightPlan("int8", "int8", "int8"),
     # lm_head int8: its GGUF source is Q8_0, which int4 would degrade; DSLA q/o: trained, no 4-bit grid
     "int4": WeightPlan("int4", "int8", "int8"),
+    # int4's kernels for decode steps of at most MIXED_MAX_ROWS rows, the dense weights for prefill
+    "mixed": WeightPlan("int4", "int8", "int8", dense_above=MIXED_MAX_ROWS),
 }
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of CPUs with native bf16 dot products
 
@@ -93,10 +111,42 @@ def dequantize_int8(q: Tensor, s: Tensor) -> Tensor:
 
 
 # ---- modules ---------------------------------------------------------------------------------
+class PackedLinear(nn.Module):
+    """y = x W^T with W in ``dtype``, prepacked for oneDNN once; x (..., K) in ``dtype`` -> (..., N).
+
+    The packed weight is an opaque oneDNN tensor: a non-persistent buffer (no state_dict entry)."""
+
+    def __init__(self, weight: Tensor, dtype: torch.dtype) -> None:
+        super().__init__()
+        check_packed(weight.device.type, dtype)
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        w = weight.detach().to(dtype).contiguous()
+        self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(w, 1), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, dtype={self.packed.dtype}"
+
+
+def check_packed(device_type: str, dtype: torch.dtype) -> None:
+    """Raise ValueError where oneDNN's packed linear cannot run: off CPU, or bf16 without its support."""
+    if device_type != "cpu":
+        raise ValueError(f"the packed weight path runs on CPU only, not {device_type}: use --weights native")
+    if not torch.backends.mkldnn.is_available():
+        raise ValueError("this torch build has no oneDNN (mkldnn): use --weights native")
+    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        raise ValueError("oneDNN has no bfloat16 support on this CPU: use --dtype float32 or --weights native")
+    if dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"packed weights are bfloat16 or float32, not {dtype}")
+
+
 class Int4Linear(nn.Module):
     """y = x W^T with W in 4-bit groups (see the module doc); x (..., K) in ``dtype`` -> (..., N)."""
 
-    def __init__(self, weight: Tensor, dtype: torch.dtype, group_size: int = GROUP_SIZE) -> None:
+    def __init__(self, weight: Tensor, dtype: torch.dtype, group_size: int = GROUP_SIZE,
+                 dense_above: int | None = None) -> None:
         super().__init__()
         if weight.device.type != "cpu":
             raise ValueError(f"the int4 weight path runs on CPU only, not {weight.device}: use --weights native")
@@ -105,20 +155,25 @@ class Int4Linear(nn.Module):
         q, d, m = quantize_int4(weight, group_size)
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))  # (N, K/2) uint8
         self.register_buffer("scales_and_zeros", torch.stack([d, m + 8 * d], -1).transpose(0, 1).contiguous().to(dtype))  # (K/G, N, 2)
+        _keep_dense(self, weight, dtype, dense_above)
 
     def forward(self, x: Tensor) -> Tensor:
-        x2 = x.reshape(-1, self.in_features).contiguous()  # (M, K); the kernel needs it contiguous
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_and_zeros)
+        x2 = x.reshape(-1, self.in_features)  # (M, K)
+        if self.dense is not None and x2.shape[0] > self.dense_above:
+            return self.dense(x)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self.packed, self.group_size,
+                                                       self.scales_and_zeros)  # the kernel needs x contiguous
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
+                + _dense_repr(self))
 
 
 class Int8Linear(nn.Module):
     """y = x W^T with W int8 per output channel; x (..., K) in ``dtype`` -> (..., N)."""
 
-    def __init__(self, weight: Tensor, dtype: torch.dtype) -> None:
+    def __init__(self, weight: Tensor, dtype: torch.dtype, dense_above: int | None = None) -> None:
         super().__init__()
         if weight.device.type != "cpu":
             raise ValueError(f"the int8 weight path runs on CPU only, not {weight.device}: use --weights native")
@@ -126,18 +181,38 @@ class Int8Linear(nn.Module):
         q, s = quantize_int8(weight)
         self.register_buffer("qweight", q)  # (N, K) int8
         self.register_buffer("scales", s.to(dtype))  # (N,)
+        _keep_dense(self, weight, dtype, dense_above)
 
     def forward(self, x: Tensor) -> Tensor:
-        x2 = x.reshape(-1, self.in_features).contiguous()  # (M, K)
-        y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales)
+        x2 = x.reshape(-1, self.in_features)  # (M, K)
+        if self.dense is not None and x2.shape[0] > self.dense_above:
+            return self.dense(x)
+        y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scales)
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}"
+        return f"in_features={self.in_features}, out_features={self.out_features}" + _dense_repr(self)
 
 
-def quantized_linear(weight: Tensor, kind: str, dtype: torch.dtype) -> nn.Module:
-    return Int4Linear(weight, dtype) if kind == "int4" else Int8Linear(weight, dtype)
+def _keep_dense(mod: nn.Module, weight: Tensor, dtype: torch.dtype, dense_above: int | None) -> None:
+    """``mod.dense``: a ``PackedLinear`` of the weight in ``dtype`` for calls of more than
+    ``dense_above`` rows (None: none kept)."""
+    if dense_above is not None and dense_above < 0:
+        raise ValueError(f"dense_above={dense_above} must be >= 0 (or None: no dense copy)")
+    mod.dense_above = dense_above
+    mod.dense = None if dense_above is None else PackedLinear(weight, dtype)
+
+
+def _dense_repr(mod: nn.Module) -> str:
+    return "" if mod.dense is None else f", dense_above={mod.dense_above}"
+
+
+def quantized_linear(weight: Tensor, kind: str, dtype: torch.dtype, dense_above: int | None = None) -> nn.Module:
+    if kind == "packed":
+        return PackedLinear(weight, dtype)
+    if kind == "int4":
+        return Int4Linear(weight, dtype, dense_above=dense_above)
+    return Int8Linear(weight, dtype, dense_above=dense_above)
 
 
 # ---- choosing and applying --------------------------------------------------------------------
@@ -155,17 +230,22 @@ def cpu_flags() -> frozenset[str]:
 
 def choose_weights(requested: str, dtype: torch.dtype, device_type: str,
                    flags: frozenset[str] | None = None) -> tuple[str, str]:
-    """The preset to run (native, int8 or int4) and why, for ``--weights requested``.
+    """The preset to run (native, packed, int8, int4 or mixed) and why, for ``--weights requested``.
 
-    ``auto``: int4 on a CPU with native bf16 (``BF16_CPU_FLAGS``) running bfloat16; native
+    ``auto``: mixed (int4 for decode steps, dense for prefill) on a CPU with native bf16
+    (``BF16_CPU_FLAGS``) running bfloat16; native
     otherwise (float32 activations, CUDA, or a CPU where the kernels were not measured).
-    An explicit int8/int4 with float32 or off CPU raises ValueError (slow or unsupported).
+    An explicit int8/int4/mixed with float32 or off CPU raises ValueError (slow or unsupported), as
+    does packed where oneDNN cannot run it (``check_packed``).
     """
     if requested not in WEIGHT_CHOICES:
         raise ValueError(f"--weights {requested!r} is not one of {', '.join(WEIGHT_CHOICES)}")
     flags = cpu_flags() if flags is None else flags
     if requested == "native":
         return "native", "requested"
+    if requested == "packed":
+        check_packed(device_type, dtype)
+        return "packed", "requested"
     if requested == "auto":
         if device_type != "cpu":
             return "native", f"device {device_type}: the quantised kernels here are CPU-only"
@@ -174,7 +254,8 @@ def choose_weights(requested: str, dtype: torch.dtype, device_type: str,
         have = sorted(set(BF16_CPU_FLAGS) & flags)
         if not have:
             return "native", f"CPU lacks {' / '.join(BF16_CPU_FLAGS)}: the quantised kernels were not measured there"
-        return "int4", f"bfloat16 on a CPU with {', '.join(have)}: int4 linears measured 2-5x faster than bf16"
+        return "mixed", (f"bfloat16 on a CPU with {', '.join(have)}: int4 linears measured 2-5x faster than bf16 "
+                         f"for decode steps (<= {MIXED_MAX_ROWS} rows); bf16 for prefill")
     if device_type != "cpu":
         raise ValueError(f"--weights {requested} runs on CPU only (device is {device_type}): use --weights native")
     if dtype != torch.bfloat16:
@@ -205,30 +286,30 @@ def quantize_model(model: nn.Module, preset: str, dtype: torch.dtype | None = No
                 for parent, names in ((block.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
                                       (block.mlp, ("gate_proj", "up_proj", "down_proj"))):
                     for name in names:
-                        _replace(parent, name, plan.teacher, dtype)
+                        _replace(parent, name, plan.teacher, dtype, plan.dense_above)
         if plan.lm_head != "native":
             w = model.model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
-            model.lm_head = quantized_linear(w, plan.lm_head, dtype)
+            model.lm_head = quantized_linear(w, plan.lm_head, dtype, plan.dense_above)
         if plan.dsla != "native":
             for mod in model.dsla.values():
-                _replace(mod, "q_proj", plan.dsla, dtype)
-                _replace(mod, "o_proj", plan.dsla, dtype)
+                _replace(mod, "q_proj", plan.dsla, dtype, plan.dense_above)
+                _replace(mod, "o_proj", plan.dsla, dtype, plan.dense_above)
     model.to(dtype=dtype)  # floating tensors only: the int8 / packed int4 buffers stay as they are
     model.weights = preset
     log.info("weights %s: teacher linears %s, lm_head %s, DSLA q/o %s", preset, plan.teacher, plan.lm_head, plan.dsla)
     return plan
 
 
-def _replace(parent: nn.Module, name: str, kind: str, dtype: torch.dtype) -> None:
+def _replace(parent: nn.Module, name: str, kind: str, dtype: torch.dtype, dense_above: int | None) -> None:
     old = getattr(parent, name)
     if isinstance(old, nn.Linear):  # already quantised (a second call) stays as it is
-        setattr(parent, name, quantized_linear(old.weight, kind, dtype))
+        setattr(parent, name, quantized_linear(old.weight, kind, dtype, dense_above))
 
 
 def load_dtype(preset: str, dtype: torch.dtype) -> torch.dtype:
     """The dtype to load a teacher in before ``quantize_model(model, preset, dtype)``: float32
-    for a quantised preset (exact blocks from the full-precision weights), else ``dtype``."""
-    return dtype if preset == "native" else torch.float32
+    for a quantised preset (int8, int4, mixed) (exact blocks from the full-precision weights), else ``dtype``."""
+    return dtype if preset in ("native", "packed") else torch.float32
 
 
 def check_int4_dims(cfg, requested: str, preset: str, reason: str) -> tuple[str, str]:
@@ -236,10 +317,10 @@ def check_int4_dims(cfg, requested: str, preset: str, reason: str) -> tuple[str,
     int8 when it is not; an explicit int4 raises ValueError."""
     odd = [d for d in (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads * cfg.head_dim)
            if d % GROUP_SIZE]
-    if preset != "int4" or not odd:
+    if preset not in ("int4", "mixed") or not odd:
         return preset, reason
     if requested != "auto":
-        raise ValueError(f"--weights int4 needs every linear's input dim to be a multiple of {GROUP_SIZE} "
+        raise ValueError(f"--weights {preset} needs every linear's input dim to be a multiple of {GROUP_SIZE} "
                          f"(this model has {odd}): use --weights int8 or native")
     return "int8", f"int4 needs input dims that are multiples of {GROUP_SIZE} (this model has {odd})"
 

@@ -108,6 +108,93 @@ def test_quantized_hybrid_logits_close_to_native(tiny_dir, preset):
         qmodel.add_dsla([0])
 
 
+BF16_PACKED = pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+                                 reason="oneDNN has no bfloat16 on this CPU")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=BF16_PACKED)],
+                         ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(1, 64), (9, 64), (2, 3, 64), (0, 64)], ids=["M1", "M9", "B2T3", "empty"])
+def test_packed_linear_equals_a_plain_linear(dtype, shape):
+    w = torch.randn(48, 64, generator=torch.Generator().manual_seed(8))
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(9)).to(dtype)
+    mod = quant.PackedLinear(w, dtype)
+    y = mod(x)
+    assert y.shape == (*shape[:-1], 48) and y.dtype == dtype
+    assert list(mod.state_dict()) == []  # the oneDNN tensor is not saved
+    ref = torch.nn.functional.linear(x.float(), w.to(dtype).float())
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(y.float(), ref, rtol=tol, atol=tol * float(ref.abs().max()) if ref.numel() else 0)
+
+
+def test_packed_preset_keeps_the_model_s_logits():
+    from tests.conftest import make_tiny_hf_dir
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        make_tiny_hf_dir(Path(tmp))
+        native, packed = load_teacher(tmp), load_teacher(tmp)
+    for m in (native, packed):
+        torch.manual_seed(0)
+        m.add_dsla([1], DSLAConfig(feature_dim=8, chunk_size=8))
+    quant.quantize_model(packed, "packed")
+    assert isinstance(packed.model.layers[0].self_attn.q_proj, quant.PackedLinear)
+    assert isinstance(packed.lm_head, quant.PackedLinear) and isinstance(packed.dsla["1"].o_proj, quant.PackedLinear)
+    ids = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        for layers in ([], [1]):
+            torch.testing.assert_close(packed(ids, dsla_layers=layers), native(ids, dsla_layers=layers),
+                                       rtol=1e-4, atol=1e-4)
+
+
+def test_packed_is_refused_where_onednn_cannot_run_it():
+    with pytest.raises(ValueError, match="CPU only"):
+        quant.choose_weights("packed", torch.float32, "cuda", BF16)
+    with pytest.raises(ValueError, match="bfloat16 or float32"):
+        quant.check_packed("cpu", torch.float16)
+    assert quant.choose_weights("packed", torch.float32, "cpu", frozenset()) == ("packed", "requested")
+
+
+@BF16_PACKED
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+def test_a_dense_copy_runs_calls_of_more_rows_than_its_bound(kind):
+    w, *_ = q4_1_weight(48, 64, seed=5)
+    mixed = quant.quantized_linear(w, kind, torch.bfloat16, dense_above=4)
+    plain = quant.quantized_linear(w, kind, torch.bfloat16)
+    assert plain.dense is None and "dense_above=4" in repr(mixed)
+    g = torch.Generator().manual_seed(6)
+    few, many = torch.randn(2, 2, 64, generator=g).bfloat16(), torch.randn(5, 64, generator=g).bfloat16()
+    assert torch.equal(mixed(few), plain(few))  # <= 4 rows: the quantised kernel
+    assert torch.equal(mixed(many), quant.PackedLinear(w, torch.bfloat16)(many))  # 5 rows: the packed weight
+    assert not torch.equal(plain(many), mixed(many))
+    with pytest.raises(ValueError, match="dense_above=-1"):
+        quant.quantized_linear(w, kind, torch.bfloat16, dense_above=-1)
+
+
+@BF16_PACKED
+def test_mixed_preset_quantises_like_int4_and_keeps_dense_weights(tmp_path):
+    from tests.conftest import make_tiny_hf_dir
+
+    make_tiny_hf_dir(tmp_path, hidden_size=64, intermediate_size=128, head_dim=16, num_attention_heads=4,
+                     num_key_value_heads=2)
+    m = load_teacher(tmp_path, dtype=torch.float32)
+    plan = quant.quantize_model(m, "mixed", torch.bfloat16)
+    assert plan.dense_above == quant.MIXED_MAX_ROWS and m.weights == "mixed"
+    mod = m.model.layers[0].mlp.up_proj
+    assert isinstance(mod, quant.Int4Linear) and isinstance(m.lm_head, quant.Int8Linear)
+    assert isinstance(mod.dense, quant.PackedLinear) and mod.dense.packed.dtype == torch.bfloat16
+    ids = torch.randint(0, 97, (1, 3 * quant.MIXED_MAX_ROWS), generator=torch.Generator().manual_seed(7))
+    int4 = load_teacher(tmp_path, dtype=torch.float32)
+    quant.quantize_model(int4, "int4", torch.bfloat16)
+    packed = load_teacher(tmp_path, dtype=torch.float32)
+    quant.quantize_model(packed, "packed", torch.bfloat16)  # loaded the same way, packed in bf16
+    with torch.no_grad():  # a prefill of many rows runs the packed weights: the packed model's logits
+        torch.testing.assert_close(m(ids), packed(ids), rtol=0, atol=0)
+        one = ids[:, :1]  # one row: the kernels, as int4
+        torch.testing.assert_close(m(one), int4(one), rtol=0, atol=0)
+
+
 def test_quantized_lm_head_of_an_untied_model(tmp_path):
     from tests.conftest import make_tiny_hf_dir
 
@@ -122,9 +209,9 @@ def test_quantized_lm_head_of_an_untied_model(tmp_path):
 
 
 @pytest.mark.parametrize("requested,dtype,device,flags,want", [
-    ("auto", torch.bfloat16, "cpu", BF16, "int4"),
+    ("auto", torch.bfloat16, "cpu", BF16, "mixed"),
     ("auto", torch.bfloat16, "cpu", frozenset({"avx2"}), "native"),
-    ("auto", torch.bfloat16, "cpu", frozenset({"amx_bf16"}), "int4"),
+    ("auto", torch.bfloat16, "cpu", frozenset({"amx_bf16"}), "mixed"),
     ("auto", torch.float32, "cpu", BF16, "native"),
     ("auto", torch.bfloat16, "cuda", BF16, "native"),
     ("native", torch.bfloat16, "cpu", BF16, "native"),
@@ -139,7 +226,7 @@ def test_choose_weights_is_deterministic(requested, dtype, device, flags, want):
     ("int4", torch.float32, "cpu", "needs --dtype bfloat16"),
     ("int8", torch.float32, "cpu", "needs --dtype bfloat16"),
     ("int4", torch.bfloat16, "cuda", "CPU only"),
-    ("int3", torch.bfloat16, "cpu", "not one of auto, native, int8, int4"),
+    ("int3", torch.bfloat16, "cpu", "not one of auto, native, packed, int8, int4, mixed"),
 ])
 def test_choose_weights_refuses_slow_or_unsupported_combinations(requested, dtype, device, match):
     with pytest.raises(ValueError, match=match):
