@@ -92,6 +92,7 @@ class DecodeSettings:
     contexts: tuple[int, ...] = (512, 2048, 8192)  # cache length reached by the decode steps
     batches: tuple[int, ...] = (1, 8)  # requests decoded together
     dsla_ratios: tuple[float, ...] = (0.0,)  # fraction of layers running DSLA (ours only)
+    dsla_window: int = 0  # exact window W of the DSLA layers (DSLAConfig.window; the shipped student's for its cost)
     weights: tuple[str, ...] = ("native",)  # linear-layer storage of ours: auto, native, packed, int8, int4, mixed
     steps: int = 16  # timed decode steps per decode row (median reported)
     warmup_steps: int = 2  # untimed decode steps before them
@@ -116,6 +117,8 @@ class DecodeSettings:
                 raise ValueError(f"--dsla-ratios value {r} must lie in [0, 1]")
         if self.steps < 1:
             raise ValueError(f"--steps {self.steps} must be at least 1")
+        if self.dsla_window < 0:
+            raise ValueError(f"--dsla-window {self.dsla_window} must be >= 0 (0: pure DSLA)")
         for name in ("prefill_lengths", "contexts", "batches"):
             if any(v < 1 for v in getattr(self, name)):
                 raise ValueError(f"{name}={getattr(self, name)} must all be positive")
@@ -139,12 +142,12 @@ class OursRunner:
     """HybridLM: flattened batch, one RequestCache per request; ``weights`` a resolved preset
     (dsla.model.quant), applied once the DSLA modules are attached (``add_dsla``), as a server does."""
 
-    def __init__(self, teacher_dir: Path, dtype: torch.dtype, weights: str = "native") -> None:
+    def __init__(self, teacher_dir: Path, dtype: torch.dtype, weights: str = "native", window: int = 0) -> None:
         from dsla.model.loading import load_teacher
         from dsla.model.quant import load_dtype
 
         self.model = load_teacher(teacher_dir, dtype=load_dtype(weights, dtype))  # float32 until quantised
-        self.dtype, self.weights = dtype, weights
+        self.dtype, self.weights, self.window = dtype, weights, window
         self.num_layers = self.model.cfg.num_hidden_layers
         self.vocab_size = self.model.cfg.vocab_size
 
@@ -153,7 +156,9 @@ class OursRunner:
 
         missing = [i for i in layers if i not in self.model.dsla_layers()]
         if missing:
-            self.model.add_dsla(missing)
+            from dsla.config import DSLAConfig
+
+            self.model.add_dsla(missing, DSLAConfig(window=self.window))
         if self.model.weights != self.weights:
             quantize_model(self.model, self.weights, self.dtype)
 
@@ -373,7 +378,7 @@ def make_runners(teacher_dir: Path, dtype: str, s: DecodeSettings, skipped: list
                         continue
                     log.info("%s --weights %s -> %s (%s)", dtype, requested, preset, why)
                     if runner_key(impl, preset) not in runners:
-                        runners[runner_key(impl, preset)] = OursRunner(teacher_dir, DTYPES[dtype], preset)
+                        runners[runner_key(impl, preset)] = OursRunner(teacher_dir, DTYPES[dtype], preset, s.dsla_window)
         if "llamacpp" in s.impls:
             from dsla.bench.llamacpp import LlamaCppRunner, group_ggufs
 
@@ -498,8 +503,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--contexts", default=None, help="contexts C of the decode rows")
     p.add_argument("--batches", default=None, help="requests per decode step")
     p.add_argument("--weights-list", default="native",
-                   help="comma list of linear-layer weights for ours: auto, native, int8, int4 (dsla.model.quant; "
-                        "int8/int4 need bfloat16, and are skipped for float32)")
+                   help="comma list of linear-layer weights for ours: auto, native, packed, int8, int4, mixed "
+                        "(dsla.model.quant; int8/int4/mixed need bfloat16, and are skipped for float32)")
+    p.add_argument("--dsla-window", type=int, default=d.dsla_window,
+                   help="exact window W of the DSLA layers (0: pure DSLA; the shipped student's W measures its cost)")
     p.add_argument("--dsla-ratios", default="0", help="fractions of layers running DSLA (ours only), e.g. 0,0.5,1")
     p.add_argument("--steps", type=int, default=None, help=f"timed decode steps per row (default {d.steps})")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -519,7 +526,7 @@ def settings_from_args(args: argparse.Namespace) -> DecodeSettings:
         raise ValueError("give --dtype or --dtype-list, not both")
     kw: dict[str, Any] = {"impls": tuple(parse_list(args.impl)), "seed": args.seed,
                           "dsla_ratios": tuple(parse_list(args.dsla_ratios, float)),
-                          "weights": tuple(parse_list(args.weights_list))}
+                          "weights": tuple(parse_list(args.weights_list)), "dsla_window": args.dsla_window}
     if args.dtype or args.dtype_list:
         kw["dtypes"] = tuple(parse_list(args.dtype or args.dtype_list))
     for name in ("prefill_lengths", "contexts", "batches"):

@@ -261,6 +261,8 @@ def choose_weights(requested: str, dtype: torch.dtype, device_type: str,
     if dtype != torch.bfloat16:
         raise ValueError(f"--weights {requested} needs --dtype bfloat16: with {dtype} activations the CPU kernels "
                          "are 5-20x slower than a native linear. Use --dtype bfloat16, or --weights native")
+    if requested == "mixed":  # its prefill copy is a oneDNN-packed one
+        check_packed(device_type, dtype)
     return requested, "requested"
 
 

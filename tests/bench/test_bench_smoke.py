@@ -9,6 +9,7 @@ import argparse
 import json
 
 import pytest
+import torch
 
 from dsla.bench import common, decode, layer
 
@@ -84,8 +85,10 @@ def test_decode_bench_schema(tiny_dir, tmp_path):
 
 def test_decode_bench_dsla_axis(tiny_dir):
     s = decode.DecodeSettings(impls=("ours",), dtypes=("float32",), prefill_lengths=(8,), contexts=(12,),
-                              batches=(2,), dsla_ratios=(0.0, 1.0), steps=2, warmup_steps=1, prefill_repeats=1)
+                              batches=(2,), dsla_ratios=(0.0, 1.0), steps=2, warmup_steps=1, prefill_repeats=1,
+                              dsla_window=4)
     doc = decode.run_benchmark(tiny_dir, s)
+    assert doc["settings"]["dsla_window"] == 4
     assert [(r["dsla_ratio"], r["decode_ms_per_token"] is None) for r in doc["results"]] == [
         (0.0, True), (0.0, False), (1.0, True), (1.0, False)]
     assert "dsla1_throughput_over_attention" in doc["summary"][0]
@@ -112,11 +115,26 @@ def test_decode_bench_weights_axis(tmp_path):
         decode.DecodeSettings(weights=("int3",))
 
 
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="oneDNN has no bfloat16 here")
+def test_decode_bench_packed_and_mixed_rows(tmp_path):
+    from tests.conftest import make_tiny_hf_dir
+
+    make_tiny_hf_dir(tmp_path, hidden_size=64, intermediate_size=128, head_dim=16, num_attention_heads=4,
+                     num_key_value_heads=2)
+    s = decode.DecodeSettings(impls=("ours",), dtypes=("bfloat16",), prefill_lengths=(8,), contexts=(12,),
+                              batches=(2,), weights=("packed", "mixed"), steps=2, warmup_steps=1, prefill_repeats=1)
+    doc = decode.run_benchmark(tmp_path, s)
+    assert {r["weights"] for r in doc["results"]} == {"packed", "mixed"} and not doc["skipped"]
+    assert all(r["decode_ms_per_token"] > 0 for r in doc["results"] if r["context"] == 12)
+
+
 def test_decode_settings_reject_bad_values():
     with pytest.raises(ValueError, match="leave no prefill"):
         decode.DecodeSettings(contexts=(10,), steps=16)
     with pytest.raises(ValueError, match="impl"):
         decode.DecodeSettings(impls=("vllm",))
+    with pytest.raises(ValueError, match="dsla-window -1"):
+        decode.DecodeSettings(dsla_window=-1)
 
 
 def test_layer_bench_schema(tmp_path):
