@@ -15,6 +15,9 @@ JSON document:
   (``PROMPTS``), compared token for token to float32/native and bfloat16/native: the first
   position where they differ (null: identical) and how many prompts match entirely.
 
+``mixed`` runs its packed bf16 copy for calls of more than ``MIXED_MAX_ROWS`` rows: its
+perplexity windows measure packed bf16, its greedy decode steps the int4 kernels.
+
 Speed is `dsla bench decode --dtype bfloat16 --weights-list native,int8,int4` (its rows alternate
 the paths call by call); this command measures no time.
 """

@@ -19,8 +19,8 @@ oneDNN's blocked layout, so a call does no reorder of its own (``F.linear`` in b
 about 8 rows on).
 
 A quantised module may also keep a packed copy (``dense_above``): a call with more rows than that
-runs the packed weight instead of the kernel, which is slower than a bf16 linear for the many
-rows of a prefill. The ``mixed`` preset does that: int4/int8 kernels for decode steps (few rows,
+runs the packed weight instead of the quantised kernel (the kernel is slower than a bf16 linear
+for the many rows of a prefill). The ``mixed`` preset does that: int4/int8 kernels for decode steps (few rows,
 bound by reading the weights), packed bf16 for prefill chunks, at the memory of both copies.
 
 ``--weights`` names a preset (``WEIGHT_PRESETS``); ``auto`` resolves by ``choose_weights``. The
@@ -35,7 +35,10 @@ the SmolLM2 shapes, batch 1 / 8):
 So with bfloat16 activations on a CPU with native bf16 both kernels are 2-5x faster than a bf16
 linear; with float32 activations they are 5-20x slower than a float32 linear (the kernels are
 not vectorised for float32), so a quantised path is only offered with bfloat16. Quantisation is
-for inference only: the modules hold buffers, no parameters, and have no backward.
+for inference only: the modules hold buffers, no parameters, and are not trained.
+With tied embeddings (SmolLM2) a packed or quantised lm_head is a second copy of the embedding
+(the lookup keeps the native one): ``packed`` holds 57 MB more than ``native`` for the default
+teacher, and ``mixed`` holds the int4/int8 and the packed copies of every linear.
 """
 
 from __future__ import annotations
@@ -58,9 +61,10 @@ MIXED_MAX_ROWS = 8
 
 @dataclass(frozen=True)
 class WeightPlan:
-    """Storage per kind of linear layer: "native" (the model dtype), "int8" or "int4"."""
+    """Storage per kind of linear layer: "native" (the model dtype), "packed" (the model dtype,
+    prepacked for oneDNN), "int8" or "int4"."""
 
-    teacher: str  # the teacher blocks' q/k/v/o and MLP gate/up/down projections ("packed": prepacked, unquantised)
+    teacher: str  # the teacher blocks' q/k/v/o and MLP gate/up/down projections
     lm_head: str  # the output projection (tied to the embedding in SmolLM2; the lookup stays native)
     dsla: str  # the DSLA layers' own (trained) q/o projections
     dense_above: int | None = None  # quantised modules also keep the dense weight for calls of more rows
@@ -114,7 +118,8 @@ def dequantize_int8(q: Tensor, s: Tensor) -> Tensor:
 class PackedLinear(nn.Module):
     """y = x W^T with W in ``dtype``, prepacked for oneDNN once; x (..., K) in ``dtype`` -> (..., N).
 
-    The packed weight is an opaque oneDNN tensor: a non-persistent buffer (no state_dict entry)."""
+    The packed weight is an opaque oneDNN tensor: a non-persistent buffer (no state_dict entry);
+    the module cannot be cast to another dtype or deep-copied."""
 
     def __init__(self, weight: Tensor, dtype: torch.dtype) -> None:
         super().__init__()
@@ -124,6 +129,8 @@ class PackedLinear(nn.Module):
         self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(w, 1), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dtype != self.packed.dtype:  # oneDNN's own message would not say this
+            raise TypeError(f"PackedLinear: input dtype {x.dtype} differs from the packed weight's {self.packed.dtype}")
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
 
     def extra_repr(self) -> str:
@@ -137,7 +144,8 @@ def check_packed(device_type: str, dtype: torch.dtype) -> None:
     if not torch.backends.mkldnn.is_available():
         raise ValueError("this torch build has no oneDNN (mkldnn): use --weights native")
     if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        raise ValueError("oneDNN has no bfloat16 support on this CPU: use --dtype float32 or --weights native")
+        raise ValueError("oneDNN has no bfloat16 support on this CPU: use --weights native or int4 "
+                         "(or --dtype float32 with --weights packed)")
     if dtype not in (torch.bfloat16, torch.float32):
         raise ValueError(f"packed weights are bfloat16 or float32, not {dtype}")
 
@@ -254,8 +262,12 @@ def choose_weights(requested: str, dtype: torch.dtype, device_type: str,
         have = sorted(set(BF16_CPU_FLAGS) & flags)
         if not have:
             return "native", f"CPU lacks {' / '.join(BF16_CPU_FLAGS)}: the quantised kernels were not measured there"
+        try:
+            check_packed(device_type, dtype)
+        except ValueError as e:
+            return "int4", f"bfloat16 on a CPU with {', '.join(have)}; no packed copy for prefill ({e})"
         return "mixed", (f"bfloat16 on a CPU with {', '.join(have)}: int4 linears measured 2-5x faster than bf16 "
-                         f"for decode steps (<= {MIXED_MAX_ROWS} rows); bf16 for prefill")
+                         f"for decode steps (<= {MIXED_MAX_ROWS} rows); packed bf16 for prefill")
     if device_type != "cpu":
         raise ValueError(f"--weights {requested} runs on CPU only (device is {device_type}): use --weights native")
     if dtype != torch.bfloat16:
@@ -289,14 +301,16 @@ def quantize_model(model: nn.Module, preset: str, dtype: torch.dtype | None = No
                                       (block.mlp, ("gate_proj", "up_proj", "down_proj"))):
                     for name in names:
                         _replace(parent, name, plan.teacher, dtype, plan.dense_above)
-        if plan.lm_head != "native":
+        if plan.lm_head != "native" and model.weights == "native":  # a second call: already replaced
             w = model.model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
             model.lm_head = quantized_linear(w, plan.lm_head, dtype, plan.dense_above)
         if plan.dsla != "native":
             for mod in model.dsla.values():
                 _replace(mod, "q_proj", plan.dsla, dtype, plan.dense_above)
                 _replace(mod, "o_proj", plan.dsla, dtype, plan.dense_above)
-    model.to(dtype=dtype)  # floating tensors only: the int8 / packed int4 buffers stay as they are
+    # floating tensors only: the int8 / packed int4 buffers stay as they are; the oneDNN-packed ones
+    # are already in ``dtype`` (they cannot be cast)
+    model.to(dtype=dtype)
     model.weights = preset
     log.info("weights %s: teacher linears %s, lm_head %s, DSLA q/o %s", preset, plan.teacher, plan.lm_head, plan.dsla)
     return plan
@@ -323,7 +337,7 @@ def check_int4_dims(cfg, requested: str, preset: str, reason: str) -> tuple[str,
         return preset, reason
     if requested != "auto":
         raise ValueError(f"--weights {preset} needs every linear's input dim to be a multiple of {GROUP_SIZE} "
-                         f"(this model has {odd}): use --weights int8 or native")
+                         f"(this model has {odd}): use --weights int8, packed or native")
     return "int8", f"int4 needs input dims that are multiples of {GROUP_SIZE} (this model has {odd})"
 
 

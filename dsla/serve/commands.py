@@ -41,7 +41,7 @@ def build_engine(teacher: str | Path, dtype: str = "float32", student: str | Pat
                  config=None, policy: str = "static", policy_config=None, quality=(), weights: str = "native"):
     """Load the model and tokenizer and return a (not yet started) ``Engine``.
 
-    ``weights`` (``--weights``: auto, native, int8, int4) quantises the linear layers once the
+    ``weights`` (``--weights``: auto, native, packed, int8, int4, mixed) quantises the linear layers once the
     DSLA modules are attached (``dsla.model.quant``); the preset it resolved to is logged and
     exported in /metrics as ``dsla_model_info{weights=...}``.
 
