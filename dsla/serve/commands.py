@@ -125,11 +125,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from dsla.serve.scheduler import SchedulerConfig
 
     d = SchedulerConfig()
-    add_model_arguments(p)
-    # native by default: int4 decodes a single request 2.8x faster, but its prefill is slower and, measured
-    # through the server (docs/results/speed.md), it gave 2.2-2.4x the TTFT p50 (prefill-heavy,
-    # saturation) for the same throughput
-    add_weights_argument(p, default="native")
+    add_model_arguments(p, dtype_default="auto")  # bfloat16 where the CPU has native bf16
+    # auto: mixed on a CPU with native bf16 (int4 kernels for decode steps, oneDNN-packed bf16 for
+    # prefill chunks): faster than native on every decode and prefill row of docs/results/speed.md;
+    # plain int4 had doubled the TTFT through the server (its kernels are slow for prefill's many rows)
+    add_weights_argument(p, default="auto")
     p.add_argument("--student", default=None, help="student directory from `dsla distill` (DSLA weights)")
     p.add_argument("--policy", choices=["static", "adaptive"], default="static",
                    help="static: keep the --dsla-layers/--dsla-ratio plan; adaptive: convert layers under load "

@@ -96,4 +96,19 @@ def test_build_engine_quantised_weights_are_reported(serve_dir):
         build_engine(serve_dir, weights="int4")
     assert build_parser().parse_args(["serve", "--weights", "int4"]).weights == "int4"
     assert build_parser().parse_args(["generate", "hi"]).weights == "auto"
-    assert build_parser().parse_args(["serve"]).weights == "native"  # measured: int4 doubles TTFT through the server
+    assert build_parser().parse_args(["serve"]).weights == "auto"  # mixed on a bf16 CPU (docs/results/speed.md)
+
+
+@pytest.mark.parametrize("flags,want", [(frozenset({"avx512f", "avx512_bf16"}), "bfloat16"),
+                                        (frozenset({"avx2"}), "float32")])
+def test_dtype_auto_resolves_at_parse_time(monkeypatch, flags, want):
+    from dsla.cli import build_parser
+    from dsla.model import quant
+
+    monkeypatch.setattr(quant, "cpu_flags", lambda: flags)
+    assert build_parser().parse_args(["serve"]).dtype == want  # serve defaults to auto
+    assert build_parser().parse_args(["serve", "--dtype", "auto"]).dtype == want
+    assert build_parser().parse_args(["serve", "--dtype", "float32"]).dtype == "float32"
+    assert build_parser().parse_args(["eval"]).dtype == "float32"  # the others keep float32 by default
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--dtype", "float16"])
