@@ -3,12 +3,12 @@
 #   1. rank: the retrieval probe (each layer alone restricted to local attention; loss at 1024
 #      tokens and passkey log-likelihood) -> a retrieval-aware conversion order;
 #   2. distill: layer-wise (chained, 1024-token windows) over the first $LAYERS layers of that
-#      order with an exact 64-token window, then the end-to-end KL stage ($E2E_FLAGS: 60 steps on
-#      4096-token windows, 120 distinct windows; per step 8 or 15 converted layers, i.e. ratio 0.25 or 0.5);
+#      order with an exact $WINDOW-token window (256), then the end-to-end KL stage ($E2E_FLAGS: 80 steps
+#      on 4096-token windows, 120 distinct windows; per step 8 or 15 converted layers, i.e. ratio 0.25 or 0.5);
 #   3. eval: perplexity (1024-token windows), loss by position and passkey at ratios 0..$RATIOS;
 #   4. export: the compact artifact + its eval report into dsla/students/default.
 # Every step resumes where it stopped: re-run the same command after an interruption.
-# Usage: scripts/make_default_student.sh [extra `dsla distill` flags, e.g. --window 0 for pure DSLA]
+# Usage: scripts/make_default_student.sh [extra `dsla distill` flags]; WINDOW=0 for pure DSLA
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
@@ -17,7 +17,8 @@ OUT=${OUT:-$HOME_DIR/students/default}
 RANK=${RANK:-docs/results/quality/rank_retrieval.json}
 LAYERS=${LAYERS:-15}       # the shipped student: 15 layers (ratios 0.25 and 0.5)
 RATIOS=${RATIOS:-0,0.25,0.5}
-E2E_FLAGS=${E2E_FLAGS:---e2e-seq-len 4096 --e2e-steps 60 --e2e-windows 120}
+WINDOW=${WINDOW:-256}      # exact window; 64 gave 1.03-1.10x perplexity at 0.25 (docs/results/quality.md)
+E2E_FLAGS=${E2E_FLAGS:---e2e-seq-len 4096 --e2e-steps 80 --e2e-windows 120}
 DTYPE=${DTYPE:-bfloat16}   # fast on CPUs with avx512_bf16; use float32 on AVX2-only machines
 THREADS=${THREADS:-2}
 SHIP=${SHIP:-dsla/students/default}
@@ -28,7 +29,7 @@ if [ ! -f "$RANK" ]; then
     --sequences 4 --seq-len 1024 --passkey-prompts 4 --passkey-context 1024
 fi
 ORDER=$("$BIN/python" -c 'import json, sys; print(",".join(map(str, json.load(open(sys.argv[1]))["order"])))' "$RANK")
-"$BIN/dsla" distill --order given --layers "$ORDER" --max-layers "$LAYERS" --window 64 --dtype "$DTYPE" \
+"$BIN/dsla" distill --order given --layers "$ORDER" --max-layers "$LAYERS" --window "$WINDOW" --dtype "$DTYPE" \
   --threads "$THREADS" --out "$OUT" --no-loss-delta $E2E_FLAGS "$@"
 "$BIN/dsla" eval ppl position passkey --student "$OUT" --ratios "$RATIOS" --dtype "$DTYPE" \
   --threads "$THREADS" --no-progress --out "$OUT/eval" --position-windows 2 \
