@@ -41,9 +41,9 @@ def _parse_ints(text: str) -> tuple[int, ...]:
 def auto_dtype_name() -> str:
     """bfloat16 on a CPU with native bf16 dot products (avx512_bf16 / amx_bf16 in /proc/cpuinfo),
     where it measured 2-3x faster than float32; float32 elsewhere (AVX2-only CPUs run bf16 slower)."""
-    from dsla.model.quant import BF16_CPU_FLAGS, cpu_flags
+    from dsla.model.quant import native_bf16_flags
 
-    return "bfloat16" if set(BF16_CPU_FLAGS) & cpu_flags() else "float32"
+    return "bfloat16" if native_bf16_flags() else "float32"
 
 
 def _dtype_name(text: str) -> str:

@@ -150,7 +150,34 @@ def check_packed(device_type: str, dtype: torch.dtype) -> None:
         raise ValueError(f"packed weights are bfloat16 or float32, not {dtype}")
 
 
-class Int4Linear(nn.Module):
+class _QuantizedLinear(nn.Module):
+    """A quantised kernel ``_kernel`` (M, K) -> (M, N), with an optional packed copy (``dense``)
+    for calls of more than ``dense_above`` rows."""
+
+    in_features: int
+    out_features: int
+
+    def _keep_dense(self, weight: Tensor, dtype: torch.dtype, dense_above: int | None) -> None:
+        if dense_above is not None and dense_above < 0:
+            raise ValueError(f"dense_above={dense_above} must be >= 0 (or None: no dense copy)")
+        self.dense_above = dense_above
+        self.dense = None if dense_above is None else PackedLinear(weight, dtype)
+
+    def _kernel(self, x2: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        x2 = x.reshape(-1, self.in_features)  # (M, K)
+        if self.dense is not None and x2.shape[0] > self.dense_above:
+            return self.dense(x)
+        return self._kernel(x2.contiguous()).view(*x.shape[:-1], self.out_features)  # the kernels need x contiguous
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}" + (
+            "" if self.dense is None else f", dense_above={self.dense_above}")
+
+
+class Int4Linear(_QuantizedLinear):
     """y = x W^T with W in 4-bit groups (see the module doc); x (..., K) in ``dtype`` -> (..., N)."""
 
     def __init__(self, weight: Tensor, dtype: torch.dtype, group_size: int = GROUP_SIZE,
@@ -163,22 +190,16 @@ class Int4Linear(nn.Module):
         q, d, m = quantize_int4(weight, group_size)
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))  # (N, K/2) uint8
         self.register_buffer("scales_and_zeros", torch.stack([d, m + 8 * d], -1).transpose(0, 1).contiguous().to(dtype))  # (K/G, N, 2)
-        _keep_dense(self, weight, dtype, dense_above)
+        self._keep_dense(weight, dtype, dense_above)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x2 = x.reshape(-1, self.in_features)  # (M, K)
-        if self.dense is not None and x2.shape[0] > self.dense_above:
-            return self.dense(x)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self.packed, self.group_size,
-                                                       self.scales_and_zeros)  # the kernel needs x contiguous
-        return y.view(*x.shape[:-1], self.out_features)
+    def _kernel(self, x2: Tensor) -> Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_and_zeros)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
-                + _dense_repr(self))
+        return super().extra_repr() + f", group_size={self.group_size}"
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(_QuantizedLinear):
     """y = x W^T with W int8 per output channel; x (..., K) in ``dtype`` -> (..., N)."""
 
     def __init__(self, weight: Tensor, dtype: torch.dtype, dense_above: int | None = None) -> None:
@@ -189,30 +210,10 @@ class Int8Linear(nn.Module):
         q, s = quantize_int8(weight)
         self.register_buffer("qweight", q)  # (N, K) int8
         self.register_buffer("scales", s.to(dtype))  # (N,)
-        _keep_dense(self, weight, dtype, dense_above)
+        self._keep_dense(weight, dtype, dense_above)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x2 = x.reshape(-1, self.in_features)  # (M, K)
-        if self.dense is not None and x2.shape[0] > self.dense_above:
-            return self.dense(x)
-        y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scales)
-        return y.view(*x.shape[:-1], self.out_features)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}" + _dense_repr(self)
-
-
-def _keep_dense(mod: nn.Module, weight: Tensor, dtype: torch.dtype, dense_above: int | None) -> None:
-    """``mod.dense``: a ``PackedLinear`` of the weight in ``dtype`` for calls of more than
-    ``dense_above`` rows (None: none kept)."""
-    if dense_above is not None and dense_above < 0:
-        raise ValueError(f"dense_above={dense_above} must be >= 0 (or None: no dense copy)")
-    mod.dense_above = dense_above
-    mod.dense = None if dense_above is None else PackedLinear(weight, dtype)
-
-
-def _dense_repr(mod: nn.Module) -> str:
-    return "" if mod.dense is None else f", dense_above={mod.dense_above}"
+    def _kernel(self, x2: Tensor) -> Tensor:
+        return torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales)
 
 
 def quantized_linear(weight: Tensor, kind: str, dtype: torch.dtype, dense_above: int | None = None) -> nn.Module:
@@ -236,6 +237,11 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+def native_bf16_flags(flags: frozenset[str] | None = None) -> list[str]:
+    """The ``BF16_CPU_FLAGS`` this CPU has (``flags``, default: ``cpu_flags()``), sorted; empty: none."""
+    return sorted(set(BF16_CPU_FLAGS) & (cpu_flags() if flags is None else flags))
+
+
 def choose_weights(requested: str, dtype: torch.dtype, device_type: str,
                    flags: frozenset[str] | None = None) -> tuple[str, str]:
     """The preset to run (native, packed, int8, int4 or mixed) and why, for ``--weights requested``.
@@ -248,7 +254,6 @@ def choose_weights(requested: str, dtype: torch.dtype, device_type: str,
     """
     if requested not in WEIGHT_CHOICES:
         raise ValueError(f"--weights {requested!r} is not one of {', '.join(WEIGHT_CHOICES)}")
-    flags = cpu_flags() if flags is None else flags
     if requested == "native":
         return "native", "requested"
     if requested == "packed":
@@ -259,7 +264,7 @@ def choose_weights(requested: str, dtype: torch.dtype, device_type: str,
             return "native", f"device {device_type}: the quantised kernels here are CPU-only"
         if dtype != torch.bfloat16:
             return "native", f"dtype {dtype}: int4/int8 kernels are 5-20x slower than a float32 linear"
-        have = sorted(set(BF16_CPU_FLAGS) & flags)
+        have = native_bf16_flags(flags)
         if not have:
             return "native", f"CPU lacks {' / '.join(BF16_CPU_FLAGS)}: the quantised kernels were not measured there"
         try:
