@@ -99,6 +99,20 @@ def warmup_cosine(steps: int, warmup: float = 0.1) -> Callable[[int], float]:
     return lambda s: (s + 1) / w if s < w else 0.5 * (1 + math.cos(math.pi * (s - w) / max(1, steps - w)))
 
 
+def lr_multiplier(schedule: Sequence[Sequence[int]], step: int) -> float:
+    """The lr multiplier at ``step`` of a stage run in segments ``[[start, total], ...]``.
+
+    The first segment is ``warmup_cosine(total)``. A later one (a stage extended to a larger
+    ``total`` after it ended) follows the cosine of the new total from where it is, warmed up
+    again over its first tenth, since its Adam moments may start afresh.
+    """
+    start, total = max((seg for seg in schedule if seg[0] <= step), key=lambda seg: seg[0])
+    value = warmup_cosine(total)(step)
+    if start > 0:
+        value *= min(1.0, (step - start + 1) / max(1, int(0.1 * (total - start))))
+    return value
+
+
 # ---- teacher top-k cache ----------------------------------------------------------------------
 @torch.no_grad()
 def teacher_topk(model: nn.Module, windows: Tensor, k: int, batch_size: int = 1,
@@ -178,7 +192,9 @@ def train_e2e(model, order: list[int], cfg, windows: Tensor, t_logp: Tensor, t_i
     for m in mods:
         m.requires_grad_(True)
     opt = MasterAdam([{"params": [p for m in mods for p in m.parameters()], "lr": cfg.e2e_lr}])
-    sched = warmup_cosine(cfg.e2e_steps)
+    schedule = rec.setdefault("schedule", [[0, cfg.e2e_steps]])
+    if schedule[-1][1] != cfg.e2e_steps:  # extended (see dsla.distill.train.check_resumable)
+        schedule.append([rec["step"], cfg.e2e_steps])
     state_path = Path(state_dir) / E2E_STATE
     if rec["step"] and state_path.is_file():
         saved = load_file(str(state_path))
@@ -200,7 +216,7 @@ def train_e2e(model, order: list[int], cfg, windows: Tensor, t_logp: Tensor, t_i
             k = ks[int(torch.randint(len(ks), (1,), generator=g))]
             w = int(s % len(windows))
             for group in opt.param_groups:
-                group["lr"] = cfg.e2e_lr * sched(s)
+                group["lr"] = cfg.e2e_lr * lr_multiplier(schedule, s)
             logits = model(windows[w: w + 1], dsla_layers=order[:k])  # (1, T, vocab)
             loss = topk_kl(logits, t_logp[w: w + 1], t_ids[w: w + 1])
             if cfg.e2e_ce_weight:

@@ -210,10 +210,7 @@ def distill(model: HybridLM, teacher_dir: Path, teacher_sha: str, out_dir: Path,
     out_dir = Path(out_dir)
     if (out_dir / "manifest.json").exists():
         manifest = read_manifest(out_dir)
-        if manifest["config"] != config_dict(cfg):
-            raise ValueError(
-                f"{out_dir} holds a distillation run with a different config; resume it with the same "
-                "settings, or choose another --out")
+        check_resumable(out_dir, manifest, cfg)
         load_student(model, out_dir, teacher_sha)
         log.info("resuming %s: %d layers already done", out_dir, len(manifest["layers_done"]))
     else:
@@ -276,6 +273,23 @@ def distill(model: HybridLM, teacher_dir: Path, teacher_sha: str, out_dir: Path,
     return manifest
 
 
+def check_resumable(out_dir: Path, manifest: dict[str, Any], cfg: DistillConfig) -> None:
+    """Refuse to resume ``out_dir`` with another config, except a longer end-to-end stage:
+    raising ``e2e_steps`` continues a finished (or running) stage from where it is (see
+    ``dsla.distill.e2e.lr_multiplier``); the manifest then records the new step count."""
+    old, new = dict(manifest["config"]), config_dict(cfg)
+    steps = (old.pop("e2e_steps"), new.pop("e2e_steps"))
+    if old != new:
+        diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        raise ValueError(f"{out_dir} holds a distillation run with a different config ({', '.join(diff)}); "
+                         "resume it with the same settings, or choose another --out")
+    done = (manifest.get("e2e") or {}).get("step", 0)
+    if steps[1] < done:
+        raise ValueError(f"{out_dir} has already run {done} end-to-end steps; --e2e-steps {steps[1]} would "
+                         f"undo them: pass --e2e-steps {done} or more, or choose another --out")
+    manifest["config"]["e2e_steps"] = steps[1]
+
+
 def end_to_end(model: HybridLM, out_dir: Path, cfg: DistillConfig, manifest: dict[str, Any],
                windows_fn: Callable[[int, int], Tensor], progress: bool) -> None:
     """The end-to-end stage over the layers done, in their order (skipped when already done for
@@ -286,7 +300,12 @@ def end_to_end(model: HybridLM, out_dir: Path, cfg: DistillConfig, manifest: dic
         manifest.pop("e2e")
         rec = None
     if rec is not None and rec.get("done"):
-        return
+        if rec["step"] >= cfg.e2e_steps:
+            return
+        log.info("extending the end-to-end stage from %d to %d steps", rec["step"], cfg.e2e_steps)
+        rec.setdefault("schedule", [[0, rec["step"]]])  # a finished stage from before schedules were recorded
+        rec["schedule"].append([rec["step"], cfg.e2e_steps])
+        rec["done"] = False
     windows = windows_fn(cfg.e2e_windows, layer_seed(cfg, -1, 8))
     from dsla.paths import dsla_home
     key = {"teacher": manifest["teacher"]["sha256"], "topk": cfg.e2e_topk,

@@ -23,7 +23,6 @@ teacher's and are trained, with phi, the gates and gamma.
 from __future__ import annotations
 
 import copy
-import functools
 import math
 from typing import Sequence
 
@@ -36,7 +35,7 @@ from dsla.model.llama import LlamaAttention, split_heads, uniform_length
 from dsla.model.state import DSLAState, KVState
 from dsla.ops.dsla import dsla_chunked, dsla_fold, dsla_step
 from dsla.ops.rope import apply_rope, rope_cos_sin, unapply_rope
-from dsla.ops.window import WindowState, window_chunked, window_fold, window_step
+from dsla.ops.window import WindowState, ring_from_ordered, window_chunked, window_decode, window_fold
 
 
 class HeadwiseLinear(nn.Module):
@@ -204,43 +203,74 @@ class DSLAAttention(nn.Module):
 
     def _run_window_requests(self, q: Tensor, k: Tensor, v: Tensor, fq: Tensor, g: Tensor,
                              seq_lens: Sequence[int], states: Sequence[DSLAState] | None) -> Tensor:
-        """Per request, like ``_run_requests``: all single-token decodes in one step call (windows
-        of different fills), each prefill chunk a chunked call continuing from its state."""
+        """Per request, like ``_run_requests``: all single-token decodes in one ``_decode_window``
+        call, each prefill chunk a chunked call continuing from its state."""
         H, G, N, _ = q.shape
         V = v.shape[-1]
-        args = (self.mix(), self.window_factor(), self.key_feature)
+        decode = [r for r, L in enumerate(seq_lens) if L == 1 and states is not None]
+        if len(decode) == N:  # a pure decode step: no gathers
+            return self._decode_window(q, k, v, fq, g, states)
         u = fq.new_empty(H, G, N, V + 1)
         starts = torch.tensor([0, *seq_lens]).cumsum(0).tolist()
-        decode = [r for r, L in enumerate(seq_lens) if L == 1 and states is not None]
-        groups = ([decode] if decode else []) + [[r] for r in range(len(seq_lens)) if r not in decode]
-        for rs in groups:
-            if rs is decode:
-                idx = torch.tensor([starts[r] for r in rs], device=q.device)
-                qr, kr, vr = q[:, :, idx, None], k[:, idx, None], v[:, idx, None]  # (H, G, R, 1, D), (H, R, 1, D)
-                fqr, gr = fq[:, :, idx, None], g[:, :, idx, None]  # (H, G, R, 1, K), (H, S, R, 1, K)
-                fn = window_step
-            else:
-                idx = slice(starts[rs[0]], starts[rs[0] + 1])  # one request: a batch of 1
-                qr, kr, vr = q[:, :, None, idx], k[:, None, idx], v[:, None, idx]  # (H, G, 1, L, D), (H, 1, L, D)
-                fqr, gr = fq[:, :, None, idx], g[:, :, None, idx]  # (H, G, 1, L, K), (H, S, 1, L, K)
-                fn = functools.partial(window_chunked, chunk_size=self.cfg.chunk_size)
-            s0 = None if states is None else WindowState(
-                torch.stack([states[r].state for r in rs]),  # (R, H, S, K, V+1)
-                torch.stack([states[r].window_k for r in rs]), torch.stack([states[r].window_v for r in rs]),
-                torch.tensor([states[r].window_count for r in rs], device=q.device))
-            ur, s1 = fn(qr.permute(2, 0, 1, 3, 4), kr.transpose(0, 1), vr.transpose(0, 1),
-                        fqr.permute(2, 0, 1, 3, 4), gr.permute(2, 0, 1, 3, 4), *args, s0, window=self.cfg.window)
-            u[:, :, idx] = ur.permute(1, 2, 0, 3, 4).reshape(H, G, -1, V + 1)
+        if decode:
+            idx = torch.tensor([starts[r] for r in decode], device=q.device)
+            u[:, :, idx] = self._decode_window(q[:, :, idx], k[:, idx], v[:, idx], fq[:, :, idx], g[:, :, idx],
+                                               [states[r] for r in decode])
+        for r in range(len(seq_lens)):
+            if r in decode:
+                continue
+            sl = slice(starts[r], starts[r + 1])  # one request: a batch of 1
+            s0 = None
+            if states is not None:
+                st = states[r]
+                s0 = WindowState(st.state[None], *(t[None] for t in st.ordered_window()),
+                                 torch.tensor([st.window_count], device=q.device))
+            ur, s1 = window_chunked(q[:, :, None, sl].permute(2, 0, 1, 3, 4), k[None, :, sl], v[None, :, sl],
+                                    fq[:, :, None, sl].permute(2, 0, 1, 3, 4), g[None, :, :, sl],
+                                    self.mix(), self.window_factor(), self.key_feature, s0,
+                                    window=self.cfg.window, chunk_size=self.cfg.chunk_size)
+            u[:, :, sl] = ur[0]
             if states is None:
                 continue
-            for t in (s1.states, kr, vr):  # rows already in a window were checked when they came
+            for t in (s1.states, k[:, sl], v[:, sl]):  # rows already in a window were checked when they came
                 check_finite(t)
-            for j, r in enumerate(rs):  # the window rows stay in their preallocated buffers
-                st = states[r]
-                st.state, st.length = s1.states[j], st.length + seq_lens[r]
-                st.window_k.copy_(s1.k[j])
-                st.window_v.copy_(s1.v[j])
+            st.state, st.length = s1.states[0], st.length + seq_lens[r]
+            st.set_ordered_window(s1.k[0], s1.v[0])  # the rows stay in their preallocated buffers
         return u
+
+    def _decode_window(self, q: Tensor, k: Tensor, v: Tensor, fq: Tensor, g: Tensor,
+                       states: Sequence[DSLAState]) -> Tensor:
+        """One token for each of R requests (``window_decode`` on their ring buffers): u (H, G, R, V+1).
+
+        q (H, G, R, D), k / v (H, R, D), fq (H, G, R, K), g (H, S, R, K). One request works on its
+        own buffers in place; several are stacked, and each gets its new row back with one
+        ``_foreach_copy_``. Non-finite k / v are refused before any buffer is written, a
+        non-finite result (the states) before it is stored.
+        """
+        R = len(states)
+        check_finite(k)
+        check_finite(v)
+        lengths = [s.length for s in states]
+        if R == 1:
+            s0, rk, rv = states[0].state[None], states[0].window_k[None], states[0].window_v[None]
+        else:
+            s0 = torch.stack([s.state for s in states])  # (R, H, S, K, V+1)
+            rk = torch.stack([s.window_k for s in states])  # (R, H, W, D)
+            rv = torch.stack([s.window_v for s in states])
+        u, s1 = window_decode(q.permute(2, 0, 1, 3), k.transpose(0, 1), v.transpose(0, 1), fq.permute(2, 0, 1, 3),
+                              g.permute(2, 0, 1, 3), self.mix(), self.window_factor(), self.key_feature,
+                              s0, rk, rv, lengths)
+        check_finite(u)  # NaN / inf in the states reaches u
+        W = self.cfg.window
+        if R > 1:  # the new rows into each request's own ring
+            rows = [n % W for n in lengths]
+            torch._foreach_copy_([s.window_k.select(1, p) for s, p in zip(states, rows)] +
+                                 [s.window_v.select(1, p) for s, p in zip(states, rows)],
+                                 [rk[j].select(1, p) for j, p in enumerate(rows)] +
+                                 [rv[j].select(1, p) for j, p in enumerate(rows)])
+        for j, s in enumerate(states):
+            s.state, s.length = s1[j], s.length + 1
+        return u.permute(1, 2, 0, 3)  # (H, G, R, V+1)
 
     def _run_requests(self, fq: Tensor, fk: Tensor, v1: Tensor, g: Tensor, mix: Tensor,
                       seq_lens: Sequence[int], states: Sequence[DSLAState] | None) -> Tensor:
@@ -285,7 +315,7 @@ class DSLAAttention(nn.Module):
             if self.cfg.window:  # tokens older than the window into the states, the last W rows kept
                 ws = window_fold(k[None], kv.v[None], self.log_gates(unapply_rope(k, cos, sin))[None],
                                  self.key_feature, None, window=self.cfg.window, chunk_size=self.cfg.chunk_size)
-                return DSLAState(ws.states[0], T, ws.k[0], ws.v[0])
+                return DSLAState(ws.states[0], T, ring_from_ordered(ws.k[0], T), ring_from_ordered(ws.v[0], T))
             fk, v1, g = self.key_side(unapply_rope(k, cos, sin), k, kv.v)
             s = dsla_fold(fk[None], v1[None], g[None], None, chunk_size=self.cfg.chunk_size)
         return DSLAState(s[0], length=T)

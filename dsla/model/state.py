@@ -96,8 +96,10 @@ class DSLAState:
     ``state``: (H, S, K, V) float32 with H = KV heads, S = number of states (history first),
     K = feature width, V = value width (+1 for the normaliser column). With a window of W tokens
     (``DSLAConfig.window``), ``window_k`` / ``window_v`` (H, W, D) in the model dtype hold the keys
-    (after RoPE) and values of the last min(W, length) tokens, right-aligned (oldest first, zero
-    rows before them); allocated at W rows up front, so the size never depends on T.
+    (after RoPE) and values of the last min(W, length) tokens as a ring buffer: token i at row
+    i mod W, rows not yet written zero (so a decode step writes one row, in place, over the token
+    that leaves). Allocated at W rows up front, so the size never depends on T. ``ordered_window``
+    gives them oldest first, right-aligned (the ``dsla.ops.window.WindowState`` layout).
     """
 
     state: Tensor
@@ -124,6 +126,17 @@ class DSLAState:
     def window_count(self) -> int:
         """Rows of the window that hold tokens."""
         return min(self.window, self.length)
+
+    def ordered_window(self) -> tuple[Tensor, Tensor]:
+        """The window's keys and values oldest first, right-aligned (copies), (H, W, D) each."""
+        from dsla.ops.window import ordered_from_ring
+        return ordered_from_ring(self.window_k, self.length), ordered_from_ring(self.window_v, self.length)
+
+    def set_ordered_window(self, k: Tensor, v: Tensor) -> None:
+        """Store right-aligned rows (oldest first) for the current ``length``, in the ring layout."""
+        from dsla.ops.window import ring_from_ordered
+        self.window_k.copy_(ring_from_ordered(k, self.length))
+        self.window_v.copy_(ring_from_ordered(v, self.length))
 
     def clone(self) -> DSLAState:
         """An independent copy (for forking a request's cache)."""

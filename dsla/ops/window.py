@@ -38,6 +38,9 @@ window, ...) -> (u, state)`` (the fold, like ``dsla_fold``, takes no queries and
   linear part is ``dsla_chunked`` over the shifted rows.
 - ``window_step``: one decode step (batched over requests with different window fills).
 - ``window_fold``: the state a prefill over (k, v) would leave, with no queries (KV cache → state).
+- ``window_decode``: the serving engine's decode step, equal to ``window_step`` but on windows
+  kept as ring buffers (token i at row i mod W, see ``ring_from_ordered``), updated in place: no
+  O(W) shift per token, and a few batched ops for R requests (the step's cost is op count).
 
 Accumulation is float32 (float64 for float64 fq, for gradient checks); the window rows keep k's
 and v's dtype (the model dtype), so a prefill and a fold store the same rows.
@@ -54,7 +57,8 @@ from torch import Tensor
 
 from dsla.ops.dsla import _acc_dtype, dsla_chunked, dsla_fold, dsla_reference, dsla_step
 
-__all__ = ["WindowState", "window_chunked", "window_fold", "window_reference", "window_step"]
+__all__ = ["WindowState", "ordered_from_ring", "ring_from_ordered", "window_chunked", "window_decode",
+           "window_fold", "window_reference", "window_step"]
 
 Feature = Callable[[Tensor], Tensor]
 
@@ -290,3 +294,62 @@ def window_fold(k: Tensor, v: Tensor, log_gates: Tensor, feature: Feature,
         raise ValueError("window_fold produced non-finite window rows; non-finite input(s): k or v "
                          "(the last tokens of the cache)")
     return WindowState(states, wk, wv, count)
+
+
+# ---- ring-buffer windows (the serving engine's layout) ----------------------------------------
+def ring_from_ordered(rows: Tensor, length: int) -> Tensor:
+    """Right-aligned window rows (``WindowState`` layout, (..., W, D)) of a sequence that has
+    seen ``length`` tokens -> the ring layout, token i at row i mod W (a copy)."""
+    W = rows.shape[-2]
+    return rows.roll(length % W, dims=-2) if length % W else rows.clone()
+
+
+def ordered_from_ring(rows: Tensor, length: int) -> Tensor:
+    """Inverse of ``ring_from_ordered``."""
+    W = rows.shape[-2]
+    return rows.roll(-(length % W), dims=-2) if length % W else rows.clone()
+
+
+def window_decode(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, log_gates: Tensor, mix: Tensor,
+                  factor: Tensor, feature: Feature, states: Tensor, ring_k: Tensor, ring_v: Tensor,
+                  lengths: list[int]) -> tuple[Tensor, Tensor]:
+    """One decode step of R sequences on ring-buffer windows; equals ``window_step``.
+
+    q (R, H, G, D) after RoPE; k (R, H, D) after RoPE; v (R, H, V); fq (R, H, G, K);
+    log_gates (R, H, S, K); mix (H, G, S); factor (H, G); states (R, H, S, K, V+1) float32;
+    ring_k (R, H, W, D), ring_v (R, H, W, V): the windows, token i at row i mod W; lengths:
+    tokens each sequence has seen before this one. The token leaving the window (t - W, at row
+    t mod W) enters the states, and the new key and value are written over it, in place.
+    Returns u (R, H, G, V+1) in fq's dtype and the new states (a new tensor).
+    """
+    R, H, W, D = ring_k.shape
+    if len(lengths) != R or q.dim() != 4 or k.shape != (R, H, D) or states.shape[:2] != (R, H):
+        raise ValueError(f"window_decode: q (R, H, G, D), k (R, H, D) and states (R, H, ...) must match the "
+                         f"rings {tuple(ring_k.shape)} and {len(lengths)} lengths, got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, states {tuple(states.shape)}")
+    acc = _acc_dtype(fq)
+    rows = torch.arange(R, device=k.device)
+    pos = torch.tensor([n % W for n in lengths], device=k.device)
+    full = [n >= W for n in lengths]
+    # the token leaving the window enters the states (none while the window is not yet full)
+    k_out, v_out = ring_k[rows, :, pos], ring_v[rows, :, pos]  # (R, H, D), (R, H, V)
+    fk = feature(k_out[:, :, None])[:, :, 0].to(acc)  # (R, H, K)
+    v1 = torch.cat([v_out.to(acc), torch.ones_like(v_out[..., :1], dtype=acc)], dim=-1)  # (R, H, V+1)
+    if not all(full):
+        fk = fk * torch.tensor(full, dtype=acc, device=k.device)[:, None, None]
+    st = torch.addcmul((fk[..., :, None] * v1[..., None, :])[:, :, None],  # (R, H, 1, K, V+1)
+                       log_gates.to(acc).exp()[..., None], states).contiguous()  # (R, H, S, K, V+1), stored
+    G = fq.shape[2]
+    qm = fq.to(acc)[:, :, :, None] * mix.to(acc)[None, :, :, :, None]  # (R, H, G, S, K)
+    u_lin = qm.reshape(R, H, G, -1) @ st.view(R, H, -1, st.shape[-1])  # (R, H, G, V+1)
+    # the exact part over the window, the new token written in place of the one that left
+    ring_k[rows, :, pos] = k.to(ring_k.dtype)
+    ring_v[rows, :, pos] = v.to(ring_v.dtype)
+    s = (q.to(acc) / math.sqrt(D)) @ ring_k.to(acc).mT  # (R, H, G, W)
+    if not all(full):
+        valid = torch.arange(W, device=k.device)[None] <= torch.tensor(lengths, device=k.device)[:, None]
+        s = s.masked_fill(~valid[:, None, None], float("-inf"))
+    w = (s - s.amax(-1, keepdim=True)).exp()
+    exact = torch.cat([w @ ring_v.to(acc), w.sum(-1, keepdim=True)], dim=-1)  # (R, H, G, V+1)
+    u = u_lin + factor.to(acc)[None, :, :, None] * exact
+    return u.to(fq.dtype), st

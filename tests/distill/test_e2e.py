@@ -86,3 +86,30 @@ def test_e2e_kill_and_resume_equals_uninterrupted(tiny_dir, tmp_path, monkeypatc
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
     assert read_manifest(tmp_path / "full")["e2e"]["losses"] == m["e2e"]["losses"]
     assert m["teacher"]["sha256"] == SHA
+
+
+def test_lr_multiplier_follows_the_first_schedule_then_warms_up_an_extension():
+    from dsla.distill.e2e import lr_multiplier, warmup_cosine
+    first = [[0, 20]]
+    assert [lr_multiplier(first, s) for s in range(20)] == [warmup_cosine(20)(s) for s in range(20)]
+    ext = [[0, 20], [20, 40]]
+    assert lr_multiplier(ext, 5) == warmup_cosine(20)(5)
+    assert lr_multiplier(ext, 20) == pytest.approx(warmup_cosine(40)(20) / 2)  # warm-up over 2 steps
+    assert lr_multiplier(ext, 30) == warmup_cosine(40)(30)
+    assert lr_multiplier(ext, 39) < lr_multiplier(ext, 30)
+
+
+def test_e2e_extends_a_finished_stage_and_refuses_fewer_steps(tiny_dir, tmp_path):
+    cfg = tiny_cfg(e2e_steps=4)
+    _, m = run(tiny_dir, tmp_path / "s", cfg)
+    first = load_file(tmp_path / "s" / "dsla.safetensors")
+    _, m2 = run(tiny_dir, tmp_path / "s", tiny_cfg(e2e_steps=7))
+    assert m2["e2e"]["done"] and m2["e2e"]["step"] == 7
+    assert m2["e2e"]["losses"][:4] == m["e2e"]["losses"] and len(m2["e2e"]["losses"]) == 7
+    assert m2["e2e"]["schedule"] == [[0, 4], [4, 7]] and m2["config"]["e2e_steps"] == 7
+    after = load_file(tmp_path / "s" / "dsla.safetensors")
+    assert any(not torch.equal(first[k], after[k]) for k in first)
+    with pytest.raises(ValueError, match="--e2e-steps 7 or more"):
+        run(tiny_dir, tmp_path / "s", tiny_cfg(e2e_steps=5))
+    with pytest.raises(ValueError, match="different config.*seq_len"):
+        run(tiny_dir, tmp_path / "s", tiny_cfg(e2e_steps=7, seq_len=24))

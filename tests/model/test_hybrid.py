@@ -71,7 +71,8 @@ def test_fold_equals_dsla_prefill_state(hybrid):
     assert folded.nbytes == dsla_cache.layers[1].nbytes == hybrid.dsla["1"].new_state().nbytes
     if hybrid.dsla["1"].cfg.window:  # the window rows are the last 4 cached k (after RoPE), v
         kv = attn_cache.layers[1]
-        assert torch.equal(folded.window_k, kv.k[:, -4:]) and torch.equal(folded.window_v, kv.v[:, -4:])
+        ok, ov = folded.ordered_window()  # stored as a ring buffer: token i at row i mod W
+        assert torch.equal(ok, kv.k[:, -4:]) and torch.equal(ov, kv.v[:, -4:])
         torch.testing.assert_close(folded.window_k, dsla_cache.layers[1].window_k, rtol=0, atol=0)
 
 

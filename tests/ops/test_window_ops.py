@@ -217,3 +217,28 @@ def test_bad_input_is_named():
         window_chunked(q[..., :3], k, v, fq, g, mix, f, phi_of(P), st, window=4)
     with pytest.raises(ValueError, match="T = 7"):
         window_step(*x, phi_of(P), st, window=4)
+
+
+@pytest.mark.parametrize("W", [1, 4, 8])
+def test_ring_decode_equals_the_step(W):
+    """window_decode on ring-buffer windows == window_step on right-aligned ones, over several
+    steps, for a batch whose sequences have seen fewer, exactly and more than W tokens."""
+    from dsla.ops.window import ordered_from_ring, ring_from_ordered, window_decode
+    B, T, H, G, D, K, V, S = 3, 6, 2, 3, 4, 6, 5, 2
+    x, P, st = make_inputs(B, T, H, G, D, K, V, S, W)
+    q, k, v, fq, g, mix, f = x
+    lengths = [W + 3, W // 2 + 1, 0]  # matches make_inputs' counts (W, W // 2 + 1, 0)
+    rk = torch.stack([ring_from_ordered(st.k[b], n) for b, n in enumerate(lengths)])
+    rv = torch.stack([ring_from_ordered(st.v[b], n) for b, n in enumerate(lengths)])
+    s_step, s_ring = st, st.states
+    for t in range(T):
+        u_ref, s_step = window_step(q[:, :, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], fq[:, :, :, t:t + 1],
+                                    g[:, :, :, t:t + 1], mix, f, phi_of(P), s_step, window=W)
+        u, s_ring = window_decode(q[:, :, :, t], k[:, :, t], v[:, :, t], fq[:, :, :, t], g[:, :, :, t], mix, f,
+                                  phi_of(P), s_ring, rk, rv, lengths)
+        lengths = [n + 1 for n in lengths]
+        close(u, u_ref[:, :, :, 0])
+        close(s_ring, s_step.states)
+        for b, n in enumerate(lengths):
+            close(ordered_from_ring(rk[b], n), s_step.k[b])
+            close(ordered_from_ring(rv[b], n), s_step.v[b])
