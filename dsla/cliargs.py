@@ -76,6 +76,14 @@ def add_weights_argument(p: argparse.ArgumentParser, default: str = "auto") -> N
                         f"with native bf16 (avx512_bf16/amx_bf16), else native (default: {default})")
 
 
+def add_compile_argument(p: argparse.ArgumentParser) -> None:
+    """``--compile-decode``: DSLA decode steps through torch.compile (dsla.model.dsla.use_compiled_decode)."""
+    p.add_argument("--compile-decode", action="store_true",
+                   help="compile the DSLA layers' decode step with torch.compile (needs a C++ compiler; the "
+                        "first steps after start wait for it, then each DSLA layer's step is one fused kernel "
+                        "set: ~1.3x faster all-DSLA decode on a 2-core CPU; falls back to eager if it fails)")
+
+
 def _parse_floats(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(t) for t in text.split(",") if t.strip())

@@ -34,6 +34,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--table", type=int, default=0, help="also print the top N ops by self CPU time")
+    p.add_argument("--compile", action="store_true", help="compile the DSLA decode step (torch.compile)")
     a = p.parse_args()
     if a.batch < 1 or a.context < 1 or a.steps < 1 or not 0 <= a.ratio <= 1:
         p.error("--batch, --context and --steps must be positive and --ratio in [0, 1]")
@@ -51,6 +52,9 @@ def main() -> None:
     if layers:
         model.add_dsla(layers, DSLAConfig(window=a.window))
     quantize_model(model, a.weights, torch.bfloat16)
+    if a.compile:
+        from dsla.model.dsla import use_compiled_decode
+        use_compiled_decode(True)
     g = torch.Generator().manual_seed(0)
     caches = [model.new_cache(layers, a.context + 2 * a.steps + 8) for _ in range(a.batch)]
     with torch.inference_mode():
@@ -80,7 +84,7 @@ def main() -> None:
     ops = sum(e.count for e in events)
     print(json.dumps({
         "cpu": cpu_model(), "threads": a.threads, "weights": a.weights,
-        "batch": a.batch, "context": a.context, "dsla_ratio": a.ratio, "dsla_layers": len(layers), "window": a.window,
+        "batch": a.batch, "context": a.context, "dsla_ratio": a.ratio, "dsla_layers": len(layers), "window": a.window, "compiled": a.compile,
         "ms_per_step": round(ms, 2), "profiled_ms_per_step": round(total / a.steps / 1e3, 2),
         "ops_per_step": round(ops / a.steps), "share": {k: round(v / total, 3) for k, v in split.items()},
     }))

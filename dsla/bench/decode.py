@@ -93,6 +93,7 @@ class DecodeSettings:
     batches: tuple[int, ...] = (1, 8)  # requests decoded together
     dsla_ratios: tuple[float, ...] = (0.0,)  # fraction of layers running DSLA (ours only)
     dsla_window: int = 0  # exact window W of the DSLA layers (DSLAConfig.window; the shipped student's for its cost)
+    compile_decode: bool = False  # DSLA decode steps through torch.compile (dsla.model.dsla.use_compiled_decode)
     weights: tuple[str, ...] = ("native",)  # linear-layer storage of ours: auto, native, packed, int8, int4, mixed
     steps: int = 16  # timed decode steps per decode row (median reported)
     warmup_steps: int = 2  # untimed decode steps before them
@@ -401,6 +402,9 @@ def _weight_rank(weights: str) -> int:
 def run_benchmark(teacher_dir: str | Path, s: DecodeSettings,
                   on_row: Callable[[dict[str, Any]], None] = lambda r: None) -> dict[str, Any]:
     """Every dtype in turn, with all implementations of that dtype loaded; returns the JSON document."""
+    from dsla.model.dsla import use_compiled_decode
+
+    use_compiled_decode(s.compile_decode)
     from dsla.cli import DTYPES
 
     bad = [d for d in s.dtypes if d not in DTYPES]
@@ -491,6 +495,7 @@ QUICK = dict(prefill_lengths=(128,), contexts=(256,), batches=(1, 4), steps=4, p
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from dsla.cli import add_model_arguments
+    from dsla.cliargs import add_compile_argument
 
     add_model_arguments(p)
     p.set_defaults(dtype=None)  # here --dtype X is shorthand for --dtype-list X
@@ -507,6 +512,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(dsla.model.quant; int8/int4/mixed need bfloat16, and are skipped for float32)")
     p.add_argument("--dsla-window", type=int, default=d.dsla_window,
                    help="exact window W of the DSLA layers (0: pure DSLA; the shipped student's W measures its cost)")
+    add_compile_argument(p)
     p.add_argument("--dsla-ratios", default="0", help="fractions of layers running DSLA (ours only), e.g. 0,0.5,1")
     p.add_argument("--steps", type=int, default=None, help=f"timed decode steps per row (default {d.steps})")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -526,7 +532,8 @@ def settings_from_args(args: argparse.Namespace) -> DecodeSettings:
         raise ValueError("give --dtype or --dtype-list, not both")
     kw: dict[str, Any] = {"impls": tuple(parse_list(args.impl)), "seed": args.seed,
                           "dsla_ratios": tuple(parse_list(args.dsla_ratios, float)),
-                          "weights": tuple(parse_list(args.weights_list)), "dsla_window": args.dsla_window}
+                          "weights": tuple(parse_list(args.weights_list)), "dsla_window": args.dsla_window,
+                          "compile_decode": args.compile_decode}
     if args.dtype or args.dtype_list:
         kw["dtypes"] = tuple(parse_list(args.dtype or args.dtype_list))
     for name in ("prefill_lengths", "contexts", "batches"):

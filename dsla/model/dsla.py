@@ -35,7 +35,8 @@ from dsla.model.llama import LlamaAttention, split_heads, uniform_length
 from dsla.model.state import DSLAState, KVState
 from dsla.ops.dsla import dsla_chunked, dsla_fold, dsla_step
 from dsla.ops.rope import apply_rope, rope_cos_sin, unapply_rope
-from dsla.ops.window import WindowState, ring_from_ordered, window_chunked, window_decode, window_fold
+from dsla.ops.window import (WindowState, ring_from_ordered, window_chunked, window_decode, window_decode_math,
+                             window_fold)
 
 
 class HeadwiseLinear(nn.Module):
@@ -142,6 +143,8 @@ class DSLAAttention(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, seq_lens: Sequence[int],
                 states: Sequence[DSLAState] | None = None) -> Tensor:
         """Same contract as ``LlamaAttention.forward``: x (N, hidden) -> (N, hidden)."""
+        if states is not None and self.cfg.window and len(seq_lens) == x.shape[0]:
+            return self._decode_step(x, cos, sin, states)  # every request adds one token
         q = apply_rope(split_heads(self.q_proj(x), self.lcfg.num_attention_heads), cos, sin)  # (Hq, N, D)
         o = self.attend(q, *self.teacher.project_kv(x, cos, sin), seq_lens, states)  # (Hq, N, D)
         return self.o_proj(o.transpose(0, 1).reshape(x.shape[0], -1).to(x.dtype))
@@ -242,35 +245,42 @@ class DSLAAttention(nn.Module):
                        states: Sequence[DSLAState]) -> Tensor:
         """One token for each of R requests (``window_decode`` on their ring buffers): u (H, G, R, V+1).
 
-        q (H, G, R, D), k / v (H, R, D), fq (H, G, R, K), g (H, S, R, K). One request works on its
-        own buffers in place; several are stacked, and each gets its new row back with one
-        ``_foreach_copy_``. Non-finite k / v are refused before any buffer is written, a
-        non-finite result (the states) before it is stored.
+        q (H, G, R, D), k / v (H, R, D), fq (H, G, R, K), g (H, S, R, K). The requests' states and
+        windows are left as the rows of one (R, ...) tensor each (``DecodeBatch``), so the next
+        step with the same requests in the same order uses them as they are: no stacking copy,
+        and the window rows are written in place. A non-finite result (the states and the new
+        k / v both reach u) is refused before the states are stored.
         """
-        R = len(states)
-        check_finite(k)
-        check_finite(v)
-        lengths = [s.length for s in states]
-        if R == 1:
-            s0, rk, rv = states[0].state[None], states[0].window_k[None], states[0].window_v[None]
-        else:
-            s0 = torch.stack([s.state for s in states])  # (R, H, S, K, V+1)
-            rk = torch.stack([s.window_k for s in states])  # (R, H, W, D)
-            rv = torch.stack([s.window_v for s in states])
+        lengths = torch.tensor([s.length for s in states], device=k.device)
+        batch = DecodeBatch.of(states)
+        s0 = batch.states if batch else torch.stack([s.state for s in states])  # (R, H, S, K, V+1)
+        rk = batch.k if batch else torch.stack([s.window_k for s in states])  # (R, H, W, D)
+        rv = batch.v if batch else torch.stack([s.window_v for s in states])
         u, s1 = window_decode(q.permute(2, 0, 1, 3), k.transpose(0, 1), v.transpose(0, 1), fq.permute(2, 0, 1, 3),
                               g.permute(2, 0, 1, 3), self.mix(), self.window_factor(), self.key_feature,
                               s0, rk, rv, lengths)
-        check_finite(u)  # NaN / inf in the states reaches u
-        W = self.cfg.window
-        if R > 1:  # the new rows into each request's own ring
-            rows = [n % W for n in lengths]
-            torch._foreach_copy_([s.window_k.select(1, p) for s, p in zip(states, rows)] +
-                                 [s.window_v.select(1, p) for s, p in zip(states, rows)],
-                                 [rk[j].select(1, p) for j, p in enumerate(rows)] +
-                                 [rv[j].select(1, p) for j, p in enumerate(rows)])
-        for j, s in enumerate(states):
-            s.state, s.length = s1[j], s.length + 1
+        check_finite(u)
+        DecodeBatch(s1, rk, rv).assign(states)
         return u.permute(1, 2, 0, 3)  # (H, G, R, V+1)
+
+    def _decode_step(self, x: Tensor, cos: Tensor, sin: Tensor, states: Sequence[DSLAState]) -> Tensor:
+        """A pure decode step (one token per request) with the exact window: the projections,
+        then everything between them in ``window_decode_layer`` (compiled when
+        ``use_compiled_decode(True)``), on the requests' ring buffers (see ``_decode_window``)."""
+        lengths = torch.tensor([s.length for s in states], device=x.device)
+        batch = DecodeBatch.of(states)
+        s0 = batch.states if batch else torch.stack([s.state for s in states])  # (R, H, S, K, V+1)
+        rk = batch.k if batch else torch.stack([s.window_k for s in states])  # (R, H, W, D)
+        rv = batch.v if batch else torch.stack([s.window_v for s in states])
+        rec = self.recency_gate if self.cfg.num_states == 2 else None
+        o, s1 = decode_layer_fn()(
+            self.q_proj(x), self.teacher.k_proj(x), self.teacher.v_proj(x), cos, sin,
+            self.feature_q.weight, self.feature_k.weight, self.history_gate.weight, self.history_gate.bias,
+            None if rec is None else rec.weight, None if rec is None else rec.bias,
+            self.mix_logits if rec is not None else None, self.window_log_scale, s0, rk, rv, lengths, self.cfg.eps)
+        check_finite(o)  # NaN / inf in the states or the new k / v reach o; the states are not stored
+        DecodeBatch(s1, rk, rv).assign(states)
+        return self.o_proj(o)
 
     def _run_requests(self, fq: Tensor, fk: Tensor, v1: Tensor, g: Tensor, mix: Tensor,
                       seq_lens: Sequence[int], states: Sequence[DSLAState] | None) -> Tensor:
@@ -319,6 +329,122 @@ class DSLAAttention(nn.Module):
             fk, v1, g = self.key_side(unapply_rope(k, cos, sin), k, kv.v)
             s = dsla_fold(fk[None], v1[None], g[None], None, chunk_size=self.cfg.chunk_size)
         return DSLAState(s[0], length=T)
+
+
+def window_decode_layer(q: Tensor, k_raw: Tensor, v: Tensor, cos: Tensor, sin: Tensor, w_fq: Tensor, w_fk: Tensor,
+                        w_hist: Tensor, b_hist: Tensor, w_rec: Tensor | None, b_rec: Tensor | None,
+                        mix_logits: Tensor | None, window_log_scale: Tensor, states: Tensor, ring_k: Tensor,
+                        ring_v: Tensor, lengths: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """A DSLA layer's decode step between its projections, for R requests, as one pure function
+    of tensors (the module's parameters are arguments, so one ``torch.compile`` serves every
+    layer): RoPE, the feature maps and gates (as ``DSLAAttention.feature`` / ``log_gates``
+    compute them), ``window_decode_math``, the normalisation.
+
+    q (R, Hq*D), k_raw / v (R, Hkv*D) straight from q_proj / k_proj / v_proj; cos, sin (R, D);
+    states, rings and lengths as ``window_decode`` takes them (the rings are written in place).
+    Returns o (R, Hq*D) in q's dtype, ready for o_proj, and the new states.
+    """
+    R = q.shape[0]
+    H, D, _ = w_fq.shape
+    G = q.shape[1] // (H * D)
+    dt = q.dtype
+    c, s_ = cos.to(dt)[:, None], sin.to(dt)[:, None]  # (R, 1, D)
+
+    def rope(t: Tensor) -> Tensor:  # (R, n, D), as dsla.ops.rope.apply_rope
+        return t * c + torch.cat([-t[..., D // 2:], t[..., : D // 2]], dim=-1) * s_
+
+    def phi(t: Tensor, w: Tensor) -> Tensor:  # (R, H, n, D) -> (R, H, n, 2F), as DSLAAttention.feature
+        y = torch.matmul(t.transpose(0, 1).reshape(H, -1, D), w.to(t.dtype)).float()  # (H, R*n, F)
+        y = torch.cat([y.softmax(-1), (-y).softmax(-1)], dim=-1).to(t.dtype)
+        return y.view(H, R, -1, y.shape[-1]).transpose(0, 1)
+
+    qr = rope(q.view(R, H * G, D)).view(R, H, G, D)
+    k_raw = k_raw.view(R, H, D)
+    k = rope(k_raw)
+    z = k_raw.float().transpose(0, 1)  # (H, R, D)
+    gates = [F.logsigmoid(torch.matmul(z, w_hist.float()) + b_hist.float())]
+    mix = torch.ones(H, G, 1, device=q.device)
+    if w_rec is not None:
+        gates.append(F.logsigmoid(torch.matmul(z, w_rec.float()) + b_rec.float()))
+        gamma = torch.sigmoid(mix_logits.float()).view(H, G, 1)
+        mix = torch.cat([gamma, 1 - gamma], dim=-1)
+    log_gates = torch.stack(gates, dim=1).permute(2, 0, 1, 3)  # (R, H, S, K)
+    factor = window_log_scale.float().exp().view(H, G)
+    u, st = window_decode_math(qr, k, v.view(R, H, -1), phi(qr, w_fq), log_gates, mix, factor,
+                               lambda t: phi(t, w_fk), states, ring_k, ring_v, lengths)
+    V = u.shape[-1] - 1
+    o = u[..., :V] / (u[..., V:].float() + eps).to(u.dtype)  # (R, H, G, V)
+    return o.reshape(R, -1).to(dt), st
+
+
+_DECODE = {"compiled": False, "fn": None}
+
+
+def use_compiled_decode(on: bool) -> None:
+    """Run DSLA decode steps through ``torch.compile(window_decode_layer)`` (on) or eagerly (off,
+    the default). Compiling needs a C++ compiler for CPU (inductor) and takes a while on the first
+    steps (once per process); where it fails, decode falls back to eager with a warning."""
+    _DECODE["compiled"], _DECODE["fn"] = bool(on), None
+
+
+def decode_layer_fn():
+    """``window_decode_layer``, compiled or not (see ``use_compiled_decode``)."""
+    if not _DECODE["compiled"]:
+        return window_decode_layer
+    if _DECODE["fn"] is None:
+        _DECODE["fn"] = _SafeCompiled(torch.compile(window_decode_layer, dynamic=True))
+    return _DECODE["fn"]
+
+
+class _SafeCompiled:
+    """A compiled function that falls back to eager for good when compiling fails."""
+
+    def __init__(self, fn) -> None:
+        self.fn = fn
+
+    def __call__(self, *args):
+        try:
+            return self.fn(*args)
+        except Exception as e:  # inductor without a compiler, an unsupported op: serve on, eagerly
+            import logging
+            logging.getLogger(__name__).warning("compiled DSLA decode failed (%s: %s); running eagerly",
+                                                type(e).__name__, str(e)[:200])
+            self.fn = window_decode_layer
+            return self.fn(*args)
+
+
+class DecodeBatch:
+    """The states and windows of R requests after a decode step, as (R, ...) tensors whose rows
+    the requests hold (``DSLAState.batch`` points here). Rebuilding the stack every step copied
+    every request's state and window in every DSLA layer; this keeps them stacked while the batch
+    stays the same. Identity checks only: cheap next to the copies they save."""
+
+    __slots__ = ("states", "k", "v", "rows")
+
+    def __init__(self, states: Tensor, k: Tensor, v: Tensor) -> None:
+        self.states, self.k, self.v = states, k, v
+        self.rows = list(zip(states.unbind(0), k.unbind(0), v.unbind(0)))
+
+    def assign(self, states: Sequence[DSLAState]) -> None:
+        """Advance each request by one token, its state and window now this batch's rows."""
+        for j, (s, rows) in enumerate(zip(states, self.rows)):
+            s.state, s.window_k, s.window_v = rows
+            s.length += 1
+            s.batch = (self, j)
+
+    @staticmethod
+    def of(states: Sequence[DSLAState]) -> DecodeBatch | None:
+        """The batch these requests' rows still are, in this order, or None."""
+        first = states[0].batch
+        if first is None or len(first[0].rows) != len(states):
+            return None
+        batch = first[0]
+        for j, s in enumerate(states):
+            st, wk, wv = batch.rows[j]
+            if s.batch is None or s.batch[0] is not batch or s.batch[1] != j or s.state is not st \
+                    or s.window_k is not wk or s.window_v is not wv:
+                return None
+        return batch
 
 
 def check_finite(state: Tensor) -> None:

@@ -106,6 +106,9 @@ class DSLAState:
     length: int = 0  # tokens this layer has seen (those older than the window are in ``state``)
     window_k: Tensor | None = None  # (H, W, D) keys after RoPE of the window; None without a window
     window_v: Tensor | None = None  # (H, W, D) their values
+    # after a decode step: (dsla.model.dsla.DecodeBatch, row) whose rows state / window_k /
+    # window_v are, so the next step need not stack them again (checked by identity there)
+    batch: object = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.state.dtype != torch.float32:

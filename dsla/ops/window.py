@@ -312,33 +312,40 @@ def ordered_from_ring(rows: Tensor, length: int) -> Tensor:
 
 def window_decode(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, log_gates: Tensor, mix: Tensor,
                   factor: Tensor, feature: Feature, states: Tensor, ring_k: Tensor, ring_v: Tensor,
-                  lengths: list[int]) -> tuple[Tensor, Tensor]:
+                  lengths: Tensor) -> tuple[Tensor, Tensor]:
     """One decode step of R sequences on ring-buffer windows; equals ``window_step``.
 
     q (R, H, G, D) after RoPE; k (R, H, D) after RoPE; v (R, H, V); fq (R, H, G, K);
     log_gates (R, H, S, K); mix (H, G, S); factor (H, G); states (R, H, S, K, V+1) float32;
-    ring_k (R, H, W, D), ring_v (R, H, W, V): the windows, token i at row i mod W; lengths:
-    tokens each sequence has seen before this one. The token leaving the window (t - W, at row
-    t mod W) enters the states, and the new key and value are written over it, in place.
-    Returns u (R, H, G, V+1) in fq's dtype and the new states (a new tensor).
+    ring_k (R, H, W, D), ring_v (R, H, W, V): the windows, token i at row i mod W; lengths (R,)
+    int64: tokens each sequence has seen before this one. The token leaving the window (t - W, at
+    row t mod W) enters the states, and the new key and value are written over it, in place.
+    Returns u (R, H, G, V+1) in fq's dtype and the new states (a new tensor). No branch depends
+    on the data (masks instead), so ``torch.compile`` traces it once for any batch.
     """
     R, H, W, D = ring_k.shape
-    if len(lengths) != R or q.dim() != 4 or k.shape != (R, H, D) or states.shape[:2] != (R, H):
-        raise ValueError(f"window_decode: q (R, H, G, D), k (R, H, D) and states (R, H, ...) must match the "
-                         f"rings {tuple(ring_k.shape)} and {len(lengths)} lengths, got q {tuple(q.shape)}, "
-                         f"k {tuple(k.shape)}, states {tuple(states.shape)}")
+    if lengths.shape != (R,) or q.dim() != 4 or k.shape != (R, H, D) or states.shape[:2] != (R, H):
+        raise ValueError(f"window_decode: q (R, H, G, D), k (R, H, D), states (R, H, ...) and lengths (R,) must "
+                         f"match the rings {tuple(ring_k.shape)}, got q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"states {tuple(states.shape)}, lengths {tuple(lengths.shape)}")
+    return window_decode_math(q, k, v, fq, log_gates, mix, factor, feature, states, ring_k, ring_v, lengths)
+
+
+def window_decode_math(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, log_gates: Tensor, mix: Tensor,
+                       factor: Tensor, feature: Feature, states: Tensor, ring_k: Tensor, ring_v: Tensor,
+                       lengths: Tensor) -> tuple[Tensor, Tensor]:
+    """``window_decode`` without its checks (for callers that validated once, and for compiling)."""
+    R, H, W, D = ring_k.shape
     acc = _acc_dtype(fq)
     rows = torch.arange(R, device=k.device)
-    pos = torch.tensor([n % W for n in lengths], device=k.device)
-    full = [n >= W for n in lengths]
+    pos = lengths % W
     # the token leaving the window enters the states (none while the window is not yet full)
     k_out, v_out = ring_k[rows, :, pos], ring_v[rows, :, pos]  # (R, H, D), (R, H, V)
-    fk = feature(k_out[:, :, None])[:, :, 0].to(acc)  # (R, H, K)
+    entering = (lengths >= W).to(acc)[:, None, None]  # (R, 1, 1)
+    fk = feature(k_out[:, :, None])[:, :, 0].to(acc) * entering  # (R, H, K)
     v1 = torch.cat([v_out.to(acc), torch.ones_like(v_out[..., :1], dtype=acc)], dim=-1)  # (R, H, V+1)
-    if not all(full):
-        fk = fk * torch.tensor(full, dtype=acc, device=k.device)[:, None, None]
-    st = torch.addcmul((fk[..., :, None] * v1[..., None, :])[:, :, None],  # (R, H, 1, K, V+1)
-                       log_gates.to(acc).exp()[..., None], states).contiguous()  # (R, H, S, K, V+1), stored
+    st = states * log_gates.to(acc).exp()[..., None]  # (R, H, S, K, V+1), contiguous like states (stored)
+    st.addcmul_(fk[:, :, None, :, None], v1[:, :, None, None, :])  # + φ(k)ᵀ [v, 1], both states
     G = fq.shape[2]
     qm = fq.to(acc)[:, :, :, None] * mix.to(acc)[None, :, :, :, None]  # (R, H, G, S, K)
     u_lin = qm.reshape(R, H, G, -1) @ st.view(R, H, -1, st.shape[-1])  # (R, H, G, V+1)
@@ -346,9 +353,8 @@ def window_decode(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, log_gates: Tensor
     ring_k[rows, :, pos] = k.to(ring_k.dtype)
     ring_v[rows, :, pos] = v.to(ring_v.dtype)
     s = (q.to(acc) / math.sqrt(D)) @ ring_k.to(acc).mT  # (R, H, G, W)
-    if not all(full):
-        valid = torch.arange(W, device=k.device)[None] <= torch.tensor(lengths, device=k.device)[:, None]
-        s = s.masked_fill(~valid[:, None, None], float("-inf"))
+    valid = torch.arange(W, device=k.device)[None] <= lengths[:, None]  # (R, W): rows written so far
+    s = s.masked_fill(~valid[:, None, None], float("-inf"))
     w = (s - s.amax(-1, keepdim=True)).exp()
     exact = torch.cat([w @ ring_v.to(acc), w.sum(-1, keepdim=True)], dim=-1)  # (R, H, G, V+1)
     u = u_lin + factor.to(acc)[None, :, :, None] * exact

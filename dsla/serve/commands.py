@@ -120,7 +120,7 @@ def curl_example(host: str, port: int, model: str, api_key: bool) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from dsla.cliargs import add_dataclass_arguments, add_model_arguments, add_weights_argument
+    from dsla.cliargs import add_compile_argument, add_dataclass_arguments, add_model_arguments, add_weights_argument
     from dsla.serve.policy import PolicyConfig
     from dsla.serve.scheduler import SchedulerConfig
 
@@ -130,6 +130,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     # prefill chunks): faster than native on every decode and prefill row of docs/results/speed.md;
     # plain int4 had doubled the TTFT through the server (its kernels are slow for prefill's many rows)
     add_weights_argument(p, default="auto")
+    add_compile_argument(p)
     p.add_argument("--student", default=None, help="student directory from `dsla distill` (DSLA weights)")
     p.add_argument("--policy", choices=["static", "adaptive"], default="static",
                    help="static: keep the --dsla-layers/--dsla-ratio plan; adaptive: convert layers under load "
@@ -196,6 +197,10 @@ def run(args: argparse.Namespace) -> int:
         policy_config = dataclasses.replace(policy_config, quality_budget=None)
     if quality:
         log.info("quality curve from %s: %s", report, ", ".join(f"{r:.2f}: +{q:.1%}" for r, q in quality))
+    if args.compile_decode:
+        from dsla.model.dsla import use_compiled_decode
+        use_compiled_decode(True)
+        log.info("DSLA decode steps compiled with torch.compile (the first ones wait for the compiler)")
     engine = build_engine(teacher, args.dtype, args.student, layers, args.dsla_ratio, config, args.policy,
                           policy_config, quality, args.weights)
     name = args.served_model_name or teacher.name

@@ -17,9 +17,14 @@ LENGTHS = (13, 5, 9, 1)  # prompts of different lengths, one of a single token
 
 @pytest.fixture(params=[0, 4], ids=["pure", "window4"])
 def hybrid(tiny_dir, request):
+    return make_hybrid(tiny_dir, request.param)
+
+
+def make_hybrid(tiny_dir, window: int):
+    """The tiny teacher with DSLA layers 0-2 (the given window), their parameters off their init."""
     torch.manual_seed(0)
     m = load_teacher(tiny_dir)
-    m.add_dsla(range(3), dataclasses.replace(CFG, window=request.param))
+    m.add_dsla(range(3), dataclasses.replace(CFG, window=window))
     with torch.no_grad():  # gates and mix off their init: not a special case
         for mod in m.dsla.values():
             for p in mod.parameters():

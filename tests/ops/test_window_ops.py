@@ -235,7 +235,7 @@ def test_ring_decode_equals_the_step(W):
         u_ref, s_step = window_step(q[:, :, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], fq[:, :, :, t:t + 1],
                                     g[:, :, :, t:t + 1], mix, f, phi_of(P), s_step, window=W)
         u, s_ring = window_decode(q[:, :, :, t], k[:, :, t], v[:, :, t], fq[:, :, :, t], g[:, :, :, t], mix, f,
-                                  phi_of(P), s_ring, rk, rv, lengths)
+                                  phi_of(P), s_ring, rk, rv, torch.tensor(lengths))
         lengths = [n + 1 for n in lengths]
         close(u, u_ref[:, :, :, 0])
         close(s_ring, s_step.states)

@@ -1,0 +1,61 @@
+"""The compiled DSLA decode step (``use_compiled_decode``) equals the eager one, and falls back."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import pytest
+import torch
+
+from dsla.model import dsla as dsla_mod
+from tests.model.test_decode import LENGTHS, make_hybrid, run_batched
+
+
+@pytest.fixture
+def hybrid(tiny_dir):
+    return make_hybrid(tiny_dir, 4)
+
+
+@pytest.fixture
+def restore_eager():
+    yield
+    dsla_mod.use_compiled_decode(False)
+
+
+def _seqs_plans(model):
+    g = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(0, 97, (n + 6,), generator=g) for n in LENGTHS]
+    return seqs, [[0, 1, 2]] * len(seqs), list(LENGTHS)
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="no C++ compiler")
+def test_compiled_decode_equals_eager(hybrid, restore_eager):
+    seqs, plans, prefills = _seqs_plans(hybrid)
+    eager, c_eager = run_batched(hybrid, seqs, plans, prefills)
+    dsla_mod.use_compiled_decode(True)
+    comp, c_comp = run_batched(hybrid, seqs, plans, prefills)
+    assert isinstance(dsla_mod.decode_layer_fn(), dsla_mod._SafeCompiled)
+    assert dsla_mod.decode_layer_fn().fn is not dsla_mod.window_decode_layer, "compiling fell back to eager"
+    for a, b in zip(comp, eager):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    for ca, cb in zip(c_comp, c_eager):
+        for sa, sb in zip(ca.layers[:3], cb.layers[:3]):
+            torch.testing.assert_close(sa.state, sb.state, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(sa.ordered_window(), sb.ordered_window(), rtol=1e-4, atol=1e-6)
+
+
+def test_a_failing_compile_falls_back_to_eager_with_a_warning(hybrid, restore_eager, monkeypatch, caplog):
+    seqs, plans, prefills = _seqs_plans(hybrid)
+    eager, _ = run_batched(hybrid, seqs, plans, prefills)
+
+    def broken(*a, **k):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: broken)
+    dsla_mod.use_compiled_decode(True)
+    with caplog.at_level(logging.WARNING):
+        out, _ = run_batched(hybrid, seqs, plans, prefills)
+    assert "running eagerly" in caplog.text
+    for a, b in zip(out, eager):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
