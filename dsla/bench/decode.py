@@ -404,7 +404,14 @@ def run_benchmark(teacher_dir: str | Path, s: DecodeSettings,
     """Every dtype in turn, with all implementations of that dtype loaded; returns the JSON document."""
     from dsla.model.dsla import use_compiled_decode
 
-    use_compiled_decode(s.compile_decode)
+    use_compiled_decode(s.compile_decode)  # a process-wide switch: set per run, off again at the end
+    try:
+        return _run_benchmark(teacher_dir, s, on_row)
+    finally:
+        use_compiled_decode(False)
+
+
+def _run_benchmark(teacher_dir: str | Path, s: DecodeSettings, on_row: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
     from dsla.cli import DTYPES
 
     bad = [d for d in s.dtypes if d not in DTYPES]

@@ -106,7 +106,7 @@ def lr_multiplier(schedule: Sequence[Sequence[int]], step: int) -> float:
     ``total`` after it ended) follows the cosine of the new total from where it is, warmed up
     again over its first tenth, since its Adam moments may start afresh.
     """
-    start, total = max((seg for seg in schedule if seg[0] <= step), key=lambda seg: seg[0])
+    start, total = [seg for seg in schedule if seg[0] <= step][-1]  # the latest segment begun by then
     value = warmup_cosine(total)(step)
     if start > 0:
         value *= min(1.0, (step - start + 1) / max(1, int(0.1 * (total - start))))

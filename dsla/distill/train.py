@@ -274,19 +274,19 @@ def distill(model: HybridLM, teacher_dir: Path, teacher_sha: str, out_dir: Path,
 
 
 def check_resumable(out_dir: Path, manifest: dict[str, Any], cfg: DistillConfig) -> None:
-    """Refuse to resume ``out_dir`` with another config, except a longer end-to-end stage:
-    raising ``e2e_steps`` continues a finished (or running) stage from where it is (see
-    ``dsla.distill.e2e.lr_multiplier``); the manifest then records the new step count."""
+    """Refuse to resume ``out_dir`` with another config, except another ``e2e_steps``: a stage
+    that has run (or finished) continues from where it is to the new count (see
+    ``dsla.distill.e2e.lr_multiplier``; ``end_to_end`` refuses a count below the steps done);
+    the manifest then records the new count."""
     old, new = dict(manifest["config"]), config_dict(cfg)
     steps = (old.pop("e2e_steps"), new.pop("e2e_steps"))
     if old != new:
         diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
         raise ValueError(f"{out_dir} holds a distillation run with a different config ({', '.join(diff)}); "
                          "resume it with the same settings, or choose another --out")
-    done = (manifest.get("e2e") or {}).get("step", 0)
-    if steps[1] < done:
-        raise ValueError(f"{out_dir} has already run {done} end-to-end steps; --e2e-steps {steps[1]} would "
-                         f"undo them: pass --e2e-steps {done} or more, or choose another --out")
+    rec = manifest.get("e2e")
+    if rec is not None and steps[0] != steps[1] and "schedule" not in rec:  # from before schedules were kept
+        rec["schedule"] = [[0, rec["step"] if rec.get("done") else steps[0]]]
     manifest["config"]["e2e_steps"] = steps[1]
 
 
@@ -299,8 +299,11 @@ def end_to_end(model: HybridLM, out_dir: Path, cfg: DistillConfig, manifest: dic
     if rec is not None and rec.get("layers") != layers:
         manifest.pop("e2e")
         rec = None
+    if rec is not None and cfg.e2e_steps < rec["step"]:
+        raise ValueError(f"{out_dir} has already run {rec['step']} end-to-end steps; --e2e-steps {cfg.e2e_steps} "
+                         f"would undo them: pass --e2e-steps {rec['step']} or more, or choose another --out")
     if rec is not None and rec.get("done"):
-        if rec["step"] >= cfg.e2e_steps:
+        if rec["step"] == cfg.e2e_steps:
             return
         log.info("extending the end-to-end stage from %d to %d steps", rec["step"], cfg.e2e_steps)
         rec.setdefault("schedule", [[0, rec["step"]]])  # a finished stage from before schedules were recorded

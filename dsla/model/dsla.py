@@ -248,9 +248,11 @@ class DSLAAttention(nn.Module):
         q (H, G, R, D), k / v (H, R, D), fq (H, G, R, K), g (H, S, R, K). The requests' states and
         windows are left as the rows of one (R, ...) tensor each (``DecodeBatch``), so the next
         step with the same requests in the same order uses them as they are: no stacking copy,
-        and the window rows are written in place. A non-finite result (the states and the new
-        k / v both reach u) is refused before the states are stored.
+        and the window rows are written in place. Non-finite k / v are refused before the rows
+        are written, non-finite states (they reach u) before they are stored.
         """
+        check_finite(k)  # before the ring is written: a key of -inf could hide behind w = 0
+        check_finite(v)
         lengths = torch.tensor([s.length for s in states], device=k.device)
         batch = DecodeBatch.of(states)
         s0 = batch.states if batch else torch.stack([s.state for s in states])  # (R, H, S, K, V+1)
@@ -267,6 +269,9 @@ class DSLAAttention(nn.Module):
         """A pure decode step (one token per request) with the exact window: the projections,
         then everything between them in ``window_decode_layer`` (compiled when
         ``use_compiled_decode(True)``), on the requests' ring buffers (see ``_decode_window``)."""
+        k_raw, v = self.teacher.k_proj(x), self.teacher.v_proj(x)
+        check_finite(k_raw)  # before the ring is written: a key of -inf could hide behind w = 0
+        check_finite(v)
         lengths = torch.tensor([s.length for s in states], device=x.device)
         batch = DecodeBatch.of(states)
         s0 = batch.states if batch else torch.stack([s.state for s in states])  # (R, H, S, K, V+1)
@@ -274,11 +279,12 @@ class DSLAAttention(nn.Module):
         rv = batch.v if batch else torch.stack([s.window_v for s in states])
         rec = self.recency_gate if self.cfg.num_states == 2 else None
         o, s1 = decode_layer_fn()(
-            self.q_proj(x), self.teacher.k_proj(x), self.teacher.v_proj(x), cos, sin,
+            self.q_proj(x), k_raw, v, cos, sin,
             self.feature_q.weight, self.feature_k.weight, self.history_gate.weight, self.history_gate.bias,
             None if rec is None else rec.weight, None if rec is None else rec.bias,
             self.mix_logits if rec is not None else None, self.window_log_scale, s0, rk, rv, lengths, self.cfg.eps)
-        check_finite(o)  # NaN / inf in the states or the new k / v reach o; the states are not stored
+        check_finite(o)  # NaN / inf in the states reach o; then they are not stored (the ring row is:
+        # the engine fails the step's requests, so their caches are dropped)
         DecodeBatch(s1, rk, rv).assign(states)
         return self.o_proj(o)
 
@@ -383,7 +389,8 @@ _DECODE = {"compiled": False, "fn": None}
 def use_compiled_decode(on: bool) -> None:
     """Run DSLA decode steps through ``torch.compile(window_decode_layer)`` (on) or eagerly (off,
     the default). Compiling needs a C++ compiler for CPU (inductor) and takes a while on the first
-    steps (once per process); where it fails, decode falls back to eager with a warning."""
+    steps (a graph for one request and one for any larger batch, per dtype and grad mode; none per
+    layer: the parameters are arguments); where it fails, decode falls back to eager with a warning."""
     _DECODE["compiled"], _DECODE["fn"] = bool(on), None
 
 
@@ -397,20 +404,27 @@ def decode_layer_fn():
 
 
 class _SafeCompiled:
-    """A compiled function that falls back to eager for good when compiling fails."""
+    """A compiled function that falls back to eager for good when compiling fails (any error
+    before its first success, or a dynamo / inductor error on a later recompile); other errors
+    (out of memory, bad input) propagate, since the step may have written the rings already."""
 
     def __init__(self, fn) -> None:
-        self.fn = fn
+        self.fn, self.succeeded = fn, False
 
     def __call__(self, *args):
         try:
-            return self.fn(*args)
-        except Exception as e:  # inductor without a compiler, an unsupported op: serve on, eagerly
+            out = self.fn(*args)
+        except Exception as e:
+            from torch._dynamo.exc import TorchDynamoException
+            if self.fn is window_decode_layer or (self.succeeded and not isinstance(e, TorchDynamoException)):
+                raise
             import logging
             logging.getLogger(__name__).warning("compiled DSLA decode failed (%s: %s); running eagerly",
                                                 type(e).__name__, str(e)[:200])
             self.fn = window_decode_layer
             return self.fn(*args)
+        self.succeeded = True
+        return out
 
 
 class DecodeBatch:

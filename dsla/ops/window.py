@@ -321,7 +321,7 @@ def window_decode(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, log_gates: Tensor
     int64: tokens each sequence has seen before this one. The token leaving the window (t - W, at
     row t mod W) enters the states, and the new key and value are written over it, in place.
     Returns u (R, H, G, V+1) in fq's dtype and the new states (a new tensor). No branch depends
-    on the data (masks instead), so ``torch.compile`` traces it once for any batch.
+    on the data (masks instead), so ``torch.compile`` does not recompile per step or per length.
     """
     R, H, W, D = ring_k.shape
     if lengths.shape != (R,) or q.dim() != 4 or k.shape != (R, H, D) or states.shape[:2] != (R, H):

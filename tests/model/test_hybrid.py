@@ -201,3 +201,23 @@ def test_window_is_validated():
         DSLAConfig(window=-1)
     with pytest.raises(ValueError, match="window=2.5"):
         DSLAConfig(window=2.5)
+
+
+def test_a_non_finite_key_never_enters_a_window(tiny_dir):
+    """A key of -inf can leave u finite (its weight is 0): it must be refused before the ring is written."""
+    import dataclasses
+
+    from dsla.config import DSLAConfig
+    m = load_teacher(tiny_dir)
+    m.add_dsla([0], dataclasses.replace(DSLAConfig(feature_dim=8, chunk_size=8), window=4))
+    cache = m.new_cache([0])
+    with torch.no_grad():
+        m(torch.randint(0, 97, (6,)), [6], [cache])
+        st = cache.layers[0]
+        ring = st.window_k.clone()
+        mod = m.dsla["0"]
+        with torch.no_grad():
+            mod.teacher.k_proj.weight.fill_(float("-inf"))
+        with pytest.raises(FloatingPointError):
+            m(torch.randint(0, 97, (1,)), [1], [cache])
+    assert torch.equal(st.window_k, ring) and st.length == 6
