@@ -35,8 +35,7 @@ from dsla.model.llama import LlamaAttention, split_heads, uniform_length
 from dsla.model.state import DSLAState, KVState
 from dsla.ops.dsla import dsla_chunked, dsla_fold, dsla_step
 from dsla.ops.rope import apply_rope, rope_cos_sin, unapply_rope
-from dsla.ops.window import (WindowState, ring_from_ordered, window_chunked, window_decode, window_decode_math,
-                             window_fold)
+from dsla.ops.window import WindowState, ring_from_ordered, window_chunked, window_decode_math, window_fold
 
 
 class HeadwiseLinear(nn.Module):
@@ -143,8 +142,10 @@ class DSLAAttention(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, seq_lens: Sequence[int],
                 states: Sequence[DSLAState] | None = None) -> Tensor:
         """Same contract as ``LlamaAttention.forward``: x (N, hidden) -> (N, hidden)."""
-        if states is not None and self.cfg.window and len(seq_lens) == x.shape[0]:
-            return self._decode_step(x, cos, sin, states)  # every request adds one token
+        if states is not None and self.cfg.window and 1 in seq_lens:
+            if len(seq_lens) == x.shape[0]:  # every request adds one token
+                return self._decode_step(x, cos, sin, states)
+            return self._split_decodes(x, cos, sin, seq_lens, states)
         q = apply_rope(split_heads(self.q_proj(x), self.lcfg.num_attention_heads), cos, sin)  # (Hq, N, D)
         o = self.attend(q, *self.teacher.project_kv(x, cos, sin), seq_lens, states)  # (Hq, N, D)
         return self.o_proj(o.transpose(0, 1).reshape(x.shape[0], -1).to(x.dtype))
@@ -206,22 +207,13 @@ class DSLAAttention(nn.Module):
 
     def _run_window_requests(self, q: Tensor, k: Tensor, v: Tensor, fq: Tensor, g: Tensor,
                              seq_lens: Sequence[int], states: Sequence[DSLAState] | None) -> Tensor:
-        """Per request, like ``_run_requests``: all single-token decodes in one ``_decode_window``
-        call, each prefill chunk a chunked call continuing from its state."""
+        """Each request's tokens as one chunked call continuing from its state (single-token
+        decodes with a state never get here: ``forward`` sends them to ``_decode_step``)."""
         H, G, N, _ = q.shape
         V = v.shape[-1]
-        decode = [r for r, L in enumerate(seq_lens) if L == 1 and states is not None]
-        if len(decode) == N:  # a pure decode step: no gathers
-            return self._decode_window(q, k, v, fq, g, states)
         u = fq.new_empty(H, G, N, V + 1)
         starts = torch.tensor([0, *seq_lens]).cumsum(0).tolist()
-        if decode:
-            idx = torch.tensor([starts[r] for r in decode], device=q.device)
-            u[:, :, idx] = self._decode_window(q[:, :, idx], k[:, idx], v[:, idx], fq[:, :, idx], g[:, :, idx],
-                                               [states[r] for r in decode])
         for r in range(len(seq_lens)):
-            if r in decode:
-                continue
             sl = slice(starts[r], starts[r + 1])  # one request: a batch of 1
             s0 = None
             if states is not None:
@@ -241,34 +233,30 @@ class DSLAAttention(nn.Module):
             st.set_ordered_window(s1.k[0], s1.v[0])  # the rows stay in their preallocated buffers
         return u
 
-    def _decode_window(self, q: Tensor, k: Tensor, v: Tensor, fq: Tensor, g: Tensor,
+    def _split_decodes(self, x: Tensor, cos: Tensor, sin: Tensor, seq_lens: Sequence[int],
                        states: Sequence[DSLAState]) -> Tensor:
-        """One token for each of R requests (``window_decode`` on their ring buffers): u (H, G, R, V+1).
-
-        q (H, G, R, D), k / v (H, R, D), fq (H, G, R, K), g (H, S, R, K). The requests' states and
-        windows are left as the rows of one (R, ...) tensor each (``DecodeBatch``), so the next
-        step with the same requests in the same order uses them as they are: no stacking copy,
-        and the window rows are written in place. Non-finite k / v are refused before the rows
-        are written, non-finite states (they reach u) before they are stored.
-        """
-        check_finite(k)  # before the ring is written: a key of -inf could hide behind w = 0
-        check_finite(v)
-        lengths = torch.tensor([s.length for s in states], device=k.device)
-        batch = DecodeBatch.of(states)
-        s0 = batch.states if batch else torch.stack([s.state for s in states])  # (R, H, S, K, V+1)
-        rk = batch.k if batch else torch.stack([s.window_k for s in states])  # (R, H, W, D)
-        rv = batch.v if batch else torch.stack([s.window_v for s in states])
-        u, s1 = window_decode(q.permute(2, 0, 1, 3), k.transpose(0, 1), v.transpose(0, 1), fq.permute(2, 0, 1, 3),
-                              g.permute(2, 0, 1, 3), self.mix(), self.window_factor(), self.key_feature,
-                              s0, rk, rv, lengths)
-        check_finite(u)
-        DecodeBatch(s1, rk, rv).assign(states)
-        return u.permute(1, 2, 0, 3)  # (H, G, R, V+1)
+        """A step mixing decodes (one token) with prefill chunks: the decodes through
+        ``_decode_step``, the chunks through the chunked path; outputs back in token order."""
+        starts = torch.tensor([0, *seq_lens]).cumsum(0).tolist()
+        dec = [r for r, L in enumerate(seq_lens) if L == 1]
+        rest = [r for r, L in enumerate(seq_lens) if L != 1]
+        i_dec = torch.tensor([starts[r] for r in dec], device=x.device)
+        i_rest = torch.cat([torch.arange(starts[r], starts[r + 1]) for r in rest]).to(x.device)
+        out = x.new_empty(x.shape[0], self.o_proj.out_features)
+        out[i_dec] = self._decode_step(x[i_dec], cos[i_dec], sin[i_dec], [states[r] for r in dec])
+        out[i_rest] = self(x[i_rest], cos[i_rest], sin[i_rest], [seq_lens[r] for r in rest], [states[r] for r in rest])
+        return out
 
     def _decode_step(self, x: Tensor, cos: Tensor, sin: Tensor, states: Sequence[DSLAState]) -> Tensor:
         """A pure decode step (one token per request) with the exact window: the projections,
         then everything between them in ``window_decode_layer`` (compiled when
-        ``use_compiled_decode(True)``), on the requests' ring buffers (see ``_decode_window``)."""
+        ``use_compiled_decode(True)``), on the requests' ring buffers.
+
+        The requests' states and windows are left as the rows of one (R, ...) tensor each
+        (``DecodeBatch``), so the next step with the same requests in the same order uses them as
+        they are: no stacking copy, and the window rows are written in place. Non-finite k / v
+        are refused before the rows are written, non-finite states (they reach o) before they
+        are stored."""
         k_raw, v = self.teacher.k_proj(x), self.teacher.v_proj(x)
         check_finite(k_raw)  # before the ring is written: a key of -inf could hide behind w = 0
         check_finite(v)
