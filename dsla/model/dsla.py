@@ -39,18 +39,14 @@ from dsla.ops.window import WindowState, ring_from_ordered, window_chunked, wind
 
 
 class HeadwiseLinear(nn.Module):
-    """A separate small linear map per KV head: (H, ..., I) -> (H, ..., O)."""
+    """The parameters of a separate small linear map per KV head, (H, ..., I) -> (H, ..., O):
+    weight (H, I, O) and optional bias (H, 1, O). Applied by ``feature_map`` / ``log_decays``,
+    functions of the weights, so the compiled decode step can take them as arguments."""
 
     def __init__(self, heads: int, d_in: int, d_out: int, bias: bool) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(heads, d_in, d_out))
         self.bias = nn.Parameter(torch.zeros(heads, 1, d_out)) if bias else None
-
-    def forward(self, x: Tensor) -> Tensor:
-        y = torch.matmul(x.reshape(x.shape[0], -1, x.shape[-1]), self.weight.to(x.dtype))  # (H, M, O)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y.view(*x.shape[:-1], -1)
 
 
 def logit(p: float) -> float:
@@ -109,11 +105,9 @@ class DSLAAttention(nn.Module):
 
     def log_gates(self, k_raw: Tensor) -> Tensor:
         """Log decays (H, S, N, K) float32 from the keys before RoPE (H, N, D)."""
-        z = k_raw.float()
-        gates = [F.logsigmoid(self.history_gate(z))]
-        if self.cfg.num_states == 2:
-            gates.append(F.logsigmoid(self.recency_gate(z)))
-        return torch.stack(gates, dim=1)
+        rec = self.recency_gate if self.cfg.num_states == 2 else None
+        return log_decays(k_raw.float(), self.history_gate.weight, self.history_gate.bias,
+                          None if rec is None else rec.weight, None if rec is None else rec.bias)
 
     def key_feature(self, k: Tensor) -> Tensor:
         """phi of keys laid out (B, H, N, D) -> (B, H, N, K): the window ops' ``feature``."""
@@ -121,17 +115,14 @@ class DSLAAttention(nn.Module):
 
     @staticmethod
     def feature(x: Tensor, proj: HeadwiseLinear) -> Tensor:
-        """Hedgehog-style positive features: [softmax(xW), softmax(-xW)], (..., D) -> (..., 2F)."""
-        y = proj(x).float()
-        return torch.cat([y.softmax(-1), (-y).softmax(-1)], dim=-1).to(x.dtype)
+        """``feature_map`` with a feature projection's weight: (H, ..., D) -> (H, ..., 2F)."""
+        return feature_map(x, proj.weight)
 
     def mix(self) -> Tensor:
         """(Hkv, G, S) weights of the states in the output: gamma, 1 - gamma per query head."""
         lc = self.lcfg
-        if self.cfg.num_states == 1:
-            return torch.ones(lc.num_key_value_heads, lc.group_size, 1, device=self.feature_q.weight.device)
-        gamma = torch.sigmoid(self.mix_logits.float()).view(lc.num_key_value_heads, lc.group_size, 1)
-        return torch.cat([gamma, 1 - gamma], dim=-1)
+        return state_mix(self.mix_logits if self.cfg.num_states == 2 else None, lc.num_key_value_heads,
+                         lc.group_size, self.feature_q.weight.device)
 
     def window_factor(self) -> Tensor:
         """(Hkv, G) weight f = exp(window_log_scale) of the exact window per query head."""
@@ -325,14 +316,39 @@ class DSLAAttention(nn.Module):
         return DSLAState(s[0], length=T)
 
 
+# ---- the layer's maps as functions of their weights (shared with window_decode_layer) ---------
+def feature_map(x: Tensor, w: Tensor) -> Tensor:
+    """Hedgehog-style positive features per KV head, [softmax(xW), softmax(-xW)]: x (H, ..., D),
+    w (H, D, F) -> (H, ..., 2F) in x's dtype (the projection in x's dtype, the softmax in fp32)."""
+    y = torch.matmul(x.reshape(x.shape[0], -1, x.shape[-1]), w.to(x.dtype)).float()  # (H, M, F)
+    return torch.cat([y.softmax(-1), (-y).softmax(-1)], dim=-1).to(x.dtype).view(*x.shape[:-1], -1)
+
+
+def log_decays(z: Tensor, w_hist: Tensor, b_hist: Tensor, w_rec: Tensor | None, b_rec: Tensor | None) -> Tensor:
+    """Log decays (H, S, N, K) float32 from float keys before RoPE z (H, N, D): logsigmoid of the
+    history gate (and, for two states, the recency gate), each a per-head linear map plus bias."""
+    gates = [F.logsigmoid(torch.matmul(z, w_hist.float()) + b_hist.float())]
+    if w_rec is not None:
+        gates.append(F.logsigmoid(torch.matmul(z, w_rec.float()) + b_rec.float()))
+    return torch.stack(gates, dim=1)
+
+
+def state_mix(mix_logits: Tensor | None, heads: int, group: int, device: torch.device) -> Tensor:
+    """(H, G, S) weights of the states per query head: [gamma, 1 - gamma], or ones for one state."""
+    if mix_logits is None:
+        return torch.ones(heads, group, 1, device=device)
+    gamma = torch.sigmoid(mix_logits.float()).view(heads, group, 1)
+    return torch.cat([gamma, 1 - gamma], dim=-1)
+
+
 def window_decode_layer(q: Tensor, k_raw: Tensor, v: Tensor, cos: Tensor, sin: Tensor, w_fq: Tensor, w_fk: Tensor,
                         w_hist: Tensor, b_hist: Tensor, w_rec: Tensor | None, b_rec: Tensor | None,
                         mix_logits: Tensor | None, window_log_scale: Tensor, states: Tensor, ring_k: Tensor,
                         ring_v: Tensor, lengths: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """A DSLA layer's decode step between its projections, for R requests, as one pure function
     of tensors (the module's parameters are arguments, so one ``torch.compile`` serves every
-    layer): RoPE, the feature maps and gates (as ``DSLAAttention.feature`` / ``log_gates``
-    compute them), ``window_decode_math``, the normalisation.
+    layer): RoPE, the feature maps and gates (``feature_map``, ``log_decays``, ``state_mix``, as
+    the module computes them), ``window_decode_math``, the normalisation.
 
     q (R, Hq*D), k_raw / v (R, Hkv*D) straight from q_proj / k_proj / v_proj; cos, sin (R, D);
     states, rings and lengths as ``window_decode`` takes them (the rings are written in place).
@@ -347,23 +363,15 @@ def window_decode_layer(q: Tensor, k_raw: Tensor, v: Tensor, cos: Tensor, sin: T
     def rope(t: Tensor) -> Tensor:  # (R, n, D), as dsla.ops.rope.apply_rope
         return t * c + torch.cat([-t[..., D // 2:], t[..., : D // 2]], dim=-1) * s_
 
-    def phi(t: Tensor, w: Tensor) -> Tensor:  # (R, H, n, D) -> (R, H, n, 2F), as DSLAAttention.feature
-        y = torch.matmul(t.transpose(0, 1).reshape(H, -1, D), w.to(t.dtype)).float()  # (H, R*n, F)
-        y = torch.cat([y.softmax(-1), (-y).softmax(-1)], dim=-1).to(t.dtype)
-        return y.view(H, R, -1, y.shape[-1]).transpose(0, 1)
+    def phi(t: Tensor, w: Tensor) -> Tensor:  # (R, H, n, D) -> (R, H, n, 2F)
+        return feature_map(t.transpose(0, 1), w).transpose(0, 1)
 
     qr = rope(q.view(R, H * G, D)).view(R, H, G, D)
     k_raw = k_raw.view(R, H, D)
     k = rope(k_raw)
-    z = k_raw.float().transpose(0, 1)  # (H, R, D)
-    gates = [F.logsigmoid(torch.matmul(z, w_hist.float()) + b_hist.float())]
-    mix = torch.ones(H, G, 1, device=q.device)
-    if w_rec is not None:
-        gates.append(F.logsigmoid(torch.matmul(z, w_rec.float()) + b_rec.float()))
-        gamma = torch.sigmoid(mix_logits.float()).view(H, G, 1)
-        mix = torch.cat([gamma, 1 - gamma], dim=-1)
-    log_gates = torch.stack(gates, dim=1).permute(2, 0, 1, 3)  # (R, H, S, K)
-    factor = window_log_scale.float().exp().view(H, G)
+    log_gates = log_decays(k_raw.float().transpose(0, 1), w_hist, b_hist, w_rec, b_rec).permute(2, 0, 1, 3)  # (R, H, S, K)
+    mix = state_mix(mix_logits, H, G, q.device)
+    factor = window_log_scale.float().exp().view(H, G)  # as DSLAAttention.window_factor
     u, st = window_decode_math(qr, k, v.view(R, H, -1), phi(qr, w_fq), log_gates, mix, factor,
                                lambda t: phi(t, w_fk), states, ring_k, ring_v, lengths)
     V = u.shape[-1] - 1
