@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dsla.config import DSLAConfig
-from dsla.model.llama import LlamaAttention, split_heads, uniform_length
+from dsla.model.llama import LlamaAttention, split_heads, token_index, uniform_length
 from dsla.model.state import DSLAState, KVState
 from dsla.ops.dsla import dsla_chunked, dsla_fold, dsla_step
 from dsla.ops.rope import apply_rope, rope_cos_sin, unapply_rope
@@ -228,11 +228,9 @@ class DSLAAttention(nn.Module):
                        states: Sequence[DSLAState]) -> Tensor:
         """A step mixing decodes (one token) with prefill chunks: the decodes through
         ``_decode_step``, the chunks through the chunked path; outputs back in token order."""
-        starts = torch.tensor([0, *seq_lens]).cumsum(0).tolist()
         dec = [r for r, L in enumerate(seq_lens) if L == 1]
         rest = [r for r, L in enumerate(seq_lens) if L != 1]
-        i_dec = torch.tensor([starts[r] for r in dec], device=x.device)
-        i_rest = torch.cat([torch.arange(starts[r], starts[r + 1]) for r in rest]).to(x.device)
+        i_dec, i_rest = token_index(seq_lens, dec, x.device), token_index(seq_lens, rest, x.device)
         out = x.new_empty(x.shape[0], self.o_proj.out_features)
         out[i_dec] = self._decode_step(x[i_dec], cos[i_dec], sin[i_dec], [states[r] for r in dec])
         out[i_rest] = self(x[i_rest], cos[i_rest], sin[i_rest], [seq_lens[r] for r in rest], [states[r] for r in rest])
@@ -358,10 +356,9 @@ def window_decode_layer(q: Tensor, k_raw: Tensor, v: Tensor, cos: Tensor, sin: T
     H, D, _ = w_fq.shape
     G = q.shape[1] // (H * D)
     dt = q.dtype
-    c, s_ = cos.to(dt)[:, None], sin.to(dt)[:, None]  # (R, 1, D)
 
-    def rope(t: Tensor) -> Tensor:  # (R, n, D), as dsla.ops.rope.apply_rope
-        return t * c + torch.cat([-t[..., D // 2:], t[..., : D // 2]], dim=-1) * s_
+    def rope(t: Tensor) -> Tensor:  # (R, n, D): apply_rope takes the positions second to last
+        return apply_rope(t.transpose(0, 1), cos, sin).transpose(0, 1)
 
     def phi(t: Tensor, w: Tensor) -> Tensor:  # (R, H, n, D) -> (R, H, n, 2F)
         return feature_map(t.transpose(0, 1), w).transpose(0, 1)

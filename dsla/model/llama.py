@@ -156,6 +156,12 @@ class LlamaBackbone(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
+def token_index(seq_lens: Sequence[int], requests: Sequence[int], device: torch.device) -> Tensor:
+    """Indices into a flattened batch of the tokens of ``requests`` (in that order)."""
+    starts = torch.tensor([0, *seq_lens]).cumsum(0).tolist()
+    return torch.cat([torch.arange(starts[r], starts[r + 1]) for r in requests]).to(device)
+
+
 def mixed_attention(attn: nn.Module, dsla: nn.Module | None, x: Tensor, cos: Tensor, sin: Tensor,
                     seq_lens: Sequence[int], states: Sequence[LayerState]) -> Tensor:
     """Run one layer for requests whose state for it may be KVState or DSLAState (mixed batch)."""
@@ -165,10 +171,9 @@ def mixed_attention(attn: nn.Module, dsla: nn.Module | None, x: Tensor, cos: Ten
     if dsla is None:
         raise RuntimeError("a request holds a DSLA state for a layer that has no DSLA module")
     out = torch.empty_like(x)
-    starts = torch.tensor([0, *seq_lens]).cumsum(0).tolist()
     for want, module in ((False, attn), (True, dsla)):
         rs = [r for r in range(len(states)) if is_dsla[r] == want]
-        idx = torch.cat([torch.arange(starts[r], starts[r + 1]) for r in rs]).to(x.device)
+        idx = token_index(seq_lens, rs, x.device)
         out[idx] = module(x[idx], cos[idx], sin[idx], [seq_lens[r] for r in rs], [states[r] for r in rs])
     return out
 
