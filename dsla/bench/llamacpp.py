@@ -8,6 +8,11 @@ and reads its own memory, so the pipe's latency and the parent's threads are not
 runner keeps those reports, and ``dsla.bench.decode`` uses them in place of its own clocks for
 this runner's rows.
 
+Between its calls the worker is stopped (SIGSTOP, resumed with SIGCONT before the next call):
+once it has answered, llama.cpp's threads may keep polling for work for a while, and those
+cycles would be taken from our own rows, measured in between on the same cores. Stopped, it
+is what it would be as the only engine on the machine: absent. ``pause=False`` turns it off.
+
 GGUF files: a name (``q4_1``, ``f16``, ``bf16``, ``f32``) means
 ``$DSLA_HOME/peers/models/SmolLM2-135M-Instruct.<name>.gguf``, which the setup script writes;
 anything ending in ``.gguf`` is a path.
@@ -16,7 +21,10 @@ anything ending in ``.gguf`` is a path.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,22 +89,37 @@ class WorkerError(RuntimeError):
 
 
 class WorkerClient:
-    """One worker subprocess: ``call(op, **fields)`` sends a line and returns the reply dict."""
+    """One worker subprocess: ``call(op, **fields)`` sends a line and returns the reply dict.
 
-    def __init__(self, argv: Sequence[str]) -> None:
+    ``pause``: keep the worker stopped (SIGSTOP) between calls, so that its threads take no CPU
+    while the parent measures something else (see the module's docstring)."""
+
+    def __init__(self, argv: Sequence[str], pause: bool = True) -> None:
         self.argv = list(argv)
+        self.pause = pause and sys.platform.startswith("linux")
         self.stderr = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a chatty worker never blocks on it
         self.proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.stderr, text=True, bufsize=1)
 
+    def _signal(self, sig: int) -> None:
+        if self.pause and self.proc.poll() is None:
+            try:
+                os.kill(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+
     def call(self, op: str, **fields: Any) -> dict[str, Any]:
+        self._signal(signal.SIGCONT)
         try:
             self.proc.stdin.write(json.dumps({"op": op, **fields}) + "\n")
             self.proc.stdin.flush()
             line = self.proc.stdout.readline()
         except (BrokenPipeError, OSError):
             line = ""
+        finally:
+            self._signal(signal.SIGSTOP)
         if not line:
+            self._signal(signal.SIGCONT)
             self.proc.wait(timeout=10)
             self.stderr.seek(0)
             err = self.stderr.read()[-2000:]
@@ -109,6 +132,7 @@ class WorkerClient:
 
     def close(self) -> None:
         if self.proc.poll() is None:
+            self._signal(signal.SIGCONT)
             try:
                 self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
                 self.proc.stdin.flush()

@@ -182,7 +182,17 @@ class Worker:
         return out
 
 
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this process when the bench dies: the bench keeps it stopped (SIGSTOP)
+    between calls, and a stopped orphan would never read the end of its stdin."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+    except (OSError, AttributeError):
+        pass
+
+
 def serve(stdin=sys.stdin, stdout=sys.stdout) -> None:
+    _die_with_parent()
     worker = Worker()
     for line in stdin:
         if not line.strip():

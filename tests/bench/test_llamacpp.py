@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,36 @@ def test_worker_errors_carry_the_worker_words(peers, monkeypatch):
     with pytest.raises(llamacpp.WorkerError, match="(?s)exited with code 3 during 'prefill'.*dying on prefill"):
         runner.prefill(torch.tensor([1]))
     runner.close()
+
+
+def _proc_state(pid: int, want: str, wait_s: float = 5.0) -> str:
+    """The process's state letter, once it is ``want`` (a signal is delivered asynchronously) or after wait_s."""
+    for _ in range(int(wait_s / 0.01)):
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        if state == want:
+            break
+        time.sleep(0.01)
+    return state
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_worker_is_stopped_between_calls(peers):
+    """Its threads take no CPU while the bench measures our rows; it still answers every call."""
+    runner = llamacpp.LlamaCppRunner("q4_1", threads=1, extra_tokens=3)
+    try:
+        pid = runner.worker.proc.pid
+        assert _proc_state(pid, "T") == "T"
+        assert runner.prefill(torch.tensor([1, 2, 3])) == [1, 2, 3]
+        assert _proc_state(pid, "T") == "T"
+    finally:
+        runner.close()
+    assert runner.worker.proc.returncode == 0  # resumed to read "quit", not killed
+    unpaused = llamacpp.WorkerClient(runner.worker.argv, pause=False)
+    try:
+        unpaused.call("load", model=runner.row_extra["gguf"], threads=1)
+        assert _proc_state(unpaused.proc.pid, "T", wait_s=0.5) != "T"
+    finally:
+        unpaused.close()
 
 
 def test_reports_replace_parent_clocks():
