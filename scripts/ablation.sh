@@ -62,8 +62,8 @@ mkdir -p "$ABL"
 STUDENTS=()
 for row in "${ROWS[@]}"; do
   train "$row"
-  STUDENTS+=(--student "$ABL/$row@0.25")
+  STUDENTS+=(--student "$ABL/$row")
   # one report for every row so far (the teacher's run is reused, each finished row too)
-  "$BIN/dsla" eval ppl position passkey "${STUDENTS[@]}" --ratios 0 --dtype "$DTYPE" --threads "$THREADS" \
+  "$BIN/dsla" eval ppl position passkey "${STUDENTS[@]}" --ratios 0,0.25 --dtype "$DTYPE" --threads "$THREADS" \
     --no-progress --out "$OUT" --position-windows 2 --contexts 1024,2048,4096 --trials "$TRIALS" --resume
 done

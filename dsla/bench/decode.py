@@ -443,7 +443,10 @@ def _run_benchmark(teacher_dir: str | Path, s: DecodeSettings, on_row: Callable[
     from dsla.model.quant import BF16_CPU_FLAGS, cpu_flags
 
     machine["cpu_bf16_flags"] = sorted(set(BF16_CPU_FLAGS) & cpu_flags())  # what --weights auto looks at
-    return {"machine": machine, "teacher": str(teacher_dir), "settings": asdict(s), "results": rows,
+    settings = asdict(s)
+    if "llamacpp" in s.impls:  # how the peer shared the cores with our rows (dsla.bench.llamacpp)
+        settings["llamacpp_stopped_between_calls"] = True
+    return {"machine": machine, "teacher": str(teacher_dir), "settings": settings, "results": rows,
             "skipped": skipped, "summary": summarise(rows)}
 
 

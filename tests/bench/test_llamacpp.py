@@ -128,6 +128,7 @@ def test_decode_bench_llamacpp_rows(tiny_dir, peers, tmp_path):
                   "--prefill-lengths", "8", "--contexts", "12", "--batches", "1,2", "--steps", "2"])
     assert decode.run(args) == 0
     doc = json.loads(out.read_text())
+    assert doc["settings"]["llamacpp_stopped_between_calls"] is True
     peer = [r for r in doc["results"] if r["impl"] == "llamacpp"]
     assert [(r["dtype"], r["group_dtype"], r["batch"], r["context"]) for r in peer] == [
         ("q4_1", "float32", 1, 8), ("q4_1", "float32", 1, 12), ("q4_1", "float32", 2, 12),
