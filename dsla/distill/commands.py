@@ -101,6 +101,11 @@ def add_rank_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--passkey-context", type=int, default=1024, help="tokens per passkey prompt")
     g.add_argument("--protect", type=int, default=None,
                    help="layers most needed by the passkey that go last in the order (default: a quarter)")
+    g.add_argument("--greedy", type=int, default=0, metavar="K",
+                   help="then choose the first K layers of the order greedily, each restricted together with "
+                        "those chosen before it (L + (L-1) + ... forward passes); 0: off")
+    g.add_argument("--key-weight", type=float, default=0.1,
+                   help="greedy cost = loss increase (nats/token) + this x passkey log-likelihood drop (nats/key)")
 
 
 def passkey_key_prompts(teacher: Path, tok, num: int, context: int, seed: int):
@@ -133,7 +138,16 @@ def _retrieval_scores(args, teacher: Path, model, val_w) -> tuple[list[float], l
     L = model.cfg.num_hidden_layers
     protect = L // 4 if args.protect is None else args.protect
     order = retrieval_aware_order(res["loss_delta"], res["key_logp_drop"], protect)
-    return res["key_logp_drop"], order, res | {"protect": protect}
+    extra = res | {"protect": protect}
+    if args.greedy:
+        from dsla.distill.probe import greedy_layer_set
+
+        g = greedy_layer_set(model, val_w(args.sequences, args.seed), prompts, args.greedy, args.probe_window,
+                             args.probe_sinks, args.key_weight, progress=True)
+        extra["single_layer_order"] = order
+        extra["greedy"] = g
+        order = g["order"] + [i for i in order if i not in g["order"]]
+    return res["key_logp_drop"], order, extra
 
 
 def run_rank(args: argparse.Namespace) -> int:
@@ -141,7 +155,11 @@ def run_rank(args: argparse.Namespace) -> int:
     from dsla.distill.rank import attention_entropy, loss_delta, order_from_scores
     from dsla.fileio import atomic_write_json
 
+    if args.greedy and args.metric != "retrieval":
+        raise ValueError(f"--greedy {args.greedy} needs --metric retrieval (it extends the retrieval probe)")
     teacher, model, sha = _setup(args)
+    if not 0 <= args.greedy <= model.cfg.num_hidden_layers:
+        raise ValueError(f"--greedy {args.greedy} must lie in [0, {model.cfg.num_hidden_layers}] (the model's layers)")
     train_w, val_w = window_sources(teacher, args.seq_len)
     L = model.cfg.num_hidden_layers
     extra: dict = {}

@@ -10,6 +10,11 @@ measures what that costs, with no student needed:
   teacher-forced key accuracy, on passkey prompts built from validation text.
 
 The retrieval-aware order converts least costly layers first and the layers the passkey needs last.
+
+One layer at a time misses what layers do together: several layers may each keep the key alone
+and lose it once all of them are local. ``greedy_layer_set`` grows the set of local layers one
+layer at a time, each time adding the layer whose restriction *together with those already
+chosen* costs least, so the first k of its order are what a ratio of k / L would convert.
 """
 
 from __future__ import annotations
@@ -62,20 +67,24 @@ class KeyPrompt:
     start: int  # index of the first answer token
 
 
-def _with_probe(model: HybridLM, layer: int | None, window: int, sinks: int):
-    """(dsla_layers, restore) running ``layer`` as LocalAttention through the model's DSLA slot."""
-    if layer is None:
+def _with_probe(model: HybridLM, layers: int | Sequence[int] | None, window: int, sinks: int):
+    """(dsla_layers, restore) running ``layers`` as LocalAttention through the model's DSLA slots."""
+    if layers is None:
         return [], lambda: None
-    key = str(layer)
-    saved = model.dsla[key] if key in model.dsla else None
-    model.dsla[key] = LocalAttention(model.model.layers[layer].self_attn, window, sinks)
+    layers = [layers] if isinstance(layers, int) else list(layers)
+    saved = {}
+    for layer in layers:
+        key = str(layer)
+        saved[key] = model.dsla[key] if key in model.dsla else None
+        model.dsla[key] = LocalAttention(model.model.layers[layer].self_attn, window, sinks)
 
     def restore() -> None:
-        if saved is None:
-            del model.dsla[key]
-        else:
-            model.dsla[key] = saved
-    return [layer], restore
+        for key, module in saved.items():
+            if module is None:
+                del model.dsla[key]
+            else:
+                model.dsla[key] = module
+    return layers, restore
 
 
 @torch.no_grad()
@@ -138,6 +147,60 @@ def probe_layers(model: HybridLM, text_windows: Tensor | None, prompts: Sequence
         finally:
             restore()
     return out
+
+
+def greedy_layer_set(model: HybridLM, text_windows: Tensor, prompts: Sequence[KeyPrompt], count: int,
+                     window: int = 64, sinks: int = 4, key_weight: float = 0.1, batch_size: int = 2,
+                     progress: bool = False) -> dict:
+    """Choose ``count`` layers to restrict *together* to local attention, greedily.
+
+    Step j tries every layer not chosen yet alongside the j chosen ones and keeps the one of least
+    cost = loss increase (nats/token on ``text_windows``) + ``key_weight`` x drop of the passkey's
+    log-likelihood (nats per key), both against the teacher. Costs L + (L-1) + ... forward passes
+    over the windows and prompts. Returns {"order": the chosen layers in the order chosen,
+    "steps": per step the chosen layer with its joint loss_delta, key_logp_drop, key_acc and cost,
+    "base": the teacher's values}.
+    """
+    L = model.cfg.num_hidden_layers
+    if not 1 <= count <= L:
+        raise ValueError(f"count={count} must lie in [1, {L}] (the model's layers)")
+    if key_weight < 0:
+        raise ValueError(f"key_weight={key_weight} must be >= 0")
+    s, n = _nll_sum(model, text_windows, [], batch_size)
+    base = {"loss": s / n}
+    base["key_logp"], base["key_acc"] = _key_scores(model, prompts, []) if prompts else (0.0, 1.0)
+    chosen: list[int] = []
+    steps: list[dict] = []
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=sum(L - j for j in range(count)), desc="greedy probe", unit="pass", dynamic_ncols=True)
+    for _ in range(count):
+        best = None
+        for c in range(L):
+            if c in chosen:
+                continue
+            dl, restore = _with_probe(model, chosen + [c], window, sinks)
+            try:
+                s, n = _nll_sum(model, text_windows, dl, batch_size)
+                logp, acc = _key_scores(model, prompts, dl) if prompts else (0.0, 1.0)
+            finally:
+                restore()
+            m = {"layer": c, "loss_delta": s / n - base["loss"], "key_logp_drop": base["key_logp"] - logp,
+                 "key_acc": acc}
+            m["cost"] = m["loss_delta"] + key_weight * m["key_logp_drop"]
+            if best is None or m["cost"] < best["cost"]:
+                best = m
+            if bar is not None:
+                bar.update()
+        chosen.append(best["layer"])
+        steps.append(best)
+        if bar is not None:
+            bar.set_postfix(layers=len(chosen), key_acc=f"{best['key_acc']:.2f}")
+    if bar is not None:
+        bar.close()
+    return {"order": chosen, "steps": steps, "base": base, "window": window, "sinks": sinks,
+            "key_weight": key_weight}
 
 
 def retrieval_aware_order(loss_delta: Sequence[float], key_logp_drop: Sequence[float],

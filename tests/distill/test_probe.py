@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsla.distill.probe import KeyPrompt, LocalAttention, probe_layers, retrieval_aware_order
+from dsla.distill.probe import KeyPrompt, LocalAttention, greedy_layer_set, probe_layers, retrieval_aware_order
 from dsla.ops.rope import rope_cos_sin
 
 
@@ -37,3 +37,35 @@ def test_retrieval_aware_order_puts_the_retrieval_layers_last():
     assert retrieval_aware_order(loss, key, 2) == [2, 0, 3, 1]
     with pytest.raises(ValueError, match="protect"):
         retrieval_aware_order(loss, key, 5)
+
+
+def test_greedy_set_starts_from_the_single_layer_probe_and_restores_the_model(tiny_model):
+    """Its first pick is the layer the one-layer probe finds cheapest (same cost); each later step
+    measures the chosen layers together; the model's DSLA slots are untouched afterwards."""
+    torch.manual_seed(0)
+    windows = torch.randint(0, 97, (2, 24))
+    prompts = [KeyPrompt(tuple(torch.randint(0, 97, (20,)).tolist()), 16)]
+    before = tiny_model.dsla_layers()
+    L = tiny_model.cfg.num_hidden_layers
+    single = probe_layers(tiny_model, windows, prompts, window=3, sinks=1)
+    cost = [d + 0.5 * k for d, k in zip(single["loss_delta"], single["key_logp_drop"])]
+    res = greedy_layer_set(tiny_model, windows, prompts, count=L, window=3, sinks=1, key_weight=0.5)
+    assert sorted(res["order"]) == list(range(L)) and tiny_model.dsla_layers() == before
+    assert res["order"][0] == min(range(L), key=lambda i: cost[i])
+    assert res["steps"][0]["cost"] == pytest.approx(min(cost), abs=1e-6)
+    if L > 1:  # the last step restricts every layer: not the same as any one layer alone
+        assert res["steps"][-1]["loss_delta"] != pytest.approx(single["loss_delta"][res["order"][-1]], abs=1e-6)
+    with pytest.raises(ValueError, match="count"):
+        greedy_layer_set(tiny_model, windows, prompts, count=L + 1)
+
+
+def test_rank_refuses_greedy_without_the_retrieval_probe(tmp_path):
+    import argparse
+
+    from dsla.distill.commands import add_rank_arguments, run_rank
+
+    p = argparse.ArgumentParser()
+    add_rank_arguments(p)
+    args = p.parse_args(["--out", str(tmp_path / "r.json"), "--metric", "entropy", "--greedy", "4"])
+    with pytest.raises(ValueError, match="--greedy 4 needs --metric retrieval"):
+        run_rank(args)
