@@ -12,6 +12,7 @@
 #   lossdelta_w64     the reference ordered by the probe's measured loss-delta alone (no retrieval guard)
 # Every step resumes: re-run the same command after an interruption. Students go to $ABL; the report
 # to $OUT. Usage: scripts/ablation.sh [row ...]   (default: every row, in the order above)
+# Relative paths in BIN, RANK, ABL and OUT are taken from the repository root (the script cd's there).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
@@ -23,8 +24,12 @@ TRIALS=${TRIALS:-10}
 DTYPE=${DTYPE:-bfloat16}
 THREADS=${THREADS:-2}
 export HF_HUB_OFFLINE=1
+ALL_ROWS=(probe_w0_stage1 probe_w0 probe_w64_stage1 probe_w64 probe_w64_single entropy_w64 lossdelta_w64)
 ROWS=("$@")
-[ ${#ROWS[@]} -gt 0 ] || ROWS=(probe_w0_stage1 probe_w0 probe_w64_stage1 probe_w64 probe_w64_single entropy_w64 lossdelta_w64)
+[ ${#ROWS[@]} -gt 0 ] || ROWS=("${ALL_ROWS[@]}")
+for row in "${ROWS[@]}"; do  # before hours of training, not when the row's turn comes
+  [[ " ${ALL_ROWS[*]} " == *" $row "* ]] || { echo "unknown row '$row' (rows: ${ALL_ROWS[*]})" >&2; exit 2; }
+done
 
 order() {  # $1 = order (retrieval) or loss_delta (ascending measured cost) from the probe's JSON
   "$BIN/python" -c 'import json, sys
@@ -41,20 +46,22 @@ distill() {  # $1 = student name, then its own flags
 }
 
 train() {  # $1 = row; trains it (or its parent, for a stage-1 snapshot) unless already done
+  local probe cost  # assigned on their own lines: a failing $(...) inside an argument list would not stop set -e
+  probe=$(order order)
+  cost=$(order loss_delta)
   case $1 in
-    probe_w0) distill probe_w0 --order given --layers "$(order order)" --window 0 ;;
-    probe_w64) distill probe_w64 --order given --layers "$(order order)" --window 64 ;;
-    probe_w64_single) distill probe_w64_single --order given --layers "$(order order)" --window 64 --num-states 1 ;;
+    probe_w0) distill probe_w0 --order given --layers "$probe" --window 0 ;;
+    probe_w64) distill probe_w64 --order given --layers "$probe" --window 64 ;;
+    probe_w64_single) distill probe_w64_single --order given --layers "$probe" --window 64 --num-states 1 ;;
     entropy_w64) distill entropy_w64 --order entropy --window 64 ;;
-    lossdelta_w64) distill lossdelta_w64 --order given --layers "$(order loss_delta)" --window 64 ;;
+    lossdelta_w64) distill lossdelta_w64 --order given --layers "$cost" --window 64 ;;
     *_stage1)
       local parent=${1%_stage1}
       train "$parent"
       if [ ! -f "$ABL/$1/manifest.json" ]; then  # a copy, so the report names the row (eval labels by dir)
         rm -rf "$ABL/$1.tmp" && cp -r "$ABL/$parent/stage1" "$ABL/$1.tmp" && mv "$ABL/$1.tmp" "$ABL/$1"
       fi ;;
-    *) echo "unknown row '$1' (rows: probe_w0_stage1 probe_w0 probe_w64_stage1 probe_w64 probe_w64_single" \
-            "entropy_w64 lossdelta_w64)" >&2; exit 2 ;;
+    *) echo "unknown row '$1' (rows: ${ALL_ROWS[*]})" >&2; exit 2 ;;
   esac
 }
 

@@ -103,6 +103,7 @@ class DecodeSettings:
     llamacpp_ggufs: tuple[str, ...] = ("bf16",)  # --impl llamacpp: GGUF names (q4_1, f16, bf16, f32) or paths
     llamacpp_threads: int | None = None  # llama.cpp threads (None: torch's thread count, as ours uses)
     llamacpp_flash_attn: bool = False  # llama.cpp's flash attention (off: llama-cpp-python's default)
+    llamacpp_pause: bool = True  # stop the llama.cpp worker between its calls (dsla.bench.llamacpp)
 
     def __post_init__(self) -> None:
         bad = [i for i in self.impls if i not in IMPLS]
@@ -385,7 +386,8 @@ def make_runners(teacher_dir: Path, dtype: str, s: DecodeSettings, skipped: list
 
             threads = s.llamacpp_threads or torch.get_num_threads()
             for g in group_ggufs(s.llamacpp_ggufs, s.dtypes)[dtype]:
-                runners[f"llamacpp-{g}"] = LlamaCppRunner(g, threads, s.warmup_steps + s.steps, s.llamacpp_flash_attn)
+                runners[f"llamacpp-{g}"] = LlamaCppRunner(g, threads, s.warmup_steps + s.steps, s.llamacpp_flash_attn,
+                                                              pause=s.llamacpp_pause)
     except BaseException:
         for r in runners.values():
             if hasattr(r, "close"):
@@ -443,10 +445,7 @@ def _run_benchmark(teacher_dir: str | Path, s: DecodeSettings, on_row: Callable[
     from dsla.model.quant import BF16_CPU_FLAGS, cpu_flags
 
     machine["cpu_bf16_flags"] = sorted(set(BF16_CPU_FLAGS) & cpu_flags())  # what --weights auto looks at
-    settings = asdict(s)
-    if "llamacpp" in s.impls:  # how the peer shared the cores with our rows (dsla.bench.llamacpp)
-        settings["llamacpp_stopped_between_calls"] = True
-    return {"machine": machine, "teacher": str(teacher_dir), "settings": settings, "results": rows,
+    return {"machine": machine, "teacher": str(teacher_dir), "settings": asdict(s), "results": rows,
             "skipped": skipped, "summary": summarise(rows)}
 
 
@@ -532,6 +531,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--llamacpp-threads", type=int, default=None,
                    help="llama.cpp threads (default: --threads, else torch's thread count)")
     p.add_argument("--llamacpp-flash-attn", action="store_true", help="turn on llama.cpp's flash attention")
+    p.add_argument("--llamacpp-no-pause", action="store_true",
+                   help="leave the llama.cpp worker running between its calls (by default it is stopped, so "
+                        "its idle threads take no CPU from our rows; each row says stopped_between_calls)")
     p.add_argument("--quick", action="store_true",
                    help="tiny sizes for a sanity run (explicit size flags still win)")
 
@@ -554,6 +556,7 @@ def settings_from_args(args: argparse.Namespace) -> DecodeSettings:
     kw["llamacpp_ggufs"] = tuple(parse_list(args.llamacpp_gguf))
     kw["llamacpp_threads"] = args.llamacpp_threads or getattr(args, "threads", None)
     kw["llamacpp_flash_attn"] = args.llamacpp_flash_attn
+    kw["llamacpp_pause"] = not args.llamacpp_no_pause
     return DecodeSettings(**{**asdict(base), **kw})
 
 

@@ -11,7 +11,9 @@ this runner's rows.
 Between its calls the worker is stopped (SIGSTOP, resumed with SIGCONT before the next call):
 once it has answered, llama.cpp's threads may keep polling for work for a while, and those
 cycles would be taken from our own rows, measured in between on the same cores. Stopped, it
-is what it would be as the only engine on the machine: absent. ``pause=False`` turns it off.
+takes no CPU from our rows (ours are not stopped in turn: torch's threads may still spin briefly
+after our calls while llama.cpp is timed). Rows say ``stopped_between_calls``;
+``dsla bench decode --llamacpp-no-pause`` turns it off (Linux only: elsewhere it is always off).
 
 GGUF files: a name (``q4_1``, ``f16``, ``bf16``, ``f32``) means
 ``$DSLA_HOME/peers/models/SmolLM2-135M-Instruct.<name>.gguf``, which the setup script writes;
@@ -183,15 +185,19 @@ class LlamaCppRunner:
     impl = "llamacpp"
 
     def __init__(self, gguf: str, threads: int, extra_tokens: int, flash_attn: bool = False,
-                 argv: Sequence[str] | None = None) -> None:
+                 argv: Sequence[str] | None = None, pause: bool = True) -> None:
         self.gguf, self.threads, self.extra_tokens, self.flash_attn = gguf, threads, extra_tokens, flash_attn
         path = gguf_path(gguf) if argv is None else Path(gguf)
-        self.worker = WorkerClient(argv or [str(peer_python()), str(WORKER)])
-        info = self.worker.call("load", model=str(path), threads=threads, flash_attn=flash_attn)
+        self.worker = WorkerClient(argv or [str(peer_python()), str(WORKER)], pause=pause)
+        try:
+            info = self.worker.call("load", model=str(path), threads=threads, flash_attn=flash_attn)
+        except BaseException:  # the caller never gets this runner to close: do not leave a stopped worker
+            self.worker.close()
+            raise
         self.num_layers, self.vocab_size = info["n_layer"], info["n_vocab"]
         self.row_dtype = gguf_label(gguf)
         self.row_extra = {"gguf": str(path), "threads": threads, "flash_attn": flash_attn,
-                          "llama_cpp_python": info.get("version")}
+                          "llama_cpp_python": info.get("version"), "stopped_between_calls": self.worker.pause}
         self.reports = WorkerReports()
 
     def add_dsla(self, layers: Sequence[int]) -> None:

@@ -143,7 +143,7 @@ def _retrieval_scores(args, teacher: Path, model, val_w) -> tuple[list[float], l
         from dsla.distill.probe import greedy_layer_set
 
         g = greedy_layer_set(model, val_w(args.sequences, args.seed), prompts, args.greedy, args.probe_window,
-                             args.probe_sinks, args.key_weight, progress=True)
+                             args.probe_sinks, args.key_weight, single=res, progress=True)
         extra["single_layer_order"] = order
         extra["greedy"] = g
         order = g["order"] + [i for i in order if i not in g["order"]]
@@ -157,6 +157,8 @@ def run_rank(args: argparse.Namespace) -> int:
 
     if args.greedy and args.metric != "retrieval":
         raise ValueError(f"--greedy {args.greedy} needs --metric retrieval (it extends the retrieval probe)")
+    if not args.key_weight >= 0:
+        raise ValueError(f"--key-weight {args.key_weight} must be >= 0")
     teacher, model, sha = _setup(args)
     if not 0 <= args.greedy <= model.cfg.num_hidden_layers:
         raise ValueError(f"--greedy {args.greedy} must lie in [0, {model.cfg.num_hidden_layers}] (the model's layers)")

@@ -151,48 +151,67 @@ def probe_layers(model: HybridLM, text_windows: Tensor | None, prompts: Sequence
 
 def greedy_layer_set(model: HybridLM, text_windows: Tensor, prompts: Sequence[KeyPrompt], count: int,
                      window: int = 64, sinks: int = 4, key_weight: float = 0.1, batch_size: int = 2,
-                     progress: bool = False) -> dict:
+                     single: dict | None = None, progress: bool = False) -> dict:
     """Choose ``count`` layers to restrict *together* to local attention, greedily.
 
     Step j tries every layer not chosen yet alongside the j chosen ones and keeps the one of least
     cost = loss increase (nats/token on ``text_windows``) + ``key_weight`` x drop of the passkey's
     log-likelihood (nats per key), both against the teacher. Costs L + (L-1) + ... forward passes
-    over the windows and prompts. Returns {"order": the chosen layers in the order chosen,
-    "steps": per step the chosen layer with its joint loss_delta, key_logp_drop, key_acc and cost,
-    "base": the teacher's values}.
+    over the windows and prompts; ``single``, ``probe_layers``' result on the same windows, prompts,
+    window and sinks, stands for the first step. Returns {"order": the chosen layers in the order
+    chosen, "steps": per step the chosen layer with its joint loss_delta, key_logp_drop, key_acc
+    and cost, "base": the teacher's values}.
     """
     L = model.cfg.num_hidden_layers
     if not 1 <= count <= L:
         raise ValueError(f"count={count} must lie in [1, {L}] (the model's layers)")
-    if key_weight < 0:
+    if not key_weight >= 0:
         raise ValueError(f"key_weight={key_weight} must be >= 0")
-    s, n = _nll_sum(model, text_windows, [], batch_size)
-    base = {"loss": s / n}
-    base["key_logp"], base["key_acc"] = _key_scores(model, prompts, []) if prompts else (0.0, 1.0)
+    if single is not None:
+        if (single["window"], single["sinks"]) != (window, sinks) or single["loss_delta"] is None \
+                or (prompts and single["key_logp_drop"] is None):
+            raise ValueError("single: a probe_layers result with the same window, sinks, windows and prompts")
+        base = dict(single["base"])
+    else:
+        s, n = _nll_sum(model, text_windows, [], batch_size)
+        base = {"loss": s / n}
+        base["key_logp"], base["key_acc"] = _key_scores(model, prompts, []) if prompts else (0.0, 1.0)
     chosen: list[int] = []
     steps: list[dict] = []
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=sum(L - j for j in range(count)), desc="greedy probe", unit="pass", dynamic_ncols=True)
+        total = sum(L - j for j in range(1 if single is not None else 0, count))
+        bar = tqdm(total=total, desc="greedy probe", unit="pass", dynamic_ncols=True)
+
+    def measure(c: int) -> dict:
+        if not chosen and single is not None:
+            return {"layer": c, "loss_delta": single["loss_delta"][c],
+                    "key_logp_drop": single["key_logp_drop"][c] if prompts else 0.0,
+                    "key_acc": single["key_acc"][c] if prompts else 1.0}
+        dl, restore = _with_probe(model, chosen + [c], window, sinks)
+        try:
+            s, n = _nll_sum(model, text_windows, dl, batch_size)
+            logp, acc = _key_scores(model, prompts, dl) if prompts else (0.0, 1.0)
+        finally:
+            restore()
+        if bar is not None:
+            bar.update()
+        return {"layer": c, "loss_delta": s / n - base["loss"], "key_logp_drop": base["key_logp"] - logp,
+                "key_acc": acc}
+
     for _ in range(count):
         best = None
         for c in range(L):
             if c in chosen:
                 continue
-            dl, restore = _with_probe(model, chosen + [c], window, sinks)
-            try:
-                s, n = _nll_sum(model, text_windows, dl, batch_size)
-                logp, acc = _key_scores(model, prompts, dl) if prompts else (0.0, 1.0)
-            finally:
-                restore()
-            m = {"layer": c, "loss_delta": s / n - base["loss"], "key_logp_drop": base["key_logp"] - logp,
-                 "key_acc": acc}
+            m = measure(c)
             m["cost"] = m["loss_delta"] + key_weight * m["key_logp_drop"]
+            if m["cost"] != m["cost"]:  # NaN: not a cost to compare
+                raise ValueError(f"layer {c} with layers {chosen} restricted gave a NaN cost ({m}): "
+                                 "check the model's dtype and the probe's inputs")
             if best is None or m["cost"] < best["cost"]:
                 best = m
-            if bar is not None:
-                bar.update()
         chosen.append(best["layer"])
         steps.append(best)
         if bar is not None:

@@ -95,12 +95,28 @@ def test_worker_is_stopped_between_calls(peers):
     finally:
         runner.close()
     assert runner.worker.proc.returncode == 0  # resumed to read "quit", not killed
-    unpaused = llamacpp.WorkerClient(runner.worker.argv, pause=False)
+    unpaused = llamacpp.LlamaCppRunner("q4_1", threads=1, extra_tokens=3, pause=False)
     try:
-        unpaused.call("load", model=runner.row_extra["gguf"], threads=1)
-        assert _proc_state(unpaused.proc.pid, "T", wait_s=0.5) != "T"
+        assert _proc_state(unpaused.worker.proc.pid, "T", wait_s=0.5) != "T"
+        assert unpaused.row_extra["stopped_between_calls"] is False
     finally:
         unpaused.close()
+
+
+def test_a_worker_that_fails_to_load_is_not_left_stopped(peers, tmp_path, monkeypatch):
+    """The caller never gets the runner to close, so the constructor must end the worker itself."""
+    started = []
+    real = llamacpp.WorkerClient
+
+    def spy(*a, **k):
+        started.append(real(*a, **k))
+        return started[-1]
+
+    monkeypatch.setattr(llamacpp, "WorkerClient", spy)
+    missing = tmp_path / "missing.gguf"  # given with argv, the path reaches the worker unchecked
+    with pytest.raises(llamacpp.WorkerError, match="FileNotFoundError"):
+        llamacpp.LlamaCppRunner(str(missing), threads=1, extra_tokens=3, argv=[sys.executable, str(FAKE)])
+    assert started and started[0].proc.poll() is not None  # exited, not stopped
 
 
 def test_reports_replace_parent_clocks():
@@ -128,8 +144,8 @@ def test_decode_bench_llamacpp_rows(tiny_dir, peers, tmp_path):
                   "--prefill-lengths", "8", "--contexts", "12", "--batches", "1,2", "--steps", "2"])
     assert decode.run(args) == 0
     doc = json.loads(out.read_text())
-    assert doc["settings"]["llamacpp_stopped_between_calls"] is True
     peer = [r for r in doc["results"] if r["impl"] == "llamacpp"]
+    assert all(r["stopped_between_calls"] is sys.platform.startswith("linux") for r in peer)
     assert [(r["dtype"], r["group_dtype"], r["batch"], r["context"]) for r in peer] == [
         ("q4_1", "float32", 1, 8), ("q4_1", "float32", 1, 12), ("q4_1", "float32", 2, 12),
         ("bf16", "bfloat16", 1, 8), ("bf16", "bfloat16", 1, 12), ("bf16", "bfloat16", 2, 12)]

@@ -45,18 +45,31 @@ def test_greedy_set_starts_from_the_single_layer_probe_and_restores_the_model(ti
     torch.manual_seed(0)
     windows = torch.randint(0, 97, (2, 24))
     prompts = [KeyPrompt(tuple(torch.randint(0, 97, (20,)).tolist()), 16)]
-    before = tiny_model.dsla_layers()
-    L = tiny_model.cfg.num_hidden_layers
-    single = probe_layers(tiny_model, windows, prompts, window=3, sinks=1)
-    cost = [d + 0.5 * k for d, k in zip(single["loss_delta"], single["key_logp_drop"])]
-    res = greedy_layer_set(tiny_model, windows, prompts, count=L, window=3, sinks=1, key_weight=0.5)
-    assert sorted(res["order"]) == list(range(L)) and tiny_model.dsla_layers() == before
-    assert res["order"][0] == min(range(L), key=lambda i: cost[i])
-    assert res["steps"][0]["cost"] == pytest.approx(min(cost), abs=1e-6)
-    if L > 1:  # the last step restricts every layer: not the same as any one layer alone
-        assert res["steps"][-1]["loss_delta"] != pytest.approx(single["loss_delta"][res["order"][-1]], abs=1e-6)
-    with pytest.raises(ValueError, match="count"):
-        greedy_layer_set(tiny_model, windows, prompts, count=L + 1)
+    tiny_model.add_dsla([0])  # a slot already in use must get its own module back
+    try:
+        before = dict(tiny_model.dsla.items())
+        L = tiny_model.cfg.num_hidden_layers
+        single = probe_layers(tiny_model, windows, prompts, window=3, sinks=1)
+        cost = [d + 0.5 * k for d, k in zip(single["loss_delta"], single["key_logp_drop"])]
+        res = greedy_layer_set(tiny_model, windows, prompts, count=L, window=3, sinks=1, key_weight=0.5)
+        after = dict(tiny_model.dsla.items())
+        assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
+        assert sorted(res["order"]) == list(range(L))
+        assert res["order"][0] == min(range(L), key=lambda i: cost[i])
+        assert res["steps"][0]["cost"] == pytest.approx(min(cost), abs=1e-6)
+        if L > 1:  # the last step restricts every layer: not the same as any one layer alone
+            assert res["steps"][-1]["loss_delta"] != pytest.approx(single["loss_delta"][res["order"][-1]], abs=1e-6)
+        # the one-layer probe's result stands for the first step: same choices, one pass per layer fewer
+        reused = greedy_layer_set(tiny_model, windows, prompts, count=2, window=3, sinks=1, key_weight=0.5,
+                                  single=single)
+        assert reused["order"] == res["order"][:2]
+        assert reused["steps"][1]["cost"] == pytest.approx(res["steps"][1]["cost"], abs=1e-6)
+        with pytest.raises(ValueError, match="same window"):
+            greedy_layer_set(tiny_model, windows, prompts, count=2, window=4, sinks=1, single=single)
+        with pytest.raises(ValueError, match="count"):
+            greedy_layer_set(tiny_model, windows, prompts, count=L + 1)
+    finally:
+        del tiny_model.dsla["0"]
 
 
 def test_rank_refuses_greedy_without_the_retrieval_probe(tmp_path):
