@@ -67,11 +67,9 @@ class KeyPrompt:
     start: int  # index of the first answer token
 
 
-def _with_probe(model: HybridLM, layers: int | Sequence[int] | None, window: int, sinks: int):
+def _with_probe(model: HybridLM, layers: Sequence[int], window: int, sinks: int):
     """(dsla_layers, restore) running ``layers`` as LocalAttention through the model's DSLA slots."""
-    if layers is None:
-        return [], lambda: None
-    layers = [layers] if isinstance(layers, int) else list(layers)
+    layers = list(layers)
     saved = {}
     for layer in layers:
         key = str(layer)
@@ -135,7 +133,7 @@ def probe_layers(model: HybridLM, text_windows: Tensor | None, prompts: Sequence
         from tqdm import tqdm
         layers = tqdm(layers, desc="probe", unit="layer", dynamic_ncols=True)
     for i in layers:
-        dl, restore = _with_probe(model, i, window, sinks)
+        dl, restore = _with_probe(model, [i], window, sinks)
         try:
             if text_windows is not None:
                 s, n = _nll_sum(model, text_windows, dl, batch_size)
