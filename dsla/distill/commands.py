@@ -133,8 +133,8 @@ def _retrieval_scores(args, teacher: Path, model, val_w) -> tuple[list[float], l
 
     tok = Tokenizer(teacher)
     prompts = passkey_key_prompts(teacher, tok, args.passkey_prompts, args.passkey_context, args.seed)
-    res = probe_layers(model, val_w(args.sequences, args.seed), prompts, args.probe_window, args.probe_sinks,
-                       progress=True)
+    windows = val_w(args.sequences, args.seed)  # the greedy steps reuse them: step 1 is this probe's result
+    res = probe_layers(model, windows, prompts, args.probe_window, args.probe_sinks, progress=True)
     L = model.cfg.num_hidden_layers
     protect = L // 4 if args.protect is None else args.protect
     order = retrieval_aware_order(res["loss_delta"], res["key_logp_drop"], protect)
@@ -142,7 +142,7 @@ def _retrieval_scores(args, teacher: Path, model, val_w) -> tuple[list[float], l
     if args.greedy:
         from dsla.distill.probe import greedy_layer_set
 
-        g = greedy_layer_set(model, val_w(args.sequences, args.seed), prompts, args.greedy, args.probe_window,
+        g = greedy_layer_set(model, windows, prompts, args.greedy, args.probe_window,
                              args.probe_sinks, args.key_weight, single=res, progress=True)
         extra["single_layer_order"] = order
         extra["greedy"] = g
