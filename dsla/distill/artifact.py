@@ -52,11 +52,13 @@ def dsla_config_of(manifest: dict[str, Any]) -> DSLAConfig:
     return DSLAConfig(**manifest["config"]["dsla"])
 
 
-def load_student(model: HybridLM, student_dir: str | Path, teacher_sha256: str | None = None) -> dict[str, Any]:
+def load_student(model: HybridLM, student_dir: str | Path, teacher_sha256: str | None = None,
+                 dsla_cfg: DSLAConfig | None = None) -> dict[str, Any]:
     """Attach the student's finished DSLA layers to ``model``; return the manifest.
 
     Refuses a student made from another teacher (by weight hash when ``teacher_sha256`` is
-    given) or whose tensors do not fit the model.
+    given) or whose tensors do not fit the model. ``dsla_cfg`` builds the layers with another
+    config than the manifest's (``dsla distill --init-from``: another window).
     """
     student_dir = Path(student_dir)
     m = read_manifest(student_dir)
@@ -66,7 +68,7 @@ def load_student(model: HybridLM, student_dir: str | Path, teacher_sha256: str |
             f"(sha256 {m['teacher']['sha256'][:12]}...) but the loaded teacher's weights hash to "
             f"{teacher_sha256[:12]}...: use the matching --teacher or distill a new student")
     done = m["layers_done"]
-    cfg = dsla_config_of(m)
+    cfg = dsla_cfg or dsla_config_of(m)
     try:
         sd = load_file(str(student_dir / WEIGHTS)) if done else {}
     except Exception as e:  # safetensors raises its own error type for truncated files

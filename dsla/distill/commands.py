@@ -44,6 +44,9 @@ def add_distill_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("--out", required=True, type=Path, help="student directory (resumed if it exists)")
     p.add_argument("--max-layers", type=int, default=None, help="stop after this many finished layers")
+    p.add_argument("--init-from", type=Path, default=None, metavar="DIR",
+                   help="start a new --out from this student's layers (its order and weights, end-to-end stage "
+                        "included), with another --window; the end-to-end stage then runs afresh")
     p.add_argument("--loss-delta", action=argparse.BooleanOptionalAction, default=True,
                    help="after training, measure each layer's loss-delta on validation windows")
     add_dataclass_arguments(p, DistillConfig)
@@ -59,7 +62,8 @@ def run_distill(args: argparse.Namespace) -> int:
     cfg = dataclass_from_args(DistillConfig, args)
     teacher, model, sha = _setup(args)
     train_w, val_w, e2e_w = window_sources(teacher, cfg.seq_len, cfg.e2e_seq_len)
-    m = distill(model, teacher, sha, args.out, cfg, train_w, val_w, max_layers=args.max_layers, e2e_windows=e2e_w)
+    m = distill(model, teacher, sha, args.out, cfg, train_w, val_w, max_layers=args.max_layers, e2e_windows=e2e_w,
+                init_from=args.init_from)
     if args.loss_delta and len(m["layers_done"]) == len(m["order"]) and "loss_delta" not in m:
         windows = val_w(cfg.rank_sequences, layer_seed(cfg, -1, 6))
         deltas = loss_delta(model, windows, m["layers_done"], batch_size=max(1, cfg.batch_size // 2), progress=True)

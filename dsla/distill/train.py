@@ -17,6 +17,7 @@ uninterrupted run exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -28,7 +29,8 @@ from torch import Tensor
 
 from dsla.config import DistillConfig
 from dsla.distill.e2e import MasterAdam, cached_teacher_topk, train_e2e, warmup_cosine
-from dsla.distill.artifact import FORMAT, config_dict, load_student, read_manifest, save_student
+from dsla.data.atomic import sha256_file
+from dsla.distill.artifact import FORMAT, WEIGHTS, config_dict, dsla_config_of, load_student, read_manifest, save_student
 from dsla.distill.rank import attention_entropy, order_from_scores
 from dsla.model.llama import HybridLM, split_heads
 from dsla.ops.attention import causal_attention
@@ -195,24 +197,65 @@ def new_manifest(teacher_dir: Path, teacher_sha: str, cfg: DistillConfig) -> dic
             "wall_time_s": 0.0}
 
 
+def start_from(model: HybridLM, src: Path, out_dir: Path, teacher_dir: Path, teacher_sha: str,
+               cfg: DistillConfig) -> dict[str, Any]:
+    """A new run in ``out_dir`` that starts from the student ``src``: its order, its layers done
+    and their weights (end-to-end stage included) are taken as they are, built with ``cfg.dsla``,
+    which may differ from the source's in the window only (both nonzero: a window adds a
+    parameter). The end-to-end stage then runs afresh; ``manifest["init_from"]`` says where from."""
+    src = Path(src)
+    m = read_manifest(src)
+    old = dsla_config_of(m)
+    diff = [f.name for f in dataclasses.fields(old) if f.name != "window" and getattr(old, f.name) != getattr(cfg.dsla, f.name)]
+    if diff:
+        raise ValueError(f"--init-from {src}: its DSLA layers have other {', '.join(diff)} "
+                         f"({', '.join(f'{k}={getattr(old, k)}' for k in diff)}); only --window may differ")
+    if (old.window == 0) != (cfg.dsla.window == 0):
+        raise ValueError(f"--init-from {src}: window {old.window} -> {cfg.dsla.window} adds or drops the window's "
+                         "parameters; both windows must be nonzero (or both 0)")
+    if cfg.order != "given" or list(cfg.layers) != m["order"]:
+        raise ValueError(f"--init-from {src}: the order comes from the source; pass --order given "
+                         f"--layers {','.join(map(str, m['order']))}")
+    if not m["layers_done"]:
+        raise ValueError(f"--init-from {src}: it has no finished layers to start from")
+    load_student(model, src, teacher_sha, dsla_cfg=cfg.dsla)
+    manifest = new_manifest(teacher_dir, teacher_sha, cfg)
+    for k in ("ranking", "order", "layers_done", "metrics", "wall_time_s"):
+        manifest[k] = m[k]
+    manifest["init_from"] = {"path": str(src), "weights_sha256": sha256_file(src / WEIGHTS),
+                             "dsla": m["config"]["dsla"], "e2e_steps": (m.get("e2e") or {}).get("step", 0)}
+    save_student(out_dir, model, manifest)
+    log.info("%s starts from %s: %d layers, window %d -> %d", out_dir, src, len(m["layers_done"]),
+             old.window, cfg.dsla.window)
+    return manifest
+
+
 def distill(model: HybridLM, teacher_dir: Path, teacher_sha: str, out_dir: Path, cfg: DistillConfig,
             train_windows: Callable[[int, int], Tensor], val_windows: Callable[[int, int], Tensor],
             max_layers: int | None = None, progress: bool = True,
-            e2e_windows: Callable[[int, int], Tensor] | None = None) -> dict[str, Any]:
+            e2e_windows: Callable[[int, int], Tensor] | None = None,
+            init_from: Path | None = None) -> dict[str, Any]:
     """Run (or resume) chained distillation, then the end-to-end stage, into ``out_dir``; return
     the manifest.
 
     train_windows(num, seed) / val_windows(num, seed) give (num, cfg.seq_len) token windows;
     e2e_windows(num, seed) gives (num, cfg.e2e_seq_len) windows (default: train_windows).
     ``max_layers`` stops the layer-wise stage after that many finished layers in total (for
-    partial artifacts); the end-to-end stage then trains the layers done.
+    partial artifacts); the end-to-end stage then trains the layers done. ``init_from``: a new
+    run starts from that student (see ``start_from``).
     """
     out_dir = Path(out_dir)
     if (out_dir / "manifest.json").exists():
         manifest = read_manifest(out_dir)
+        source = (manifest.get("init_from") or {}).get("path")
+        if init_from is not None and source != str(init_from):
+            raise ValueError(f"{out_dir} holds a run {'started from ' + source if source else 'of its own'}, "
+                             f"not from --init-from {init_from}: resume it without --init-from, or choose another --out")
         check_resumable(out_dir, manifest, cfg)
         load_student(model, out_dir, teacher_sha)
         log.info("resuming %s: %d layers already done", out_dir, len(manifest["layers_done"]))
+    elif init_from is not None:
+        manifest = start_from(model, Path(init_from), out_dir, teacher_dir, teacher_sha, cfg)
     else:
         manifest = new_manifest(teacher_dir, teacher_sha, cfg)
     if manifest["order"] is None:

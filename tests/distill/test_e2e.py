@@ -113,3 +113,33 @@ def test_e2e_extends_a_finished_stage_and_refuses_fewer_steps(tiny_dir, tmp_path
         run(tiny_dir, tmp_path / "s", tiny_cfg(e2e_steps=5))
     with pytest.raises(ValueError, match="different config.*seq_len"):
         run(tiny_dir, tmp_path / "s", tiny_cfg(e2e_steps=7, seq_len=24))
+
+
+def test_init_from_takes_a_students_layers_to_another_window(tiny_dir, tmp_path, monkeypatch):
+    from dsla.config import DSLAConfig
+    from dsla.distill import train as train_mod
+    order = dict(order="given", layers=(2, 0, 1))
+    src_cfg = tiny_cfg(dsla=DSLAConfig(feature_dim=8, chunk_size=8, window=4), **order)
+    run(tiny_dir, tmp_path / "src", src_cfg)
+    src = load_file(tmp_path / "src" / "dsla.safetensors")
+    monkeypatch.setattr(train_mod, "collect_layer_io", lambda *a, **k: pytest.fail("the layer-wise stage ran"))
+    cfg = tiny_cfg(dsla=DSLAConfig(feature_dim=8, chunk_size=8, window=8), e2e_steps=3, **order)
+    _, m = run(tiny_dir, tmp_path / "new", cfg, init_from=tmp_path / "src")
+    assert m["layers_done"] == [2, 0, 1] and m["config"]["dsla"]["window"] == 8
+    assert m["init_from"]["path"] == str(tmp_path / "src") and m["init_from"]["dsla"]["window"] == 4
+    assert m["init_from"]["e2e_steps"] == 4 and m["e2e"]["done"] and len(m["e2e"]["losses"]) == 3
+    inherited = load_file(tmp_path / "new" / "stage1" / "dsla.safetensors")  # before its own end-to-end stage
+    assert inherited.keys() == src.keys() and all(torch.equal(inherited[k], src[k]) for k in src)
+    assert read_manifest(tmp_path / "new" / "stage1")["config"]["dsla"]["window"] == 8
+    _, again = run(tiny_dir, tmp_path / "new", cfg, init_from=tmp_path / "src")  # resumes: nothing left to do
+    assert again["e2e"]["losses"] == m["e2e"]["losses"]
+    with pytest.raises(ValueError, match="not from --init-from"):
+        run(tiny_dir, tmp_path / "new", cfg, init_from=tmp_path / "other")
+    bad = [(dict(dsla=DSLAConfig(feature_dim=4, chunk_size=8, window=8), **order), "feature_dim=8.*only --window"),
+           (dict(dsla=DSLAConfig(feature_dim=8, chunk_size=8, window=0), **order), "both windows must be nonzero"),
+           (dict(dsla=DSLAConfig(feature_dim=8, chunk_size=8, window=8), order="given", layers=(0, 1, 2)),
+            "--layers 2,0,1")]
+    for i, (kw, match) in enumerate(bad):
+        with pytest.raises(ValueError, match=match):
+            run(tiny_dir, tmp_path / f"bad{i}", tiny_cfg(**kw), init_from=tmp_path / "src")
+        assert not (tmp_path / f"bad{i}").exists()
