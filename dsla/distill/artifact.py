@@ -22,6 +22,7 @@ from dsla.model.llama import HybridLM
 
 FORMAT = "dsla-student/1"
 DELTA = "_delta"  # key suffix of a parameter stored as its difference from the teacher's (compact form)
+LOW_RANK = ("_delta_u", "_delta_v")  # ... or as a rank-r product of two factors, delta ~ u @ v
 COMPACT = ("q_proj.weight", "o_proj.weight")  # the large parameters that start as copies of the teacher's
 WEIGHTS, MANIFEST = "dsla.safetensors", "manifest.json"
 
@@ -81,6 +82,13 @@ def load_student(model: HybridLM, student_dir: str | Path, teacher_sha256: str |
         for k in [k for k in part if k.endswith(DELTA)]:  # compact form: teacher weight + delta
             name = k[: -len(DELTA)]
             part[name] = teacher.get_parameter(name).float() + part.pop(k).float()
+        for k in [k for k in part if k.endswith(LOW_RANK[0])]:  # low-rank form: teacher weight + u @ v
+            name = k[: -len(LOW_RANK[0])]
+            v = part.pop(name + LOW_RANK[1], None)
+            if v is None:
+                raise ValueError(f"{student_dir / WEIGHTS}: layer {i} has {k} without {name + LOW_RANK[1]}; "
+                                 "the file is incomplete: export it again")
+            part[name] = teacher.get_parameter(name).float() + part.pop(k).float() @ v.float()
         try:
             model.dsla[str(i)].load_state_dict(part, strict=True)
         except RuntimeError as e:
@@ -94,22 +102,32 @@ def config_dict(cfg) -> dict[str, Any]:
 
 
 def export_student(src_dir: str | Path, dst_dir: str | Path, model: HybridLM, teacher_sha256: str,
-                   extra_files: tuple[str, ...] = ("report.json",)) -> int:
+                   extra_files: tuple[str, ...] = ("report.json",), delta_rank: int | None = None) -> int:
     """Write a compact copy of the student in ``src_dir`` to ``dst_dir``; return its weight bytes.
 
     q_proj / o_proj (most of the bytes) are stored as bfloat16 differences from the teacher's
     weights (the difference is small, so bfloat16 keeps it to ~3 significant digits, far finer
-    than bfloat16 of the weight itself); the small DSLA parameters stay float32. ``model`` is
+    than bfloat16 of the weight itself); the small DSLA parameters stay float32. With
+    ``delta_rank`` r, each difference is stored as its best rank-r approximation u @ v (SVD;
+    bfloat16 factors of r x (rows + columns) values): lossy, so measure the result. ``model`` is
     the teacher the student was distilled from (checked by hash). ``extra_files`` present in
     ``src_dir`` (its eval report) are copied too.
     """
+    if delta_rank is not None and delta_rank < 1:
+        raise ValueError(f"delta_rank={delta_rank}: pass a positive rank, or None for full differences")
     m = load_student(model, src_dir, teacher_sha256)
     tensors = {}
     for i in m["layers_done"]:
         teacher = model.model.layers[i].self_attn
         for k, v in model.dsla[str(i)].state_dict().items():
             if k in COMPACT:
-                tensors[f"layers.{i}.{k}{DELTA}"] = (v.float() - teacher.get_parameter(k).float()).bfloat16().contiguous()
+                delta = v.float() - teacher.get_parameter(k).float()
+                if delta_rank is None or delta_rank >= min(delta.shape):
+                    tensors[f"layers.{i}.{k}{DELTA}"] = delta.bfloat16().contiguous()
+                    continue
+                u, sv, vh = torch.linalg.svd(delta, full_matrices=False)
+                tensors[f"layers.{i}.{k}{LOW_RANK[0]}"] = (u[:, :delta_rank] * sv[:delta_rank]).bfloat16().contiguous()
+                tensors[f"layers.{i}.{k}{LOW_RANK[1]}"] = vh[:delta_rank].bfloat16().contiguous()
             else:
                 tensors[f"layers.{i}.{k}"] = v.detach().float().contiguous()
     dst = Path(dst_dir)
@@ -117,7 +135,7 @@ def export_student(src_dir: str | Path, dst_dir: str | Path, model: HybridLM, te
     atomic_write(dst / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT, "compact": "1"}))
     manifest = {k: v for k, v in m.items() if k not in ("e2e",)} | {
         "e2e": {k: v for k, v in m.get("e2e", {}).items() if k != "losses"} or None,
-        "compact": {"delta_dtype": "bfloat16", "delta_params": list(COMPACT)}}
+        "compact": {"delta_dtype": "bfloat16", "delta_params": list(COMPACT), "delta_rank": delta_rank}}
     manifest["teacher"] = {k: v for k, v in m["teacher"].items() if k != "path"}
     for name in extra_files:
         if (Path(src_dir) / name).is_file():

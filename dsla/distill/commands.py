@@ -200,6 +200,9 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
                    help="directory of the compact copy (the shipped default: dsla/students/default)")
     p.add_argument("--report", type=Path, default=None,
                    help="a `dsla eval` report.json of this student to ship beside it (the server's quality curve)")
+    p.add_argument("--delta-rank", type=int, default=None, metavar="R",
+                   help="store each q/o difference from the teacher as its best rank-R approximation (lossy: "
+                        "evaluate the export) instead of in full; for students too large in full")
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -207,7 +210,7 @@ def run_export(args: argparse.Namespace) -> int:
     from dsla.fileio import atomic_write
 
     teacher, model, sha = _setup(args)
-    size = export_student(args.student, args.out, model, sha)
+    size = export_student(args.student, args.out, model, sha, delta_rank=args.delta_rank)
     if args.report is not None:
         src = args.report / "report.json" if args.report.is_dir() else args.report
         atomic_write(args.out / "report.json", lambda tmp: Path(tmp).write_bytes(src.read_bytes()))

@@ -154,3 +154,34 @@ def test_compact_export_loads_to_the_same_model(tiny_dir, tmp_path):
     torch.testing.assert_close(outs[0], outs[1], rtol=2e-2, atol=2e-2)
     with pytest.raises(ValueError, match="distilled from teacher"):
         load_student(load_teacher(tiny_dir), tmp_path / "c", "f" * 64)
+
+
+def test_low_rank_export_is_the_truncated_svd_and_full_rank_is_exact(tiny_dir, tmp_path):
+    from dsla.distill.artifact import export_student
+
+    def teacher():
+        model = load_teacher(tiny_dir)
+        for block in model.model.layers:  # the same teacher `run` distilled from
+            block.self_attn.q_proj.weight.mul_(6.0)
+        return model
+
+    run(tiny_dir, tmp_path / "s", tiny_cfg(e2e_steps=0))
+    with pytest.raises(ValueError, match="delta_rank=0"):
+        export_student(tmp_path / "s", tmp_path / "r0", teacher(), SHA, delta_rank=0)
+    assert not (tmp_path / "r0").exists()
+    full, src = teacher(), teacher()
+    m = load_student(src, tmp_path / "s", SHA)
+    for r in (2, 1000):
+        export_student(tmp_path / "s", tmp_path / f"r{r}", teacher(), SHA, delta_rank=r)
+        keys = load_file(tmp_path / f"r{r}" / "dsla.safetensors").keys()
+        assert any(k.endswith("_delta_u") for k in keys) == (r == 2)
+        model = teacher()
+        load_student(model, tmp_path / f"r{r}", SHA)
+        for i in m["layers_done"]:
+            for name in ("q_proj", "o_proj"):
+                w, w0 = (getattr(x.dsla[str(i)], name).weight.float() for x in (model, src))
+                base = getattr(full.model.layers[i].self_attn, name).weight.float()
+                d = w0 - base
+                u, sv, vh = torch.linalg.svd(d)
+                best = (u[:, :r] * sv[:r]) @ vh[:r] if r == 2 else d
+                torch.testing.assert_close(w - base, best, rtol=0, atol=2e-2 * float(d.abs().max()))
