@@ -2,18 +2,21 @@
 
 Layout of the safetensors keys: ``layers.<i>.<param>`` with the DSLA module's own names
 (``layers.12.q_proj.weight``, ``layers.12.history_gate.bias``...). The manifest lists the
-finished layers; a layer's tensors are trusted only once the manifest names it, so a run killed
-between the two writes resumes cleanly.
+finished layers; a layer's tensors are trusted only once the manifest names it. The weights are
+written first and carry a copy of the manifest in their metadata: a run killed between the two
+writes resumes from the weights' copy when it is further along (``read_manifest``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from dsla.config import DSLAConfig
@@ -26,12 +29,35 @@ LOW_RANK = ("_delta_u", "_delta_v")  # ... or as a rank-r product of two factors
 COMPACT = ("q_proj.weight", "o_proj.weight")  # the large parameters that start as copies of the teacher's
 WEIGHTS, MANIFEST = "dsla.safetensors", "manifest.json"
 
+log = logging.getLogger(__name__)
+
+
+def _progress(m: dict[str, Any]) -> tuple[int, int, bool]:
+    """How far a run's manifest is: (layers done, end-to-end steps, end-to-end done)."""
+    e2e = m.get("e2e") or {}
+    return len(m.get("layers_done") or []), int(e2e.get("step", 0)), bool(e2e.get("done"))
+
+
+def _weights_manifest(student_dir: Path) -> dict[str, Any] | None:
+    """The manifest copy in the weights' metadata (None: absent, or the file is unreadable)."""
+    try:
+        with safe_open(str(student_dir / WEIGHTS), "pt") as f:
+            text = (f.metadata() or {}).get("manifest")
+    except Exception:  # missing or corrupt: load_student reports it when it reads the tensors
+        return None
+    return json.loads(text) if text else None
+
 
 def read_manifest(student_dir: str | Path) -> dict[str, Any]:
     p = Path(student_dir) / MANIFEST
     if not p.is_file():
         raise FileNotFoundError(f"{p} not found: {student_dir} is not a dsla student (run `dsla distill`)")
     m = json.loads(p.read_text())
+    ahead = _weights_manifest(Path(student_dir))
+    if ahead is not None and _progress(ahead) > _progress(m):  # killed between save_student's two writes
+        log.warning("%s is behind its weights (%s against %s: layers done, end-to-end step, done): "
+                    "using the weights' copy", p, _progress(m), _progress(ahead))
+        m = ahead
     if m.get("format") != FORMAT:
         raise ValueError(f"{p} has format {m.get('format')!r}; this dsla reads {FORMAT!r}")
     if isinstance(m.get("config", {}).get("dsla"), dict):  # fields added later (window) take their defaults
@@ -40,12 +66,14 @@ def read_manifest(student_dir: str | Path) -> dict[str, Any]:
 
 
 def save_student(student_dir: str | Path, model: HybridLM, manifest: dict[str, Any]) -> None:
-    """Write the finished layers' DSLA parameters, then the manifest (each atomically)."""
+    """Write the finished layers' DSLA parameters with a copy of the manifest in their metadata,
+    then the manifest (each atomically)."""
     student_dir = Path(student_dir)
     done = manifest["layers_done"]
     tensors = {f"layers.{i}.{k}": v.detach().float().contiguous()
                for i in done for k, v in model.dsla[str(i)].state_dict().items()}
-    atomic_write(student_dir / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
+    meta = {"format": FORMAT, "manifest": json.dumps(manifest)}
+    atomic_write(student_dir / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata=meta))
     atomic_write_json(student_dir / MANIFEST, manifest)
 
 
@@ -82,13 +110,15 @@ def load_student(model: HybridLM, student_dir: str | Path, teacher_sha256: str |
         for k in [k for k in part if k.endswith(DELTA)]:  # compact form: teacher weight + delta
             name = k[: -len(DELTA)]
             part[name] = teacher.get_parameter(name).float() + part.pop(k).float()
-        for k in [k for k in part if k.endswith(LOW_RANK[0])]:  # low-rank form: teacher weight + u @ v
+        for k in [k for k in part if k.endswith(LOW_RANK)]:  # low-rank form: teacher weight + u @ v
             name = k[: -len(LOW_RANK[0])]
-            v = part.pop(name + LOW_RANK[1], None)
-            if v is None:
-                raise ValueError(f"{student_dir / WEIGHTS}: layer {i} has {k} without {name + LOW_RANK[1]}; "
+            if k not in part:
+                continue  # taken with its other factor
+            if name + LOW_RANK[0] not in part or name + LOW_RANK[1] not in part:
+                raise ValueError(f"{student_dir / WEIGHTS}: layer {i} has {k} without its other factor; "
                                  "the file is incomplete: export it again")
-            part[name] = teacher.get_parameter(name).float() + part.pop(k).float() @ v.float()
+            u, v = part.pop(name + LOW_RANK[0]), part.pop(name + LOW_RANK[1])
+            part[name] = teacher.get_parameter(name).float() + u.float() @ v.float()
         try:
             model.dsla[str(i)].load_state_dict(part, strict=True)
         except RuntimeError as e:
@@ -114,17 +144,19 @@ def export_student(src_dir: str | Path, dst_dir: str | Path, model: HybridLM, te
     ``src_dir`` (its eval report) are copied too.
     """
     if delta_rank is not None and delta_rank < 1:
-        raise ValueError(f"delta_rank={delta_rank}: pass a positive rank, or None for full differences")
+        raise ValueError(f"--delta-rank {delta_rank}: pass a positive rank, or leave it out for full differences")
     m = load_student(model, src_dir, teacher_sha256)
-    tensors = {}
+    tensors, ranks = {}, set()
     for i in m["layers_done"]:
         teacher = model.model.layers[i].self_attn
         for k, v in model.dsla[str(i)].state_dict().items():
             if k in COMPACT:
                 delta = v.float() - teacher.get_parameter(k).float()
-                if delta_rank is None or delta_rank >= min(delta.shape):
+                if delta_rank is None or delta_rank * sum(delta.shape) >= delta.numel():  # factors no smaller
                     tensors[f"layers.{i}.{k}{DELTA}"] = delta.bfloat16().contiguous()
+                    ranks.add(None)
                     continue
+                ranks.add(delta_rank)
                 u, sv, vh = torch.linalg.svd(delta, full_matrices=False)
                 tensors[f"layers.{i}.{k}{LOW_RANK[0]}"] = (u[:, :delta_rank] * sv[:delta_rank]).bfloat16().contiguous()
                 tensors[f"layers.{i}.{k}{LOW_RANK[1]}"] = vh[:delta_rank].bfloat16().contiguous()
@@ -135,8 +167,11 @@ def export_student(src_dir: str | Path, dst_dir: str | Path, model: HybridLM, te
     atomic_write(dst / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT, "compact": "1"}))
     manifest = {k: v for k, v in m.items() if k not in ("e2e",)} | {
         "e2e": {k: v for k, v in m.get("e2e", {}).items() if k != "losses"} or None,
-        "compact": {"delta_dtype": "bfloat16", "delta_params": list(COMPACT), "delta_rank": delta_rank}}
+        "compact": {"delta_dtype": "bfloat16", "delta_params": list(COMPACT),
+                    "delta_rank": delta_rank if ranks == {delta_rank} else None}}  # None: some or all in full
     manifest["teacher"] = {k: v for k, v in m["teacher"].items() if k != "path"}
+    if manifest.get("init_from"):  # a local path means nothing on another machine
+        manifest["init_from"] = {k: v for k, v in manifest["init_from"].items() if k != "path"}
     for name in extra_files:
         if (Path(src_dir) / name).is_file():
             atomic_write(dst / name, lambda tmp, n=name: Path(tmp).write_bytes((Path(src_dir) / n).read_bytes()))

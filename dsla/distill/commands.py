@@ -45,8 +45,10 @@ def add_distill_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, type=Path, help="student directory (resumed if it exists)")
     p.add_argument("--max-layers", type=int, default=None, help="stop after this many finished layers")
     p.add_argument("--init-from", type=Path, default=None, metavar="DIR",
-                   help="start a new --out from this student's layers (its order and weights, end-to-end stage "
-                        "included), with another --window; the end-to-end stage then runs afresh")
+                   help="start a new --out from this finished student's layers (its order and weights, end-to-end "
+                        "stage included) built with another --window (every other DSLA setting the same; pass "
+                        "--order given --layers <its order>); further layers (--max-layers) and the end-to-end "
+                        "stage (--e2e-steps) then run as usual")
     p.add_argument("--loss-delta", action=argparse.BooleanOptionalAction, default=True,
                    help="after training, measure each layer's loss-delta on validation windows")
     add_dataclass_arguments(p, DistillConfig)
@@ -56,10 +58,12 @@ def run_distill(args: argparse.Namespace) -> int:
     from dsla.cliargs import dataclass_from_args
     from dsla.config import DistillConfig
     from dsla.distill.rank import loss_delta, spearman
-    from dsla.distill.train import distill, layer_seed
+    from dsla.distill.train import check_init_from, distill, layer_seed
     from dsla.fileio import atomic_write_json
 
     cfg = dataclass_from_args(DistillConfig, args)
+    if args.init_from is not None and not (args.out / "manifest.json").exists():
+        check_init_from(args.init_from, cfg, args.max_layers)  # before the teacher loads
     teacher, model, sha = _setup(args)
     train_w, val_w, e2e_w = window_sources(teacher, cfg.seq_len, cfg.e2e_seq_len)
     m = distill(model, teacher, sha, args.out, cfg, train_w, val_w, max_layers=args.max_layers, e2e_windows=e2e_w,
@@ -209,6 +213,8 @@ def run_export(args: argparse.Namespace) -> int:
     from dsla.distill.artifact import export_student
     from dsla.fileio import atomic_write
 
+    if args.delta_rank is not None and args.delta_rank < 1:
+        raise ValueError(f"--delta-rank {args.delta_rank}: pass a positive rank, or leave it out for full differences")
     teacher, model, sha = _setup(args)
     size = export_student(args.student, args.out, model, sha, delta_rank=args.delta_rank)
     if args.report is not None:

@@ -30,7 +30,8 @@ from torch import Tensor
 from dsla.config import DistillConfig
 from dsla.distill.e2e import MasterAdam, cached_teacher_topk, train_e2e, warmup_cosine
 from dsla.data.atomic import sha256_file
-from dsla.distill.artifact import FORMAT, WEIGHTS, config_dict, dsla_config_of, load_student, read_manifest, save_student
+from dsla.distill.artifact import (FORMAT, WEIGHTS, config_dict, dsla_config_of, load_student, read_manifest,
+                                  save_student)
 from dsla.distill.rank import attention_entropy, order_from_scores
 from dsla.model.llama import HybridLM, split_heads
 from dsla.ops.attention import causal_attention
@@ -197,16 +198,12 @@ def new_manifest(teacher_dir: Path, teacher_sha: str, cfg: DistillConfig) -> dic
             "wall_time_s": 0.0}
 
 
-def start_from(model: HybridLM, src: Path, out_dir: Path, teacher_dir: Path, teacher_sha: str,
-               cfg: DistillConfig) -> dict[str, Any]:
-    """A new run in ``out_dir`` that starts from the student ``src``: its order, its layers done
-    and their weights (end-to-end stage included) are taken as they are, built with ``cfg.dsla``,
-    which may differ from the source's in the window only (both nonzero: a window adds a
-    parameter). The end-to-end stage then runs afresh; ``manifest["init_from"]`` says where from."""
-    src = Path(src)
+def check_init_from(src: Path, cfg: DistillConfig, max_layers: int | None = None) -> dict[str, Any]:
+    """The manifest of ``src`` if a run with ``cfg`` may start from it (see ``start_from``)."""
     m = read_manifest(src)
     old = dsla_config_of(m)
-    diff = [f.name for f in dataclasses.fields(old) if f.name != "window" and getattr(old, f.name) != getattr(cfg.dsla, f.name)]
+    diff = [f.name for f in dataclasses.fields(old)
+            if f.name != "window" and getattr(old, f.name) != getattr(cfg.dsla, f.name)]
     if diff:
         raise ValueError(f"--init-from {src}: its DSLA layers have other {', '.join(diff)} "
                          f"({', '.join(f'{k}={getattr(old, k)}' for k in diff)}); only --window may differ")
@@ -216,18 +213,58 @@ def start_from(model: HybridLM, src: Path, out_dir: Path, teacher_dir: Path, tea
     if cfg.order != "given" or list(cfg.layers) != m["order"]:
         raise ValueError(f"--init-from {src}: the order comes from the source; pass --order given "
                          f"--layers {','.join(map(str, m['order']))}")
-    if not m["layers_done"]:
+    done, e2e = len(m["layers_done"]), m.get("e2e") or {}
+    if not done:
         raise ValueError(f"--init-from {src}: it has no finished layers to start from")
+    if m["config"].get("e2e_steps") and not e2e.get("done"):
+        raise ValueError(f"--init-from {src}: its end-to-end stage stopped at step {e2e.get('step', 0)} of "
+                         f"{m['config']['e2e_steps']}; finish it first (`dsla distill --out {src}` with its settings)")
+    if max_layers is not None and max_layers < done:
+        raise ValueError(f"--max-layers {max_layers} is below the {done} layers --init-from {src} has done; "
+                         f"pass --max-layers {done} or more")
+    return m
+
+
+def start_from(model: HybridLM, src: Path, out_dir: Path, teacher_dir: Path, teacher_sha: str,
+               cfg: DistillConfig, max_layers: int | None = None) -> dict[str, Any]:
+    """A new run in ``out_dir`` that starts from the finished student ``src``: its order, its
+    layers done and their weights (end-to-end stage included) are taken as they are, built with
+    ``cfg.dsla``, which may differ from the source's in the window only (both nonzero: a window
+    adds a parameter). Later layers (``max_layers``) and the end-to-end stage then run as in any
+    run; ``manifest["init_from"]`` records the source, its config and its end-to-end stage."""
+    src = Path(src).resolve()
+    m = check_init_from(src, cfg, max_layers)
     load_student(model, src, teacher_sha, dsla_cfg=cfg.dsla)
     manifest = new_manifest(teacher_dir, teacher_sha, cfg)
     for k in ("ranking", "order", "layers_done", "metrics", "wall_time_s"):
         manifest[k] = m[k]
-    manifest["init_from"] = {"path": str(src), "weights_sha256": sha256_file(src / WEIGHTS),
-                             "dsla": m["config"]["dsla"], "e2e_steps": (m.get("e2e") or {}).get("step", 0)}
+    manifest["init_from"] = {
+        "path": str(src), "weights_sha256": sha256_file(src / WEIGHTS), "config": m["config"],
+        "e2e": {k: v for k, v in (m.get("e2e") or {}).items() if k != "losses"} or None,
+        "init_from": m.get("init_from")}
     save_student(out_dir, model, manifest)
     log.info("%s starts from %s: %d layers, window %d -> %d", out_dir, src, len(m["layers_done"]),
-             old.window, cfg.dsla.window)
+             m["config"]["dsla"]["window"], cfg.dsla.window)
     return manifest
+
+
+def open_run(model: HybridLM, teacher_dir: Path, teacher_sha: str, out_dir: Path, cfg: DistillConfig,
+             max_layers: int | None, init_from: Path | None) -> dict[str, Any]:
+    """The manifest of the run in ``out_dir``: resumed (its layers loaded), started from
+    ``init_from``, or new."""
+    if (out_dir / "manifest.json").exists():
+        manifest = read_manifest(out_dir)
+        source = (manifest.get("init_from") or {}).get("path")
+        if init_from is not None and source != str(Path(init_from).resolve()):
+            raise ValueError(f"{out_dir} holds a run {'started from ' + source if source else 'of its own'}, not "
+                             f"from --init-from {init_from}: resume it without --init-from, or choose another --out")
+        check_resumable(out_dir, manifest, cfg)
+        load_student(model, out_dir, teacher_sha)
+        log.info("resuming %s: %d layers already done", out_dir, len(manifest["layers_done"]))
+        return manifest
+    if init_from is not None:
+        return start_from(model, Path(init_from), out_dir, teacher_dir, teacher_sha, cfg, max_layers)
+    return new_manifest(teacher_dir, teacher_sha, cfg)
 
 
 def distill(model: HybridLM, teacher_dir: Path, teacher_sha: str, out_dir: Path, cfg: DistillConfig,
@@ -245,19 +282,7 @@ def distill(model: HybridLM, teacher_dir: Path, teacher_sha: str, out_dir: Path,
     run starts from that student (see ``start_from``).
     """
     out_dir = Path(out_dir)
-    if (out_dir / "manifest.json").exists():
-        manifest = read_manifest(out_dir)
-        source = (manifest.get("init_from") or {}).get("path")
-        if init_from is not None and source != str(init_from):
-            raise ValueError(f"{out_dir} holds a run {'started from ' + source if source else 'of its own'}, "
-                             f"not from --init-from {init_from}: resume it without --init-from, or choose another --out")
-        check_resumable(out_dir, manifest, cfg)
-        load_student(model, out_dir, teacher_sha)
-        log.info("resuming %s: %d layers already done", out_dir, len(manifest["layers_done"]))
-    elif init_from is not None:
-        manifest = start_from(model, Path(init_from), out_dir, teacher_dir, teacher_sha, cfg)
-    else:
-        manifest = new_manifest(teacher_dir, teacher_sha, cfg)
+    manifest = open_run(model, teacher_dir, teacher_sha, out_dir, cfg, max_layers, init_from)
     if manifest["order"] is None:
         manifest["ranking"], manifest["order"] = rank_layers(model, cfg, train_windows, progress)
     order: list[int] = manifest["order"]

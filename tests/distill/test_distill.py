@@ -166,7 +166,7 @@ def test_low_rank_export_is_the_truncated_svd_and_full_rank_is_exact(tiny_dir, t
         return model
 
     run(tiny_dir, tmp_path / "s", tiny_cfg(e2e_steps=0))
-    with pytest.raises(ValueError, match="delta_rank=0"):
+    with pytest.raises(ValueError, match="--delta-rank 0: pass a positive rank"):
         export_student(tmp_path / "s", tmp_path / "r0", teacher(), SHA, delta_rank=0)
     assert not (tmp_path / "r0").exists()
     full, src = teacher(), teacher()
@@ -185,3 +185,15 @@ def test_low_rank_export_is_the_truncated_svd_and_full_rank_is_exact(tiny_dir, t
                 u, sv, vh = torch.linalg.svd(d)
                 best = (u[:, :r] * sv[:r]) @ vh[:r] if r == 2 else d
                 torch.testing.assert_close(w - base, best, rtol=0, atol=2e-2 * float(d.abs().max()))
+    hidden = full.model.layers[0].self_attn.q_proj.weight.shape[1]  # square q/o: factors no smaller from hidden / 2
+    for r, factored in ((hidden // 2 - 1, True), (hidden // 2, False)):
+        export_student(tmp_path / "s", tmp_path / "rr", teacher(), SHA, delta_rank=r)
+        keys = load_file(tmp_path / "rr" / "dsla.safetensors").keys()
+        assert any(k.endswith("_delta_u") for k in keys) == factored
+        assert read_manifest(tmp_path / "rr")["compact"]["delta_rank"] == (r if factored else None)
+    tensors = load_file(tmp_path / "r2" / "dsla.safetensors")
+    tensors.pop(next(k for k in tensors if k.endswith("_delta_u")))
+    from safetensors.torch import save_file
+    save_file(tensors, tmp_path / "r2" / "dsla.safetensors")
+    with pytest.raises(ValueError, match="without its other factor.*export it again"):
+        load_student(teacher(), tmp_path / "r2", SHA)

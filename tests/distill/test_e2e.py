@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -126,20 +129,65 @@ def test_init_from_takes_a_students_layers_to_another_window(tiny_dir, tmp_path,
     cfg = tiny_cfg(dsla=DSLAConfig(feature_dim=8, chunk_size=8, window=8), e2e_steps=3, **order)
     _, m = run(tiny_dir, tmp_path / "new", cfg, init_from=tmp_path / "src")
     assert m["layers_done"] == [2, 0, 1] and m["config"]["dsla"]["window"] == 8
-    assert m["init_from"]["path"] == str(tmp_path / "src") and m["init_from"]["dsla"]["window"] == 4
-    assert m["init_from"]["e2e_steps"] == 4 and m["e2e"]["done"] and len(m["e2e"]["losses"]) == 3
+    assert m["init_from"]["path"] == str((tmp_path / "src").resolve()) and m["e2e"]["done"]
+    assert len(m["e2e"]["losses"]) == 3
     inherited = load_file(tmp_path / "new" / "stage1" / "dsla.safetensors")  # before its own end-to-end stage
     assert inherited.keys() == src.keys() and all(torch.equal(inherited[k], src[k]) for k in src)
     assert read_manifest(tmp_path / "new" / "stage1")["config"]["dsla"]["window"] == 8
-    _, again = run(tiny_dir, tmp_path / "new", cfg, init_from=tmp_path / "src")  # resumes: nothing left to do
+    assert m["init_from"]["config"]["dsla"]["window"] == 4 and m["init_from"]["e2e"]["step"] == 4
+    monkeypatch.setattr(train_mod, "start_from", lambda *a, **k: pytest.fail("started again"))
+    monkeypatch.setattr(train_mod, "train_e2e", lambda *a, **k: pytest.fail("trained again"))
+    monkeypatch.chdir(tmp_path)  # the same source, spelled relative to here: resumes, with nothing left to do
+    _, again = run(tiny_dir, tmp_path / "new", cfg, init_from="src")
     assert again["e2e"]["losses"] == m["e2e"]["losses"]
+    monkeypatch.undo()
     with pytest.raises(ValueError, match="not from --init-from"):
         run(tiny_dir, tmp_path / "new", cfg, init_from=tmp_path / "other")
-    bad = [(dict(dsla=DSLAConfig(feature_dim=4, chunk_size=8, window=8), **order), "feature_dim=8.*only --window"),
-           (dict(dsla=DSLAConfig(feature_dim=8, chunk_size=8, window=0), **order), "both windows must be nonzero"),
-           (dict(dsla=DSLAConfig(feature_dim=8, chunk_size=8, window=8), order="given", layers=(0, 1, 2)),
-            "--layers 2,0,1")]
-    for i, (kw, match) in enumerate(bad):
+    shutil.copytree(tmp_path / "src", tmp_path / "src8")  # a source extended to 8 end-to-end steps, killed at 6
+    real, calls = e2e_mod.topk_kl, {"n": 0}
+
+    def dies_at_step_7(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(e2e_mod, "topk_kl", dies_at_step_7)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_dir, tmp_path / "src8", tiny_cfg(dsla=src_cfg.dsla, e2e_steps=8, **order))
+    monkeypatch.undo()
+    w8 = DSLAConfig(feature_dim=8, chunk_size=8, window=8)
+    bad = [(dict(dsla=DSLAConfig(feature_dim=4, chunk_size=8, window=8), **order), {}, "feature_dim=8.*only --window"),
+           (dict(dsla=DSLAConfig(feature_dim=8, chunk_size=8, window=0), **order), {}, "both windows must be nonzero"),
+           (dict(dsla=w8, order="given", layers=(0, 1, 2)), {}, "--layers 2,0,1"),
+           (dict(dsla=w8, **order), {"max_layers": 2}, "--max-layers 2 is below the 3 layers"),
+           (dict(dsla=w8, **order), {"src": "src8"}, "stopped at step 6 of 8; finish it first")]
+    for i, (kw, extra, match) in enumerate(bad):
+        src_dir = tmp_path / extra.pop("src", "src")
         with pytest.raises(ValueError, match=match):
-            run(tiny_dir, tmp_path / f"bad{i}", tiny_cfg(**kw), init_from=tmp_path / "src")
+            run(tiny_dir, tmp_path / f"bad{i}", tiny_cfg(**kw), init_from=src_dir, **extra)
         assert not (tmp_path / f"bad{i}").exists()
+
+
+def test_e2e_killed_between_the_weights_and_the_manifest_resumes_from_the_weights(tiny_dir, tmp_path, monkeypatch):
+    from dsla.distill import artifact
+    cfg = tiny_cfg(e2e_steps=6, e2e_save_every=2)
+    run(tiny_dir, tmp_path / "full", cfg)
+    real, calls = artifact.atomic_write_json, {"n": 0}
+
+    def dies_on_the_third_manifest(path, obj):  # the manifest of end-to-end step 4: its weights are written
+        if path.parent == tmp_path / "cut" and (obj.get("e2e") or {}).get("step") == 4:
+            raise KeyboardInterrupt
+        return real(path, obj)
+
+    monkeypatch.setattr(artifact, "atomic_write_json", dies_on_the_third_manifest)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_dir, tmp_path / "cut", cfg)
+    monkeypatch.setattr(artifact, "atomic_write_json", real)
+    assert json.loads((tmp_path / "cut" / "manifest.json").read_text())["e2e"]["step"] == 2  # behind the weights
+    assert read_manifest(tmp_path / "cut")["e2e"]["step"] == 4  # the weights' copy
+    _, m = run(tiny_dir, tmp_path / "cut", cfg)
+    a, b = load_file(tmp_path / "full" / "dsla.safetensors"), load_file(tmp_path / "cut" / "dsla.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    assert read_manifest(tmp_path / "full")["e2e"]["losses"] == m["e2e"]["losses"]
