@@ -119,6 +119,9 @@ def load_student(model: HybridLM, student_dir: str | Path, teacher_sha256: str |
                                  "the file is incomplete: export it again")
             u, v = part.pop(name + LOW_RANK[0]), part.pop(name + LOW_RANK[1])
             part[name] = teacher.get_parameter(name).float() + u.float() @ v.float()
+        for key in (m.get("compact") or {}).get("unchanged", []):  # never trained: the teacher's own
+            if key.startswith(prefix):
+                part[key[len(prefix):]] = teacher.get_parameter(key[len(prefix):]).detach()
         try:
             model.dsla[str(i)].load_state_dict(part, strict=True)
         except RuntimeError as e:
@@ -132,12 +135,16 @@ def config_dict(cfg) -> dict[str, Any]:
 
 
 def export_student(src_dir: str | Path, dst_dir: str | Path, model: HybridLM, teacher_sha256: str,
-                   extra_files: tuple[str, ...] = ("report.json",), delta_rank: int | None = None) -> int:
+                   extra_files: tuple[str, ...] = ("report.json",), delta_rank: int | None = None,
+                   param_dtype: str = "float32") -> int:
     """Write a compact copy of the student in ``src_dir`` to ``dst_dir``; return its weight bytes.
 
     q_proj / o_proj (most of the bytes) are stored as bfloat16 differences from the teacher's
     weights (the difference is small, so bfloat16 keeps it to ~3 significant digits, far finer
-    than bfloat16 of the weight itself); the small DSLA parameters stay float32. With
+    than bfloat16 of the weight itself); a q/o never trained (difference exactly 0, e.g. layers
+    distilled with ``--no-train-projections``) is not stored at all and loads as the teacher's.
+    The small DSLA parameters are stored in ``param_dtype`` (float32; bfloat16 halves them and
+    changes nothing for a model run in bfloat16, which rounds them so anyway). With
     ``delta_rank`` r, each difference is stored as its best rank-r approximation u @ v (SVD;
     bfloat16 factors of r x (rows + columns) values): lossy, so measure the result. ``model`` is
     the teacher the student was distilled from (checked by hash). ``extra_files`` present in
@@ -145,13 +152,18 @@ def export_student(src_dir: str | Path, dst_dir: str | Path, model: HybridLM, te
     """
     if delta_rank is not None and delta_rank < 1:
         raise ValueError(f"--delta-rank {delta_rank}: pass a positive rank, or leave it out for full differences")
+    if param_dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"--param-dtype {param_dtype!r}: choose float32 or bfloat16")
     m = load_student(model, src_dir, teacher_sha256)
-    tensors, ranks = {}, set()
+    tensors, ranks, unchanged = {}, set(), []
     for i in m["layers_done"]:
         teacher = model.model.layers[i].self_attn
         for k, v in model.dsla[str(i)].state_dict().items():
             if k in COMPACT:
                 delta = v.float() - teacher.get_parameter(k).float()
+                if not delta.any():
+                    unchanged.append(f"layers.{i}.{k}")
+                    continue
                 if delta_rank is None or delta_rank * sum(delta.shape) >= delta.numel():  # factors no smaller
                     tensors[f"layers.{i}.{k}{DELTA}"] = delta.bfloat16().contiguous()
                     ranks.add(None)
@@ -161,14 +173,15 @@ def export_student(src_dir: str | Path, dst_dir: str | Path, model: HybridLM, te
                 tensors[f"layers.{i}.{k}{LOW_RANK[0]}"] = (u[:, :delta_rank] * sv[:delta_rank]).bfloat16().contiguous()
                 tensors[f"layers.{i}.{k}{LOW_RANK[1]}"] = vh[:delta_rank].bfloat16().contiguous()
             else:
-                tensors[f"layers.{i}.{k}"] = v.detach().float().contiguous()
+                tensors[f"layers.{i}.{k}"] = v.detach().to(getattr(torch, param_dtype)).contiguous()
     dst = Path(dst_dir)
     dst.mkdir(parents=True, exist_ok=True)
     atomic_write(dst / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT, "compact": "1"}))
     manifest = {k: v for k, v in m.items() if k not in ("e2e",)} | {
         "e2e": {k: v for k, v in m.get("e2e", {}).items() if k != "losses"} or None,
         "compact": {"delta_dtype": "bfloat16", "delta_params": list(COMPACT),
-                    "delta_rank": delta_rank if ranks == {delta_rank} else None}}  # None: some or all in full
+                    "delta_rank": delta_rank if ranks == {delta_rank} else None,  # None: some or all in full
+                    "unchanged": unchanged, "param_dtype": param_dtype}}
     manifest["teacher"] = {k: v for k, v in m["teacher"].items() if k != "path"}
     if manifest.get("init_from"):  # a local path means nothing on another machine
         manifest["init_from"] = {k: v for k, v in manifest["init_from"].items() if k != "path"}

@@ -207,6 +207,9 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--delta-rank", type=int, default=None, metavar="R",
                    help="store each q/o difference from the teacher as its best rank-R approximation (lossy: "
                         "evaluate the export) instead of in full; for students too large in full")
+    p.add_argument("--param-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="dtype of the stored DSLA parameters (bfloat16 halves them; a model run in bfloat16 "
+                        "rounds them so anyway)")
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -216,7 +219,8 @@ def run_export(args: argparse.Namespace) -> int:
     if args.delta_rank is not None and args.delta_rank < 1:
         raise ValueError(f"--delta-rank {args.delta_rank}: pass a positive rank, or leave it out for full differences")
     teacher, model, sha = _setup(args)
-    size = export_student(args.student, args.out, model, sha, delta_rank=args.delta_rank)
+    size = export_student(args.student, args.out, model, sha, delta_rank=args.delta_rank,
+                          param_dtype=args.param_dtype)
     if args.report is not None:
         src = args.report / "report.json" if args.report.is_dir() else args.report
         atomic_write(args.out / "report.json", lambda tmp: Path(tmp).write_bytes(src.read_bytes()))

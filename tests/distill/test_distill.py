@@ -197,3 +197,31 @@ def test_low_rank_export_is_the_truncated_svd_and_full_rank_is_exact(tiny_dir, t
     save_file(tensors, tmp_path / "r2" / "dsla.safetensors")
     with pytest.raises(ValueError, match="without its other factor.*export it again"):
         load_student(teacher(), tmp_path / "r2", SHA)
+
+
+def test_export_leaves_out_untrained_projections_and_can_store_parameters_in_bfloat16(tiny_dir, tmp_path):
+    from dsla.distill.artifact import export_student
+
+    def teacher():
+        model = load_teacher(tiny_dir)
+        for block in model.model.layers:  # the same teacher `run` distilled from
+            block.self_attn.q_proj.weight.mul_(6.0)
+        return model
+
+    run(tiny_dir, tmp_path / "s", tiny_cfg(e2e_steps=0, train_projections=False, layer_kl_sequences=0))
+    with pytest.raises(ValueError, match="--param-dtype 'float16'"):
+        export_student(tmp_path / "s", tmp_path / "bad", teacher(), SHA, param_dtype="float16")
+    export_student(tmp_path / "s", tmp_path / "c", teacher(), SHA, param_dtype="bfloat16")
+    stored = load_file(tmp_path / "c" / "dsla.safetensors")
+    done = read_manifest(tmp_path / "s")["layers_done"]
+    assert not any("q_proj" in k or "o_proj" in k for k in stored)
+    assert all(v.dtype == torch.bfloat16 for v in stored.values())
+    assert sorted(read_manifest(tmp_path / "c")["compact"]["unchanged"]) == sorted(
+        f"layers.{i}.{p}_proj.weight" for i in done for p in "qo")
+    outs = []
+    for d in ("s", "c"):
+        model = teacher().to(torch.bfloat16)
+        load_student(model, tmp_path / d, SHA)
+        with torch.no_grad():
+            outs.append(model(torch.arange(3, 40)[None], dsla_layers=done).float())
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)  # bfloat16 parameters: what a bf16 model holds
