@@ -3,7 +3,7 @@
 #                student (dsla/students/default) with the adaptive policy
 #   make test  - set up, lint (ruff) and run the test suite
 # make student reproduces the shipped student from scratch (hours on a 2-core CPU; resumable).
-# Knobs: make run SERVE_FLAGS="--threads 1 --port 8001"; make student STUDENT_FLAGS="--window 64"
+# Knobs: make run SERVE_FLAGS="--threads 1 --port 8001"; make student STUDENT_FLAGS="--seed 1"
 PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin

@@ -173,14 +173,14 @@ def test_e2e_killed_between_the_weights_and_the_manifest_resumes_from_the_weight
     from dsla.distill import artifact
     cfg = tiny_cfg(e2e_steps=6, e2e_save_every=2)
     run(tiny_dir, tmp_path / "full", cfg)
-    real, calls = artifact.atomic_write_json, {"n": 0}
+    real = artifact.atomic_write_json
 
-    def dies_on_the_third_manifest(path, obj):  # the manifest of end-to-end step 4: its weights are written
+    def dies_on_the_step_4_manifest(path, obj):  # after the weights of step 4 are written
         if path.parent == tmp_path / "cut" and (obj.get("e2e") or {}).get("step") == 4:
             raise KeyboardInterrupt
         return real(path, obj)
 
-    monkeypatch.setattr(artifact, "atomic_write_json", dies_on_the_third_manifest)
+    monkeypatch.setattr(artifact, "atomic_write_json", dies_on_the_step_4_manifest)
     with pytest.raises(KeyboardInterrupt):
         run(tiny_dir, tmp_path / "cut", cfg)
     monkeypatch.setattr(artifact, "atomic_write_json", real)
