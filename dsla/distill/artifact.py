@@ -139,9 +139,10 @@ def export_student(src_dir: str | Path, dst_dir: str | Path, model: HybridLM, te
                    param_dtype: str = "float32") -> int:
     """Write a compact copy of the student in ``src_dir`` to ``dst_dir``; return its weight bytes.
 
-    q_proj / o_proj (most of the bytes) are stored as bfloat16 differences from the teacher's
-    weights (the difference is small, so bfloat16 keeps it to ~3 significant digits, far finer
-    than bfloat16 of the weight itself); a q/o never trained (difference exactly 0, e.g. layers
+    q_proj / o_proj (most of the bytes) are stored in bfloat16: as they are when they are bfloat16
+    values already (a student trained or loaded in bfloat16: exact), else as differences from the
+    teacher's weights (the difference is small, so bfloat16 keeps it to ~3 significant digits, far
+    finer than bfloat16 of the weight itself); a q/o never trained (difference exactly 0, e.g. layers
     distilled with ``--no-train-projections``) is not stored at all and loads as the teacher's.
     The small DSLA parameters are stored in ``param_dtype`` (float32; bfloat16 halves them and
     changes nothing for a model run in bfloat16, which rounds them so anyway). With
@@ -163,6 +164,10 @@ def export_student(src_dir: str | Path, dst_dir: str | Path, model: HybridLM, te
                 delta = v.float() - teacher.get_parameter(k).float()
                 if not delta.any():
                     unchanged.append(f"layers.{i}.{k}")
+                    continue
+                if delta_rank is None and torch.equal(v.float(), v.float().bfloat16().float()):
+                    tensors[f"layers.{i}.{k}"] = v.detach().bfloat16().contiguous()  # bf16 already: as is, exact
+                    ranks.add(None)
                     continue
                 if delta_rank is None or delta_rank * sum(delta.shape) >= delta.numel():  # factors no smaller
                     tensors[f"layers.{i}.{k}{DELTA}"] = delta.bfloat16().contiguous()

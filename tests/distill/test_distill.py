@@ -225,3 +225,25 @@ def test_export_leaves_out_untrained_projections_and_can_store_parameters_in_bfl
         with torch.no_grad():
             outs.append(model(torch.arange(3, 40)[None], dsla_layers=done).float())
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)  # bfloat16 parameters: what a bf16 model holds
+
+
+def test_export_from_a_bfloat16_model_is_exact(tiny_dir, tmp_path):
+    from dsla.distill.artifact import export_student
+
+    def teacher():
+        model = load_teacher(tiny_dir)
+        for block in model.model.layers:  # the same teacher `run` distilled from
+            block.self_attn.q_proj.weight.mul_(6.0)
+        return model.to(torch.bfloat16)
+
+    _, m = run(tiny_dir, tmp_path / "s", tiny_cfg(e2e_steps=0))
+    export_student(tmp_path / "s", tmp_path / "c", teacher(), SHA, param_dtype="bfloat16")
+    stored = load_file(tmp_path / "c" / "dsla.safetensors")
+    assert "layers.0.q_proj.weight" in stored and not any(k.endswith("_delta") for k in stored)
+    outs = []
+    for d in ("s", "c"):
+        model = teacher()
+        load_student(model, tmp_path / d, SHA)
+        with torch.no_grad():
+            outs.append(model(torch.arange(3, 40)[None], dsla_layers=m["layers_done"]).float())
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)  # a bf16 delta would round q/o a second time
