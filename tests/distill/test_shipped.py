@@ -23,7 +23,7 @@ def test_shipped_student_is_small_and_names_its_teacher():
     assert len(m["teacher"]["sha256"]) == 64 and m["layers_done"]
     assert (SHIPPED_STUDENT_DIR / "dsla.safetensors").is_file(), "the shipped weights are missing (git-ignored?)"
     size = sum(f.stat().st_size for f in SHIPPED_STUDENT_DIR.iterdir())
-    assert size <= 25 * 2**20, f"the shipped student is {size / 2**20:.1f} MiB, over 25 MiB"
+    assert size <= 25_000_000, f"the shipped student is {size / 1e6:.2f} MB, over 25 MB"
     report = json.loads((SHIPPED_STUDENT_DIR / "report.json").read_text())
     assert any(r["ratio"] == 0 for r in report["runs"]), "its eval report needs the teacher's ratio-0 run"
 

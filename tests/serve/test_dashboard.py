@@ -192,12 +192,12 @@ def test_next_candidate_respects_order_max_ratio_and_budget():
     from dsla.serve.policy import PolicyConfig, next_candidate
 
     assert next_candidate(PolicyConfig(), (), [3, 1, 2, 0], 4) == (3, "")
-    assert next_candidate(PolicyConfig(), (3, 1), [3, 1, 2, 0], 4) == (2, "")
+    assert next_candidate(PolicyConfig(max_ratio=0.75), (3, 1), [3, 1, 2, 0], 4) == (2, "")
     layer, why = next_candidate(PolicyConfig(max_ratio=0.5), (3, 1), [3, 1, 2, 0], 4)
     assert layer is None and "max_ratio" in why
     layer, why = next_candidate(PolicyConfig(quality_budget=0.05), (), [3, 1], 4, ((0.25, 0.1),))
     assert layer is None and "quality budget" in why
-    assert next_candidate(PolicyConfig(), (3, 1), [3, 1], 4)[0] is None
+    assert next_candidate(PolicyConfig(max_ratio=0.75), (3, 1), [3, 1], 4)[0] is None
 
 
 def test_non_finite_numbers_become_null():
