@@ -30,10 +30,16 @@ def tiny_cfg(**kw) -> DistillConfig:
     return DistillConfig(**base)
 
 
-def run(tiny_dir, out, cfg, **kw):
+def sharpened_teacher(tiny_dir, dtype=torch.float32):
+    """The tiny teacher as `run` distils from it."""
     model = load_teacher(tiny_dir)
     for block in model.model.layers:  # sharpen the random teacher's attention so there is something to learn
         block.self_attn.q_proj.weight.mul_(6.0)
+    return model.to(dtype)
+
+
+def run(tiny_dir, out, cfg, **kw):
+    model = sharpened_teacher(tiny_dir)
     return model, train_mod.distill(model, tiny_dir, SHA, out, cfg, windows_fn(0), windows_fn(1),
                                     progress=False, **kw)
 
@@ -137,17 +143,12 @@ def test_compact_export_loads_to_the_same_model(tiny_dir, tmp_path):
 
     run(tiny_dir, tmp_path / "s", tiny_cfg(e2e_steps=0))
     (tmp_path / "s" / "report.json").write_text("{}")
-    teacher = load_teacher(tiny_dir)
-    for block in teacher.model.layers:  # the same teacher `run` distilled from
-        block.self_attn.q_proj.weight.mul_(6.0)
-    export_student(tmp_path / "s", tmp_path / "c", teacher, SHA)
+    export_student(tmp_path / "s", tmp_path / "c", sharpened_teacher(tiny_dir), SHA)
     assert (tmp_path / "c" / "report.json").is_file()
     assert any(k.endswith("_delta") for k in load_file(tmp_path / "c" / "dsla.safetensors"))
     outs = []
     for d in ("s", "c"):
-        model = load_teacher(tiny_dir)
-        for block in model.model.layers:
-            block.self_attn.q_proj.weight.mul_(6.0)
+        model = sharpened_teacher(tiny_dir)
         m = load_student(model, tmp_path / d, SHA)
         with torch.no_grad():
             outs.append(model(torch.arange(3, 40)[None], dsla_layers=m["layers_done"]))
@@ -159,23 +160,17 @@ def test_compact_export_loads_to_the_same_model(tiny_dir, tmp_path):
 def test_low_rank_export_is_the_truncated_svd_and_full_rank_is_exact(tiny_dir, tmp_path):
     from dsla.distill.artifact import export_student
 
-    def teacher():
-        model = load_teacher(tiny_dir)
-        for block in model.model.layers:  # the same teacher `run` distilled from
-            block.self_attn.q_proj.weight.mul_(6.0)
-        return model
-
     run(tiny_dir, tmp_path / "s", tiny_cfg(e2e_steps=0))
     with pytest.raises(ValueError, match="--delta-rank 0: pass a positive rank"):
-        export_student(tmp_path / "s", tmp_path / "r0", teacher(), SHA, delta_rank=0)
+        export_student(tmp_path / "s", tmp_path / "r0", sharpened_teacher(tiny_dir), SHA, delta_rank=0)
     assert not (tmp_path / "r0").exists()
-    full, src = teacher(), teacher()
+    full, src = sharpened_teacher(tiny_dir), sharpened_teacher(tiny_dir)
     m = load_student(src, tmp_path / "s", SHA)
     for r in (2, 1000):
-        export_student(tmp_path / "s", tmp_path / f"r{r}", teacher(), SHA, delta_rank=r)
+        export_student(tmp_path / "s", tmp_path / f"r{r}", sharpened_teacher(tiny_dir), SHA, delta_rank=r)
         keys = load_file(tmp_path / f"r{r}" / "dsla.safetensors").keys()
         assert any(k.endswith("_delta_u") for k in keys) == (r == 2)
-        model = teacher()
+        model = sharpened_teacher(tiny_dir)
         load_student(model, tmp_path / f"r{r}", SHA)
         for i in m["layers_done"]:
             for name in ("q_proj", "o_proj"):
@@ -187,7 +182,7 @@ def test_low_rank_export_is_the_truncated_svd_and_full_rank_is_exact(tiny_dir, t
                 torch.testing.assert_close(w - base, best, rtol=0, atol=2e-2 * float(d.abs().max()))
     hidden = full.model.layers[0].self_attn.q_proj.weight.shape[1]  # square q/o: factors no smaller from hidden / 2
     for r, factored in ((hidden // 2 - 1, True), (hidden // 2, False)):
-        export_student(tmp_path / "s", tmp_path / "rr", teacher(), SHA, delta_rank=r)
+        export_student(tmp_path / "s", tmp_path / "rr", sharpened_teacher(tiny_dir), SHA, delta_rank=r)
         keys = load_file(tmp_path / "rr" / "dsla.safetensors").keys()
         assert any(k.endswith("_delta_u") for k in keys) == factored
         assert read_manifest(tmp_path / "rr")["compact"]["delta_rank"] == (r if factored else None)
@@ -196,22 +191,16 @@ def test_low_rank_export_is_the_truncated_svd_and_full_rank_is_exact(tiny_dir, t
     from safetensors.torch import save_file
     save_file(tensors, tmp_path / "r2" / "dsla.safetensors")
     with pytest.raises(ValueError, match="without its other factor.*export it again"):
-        load_student(teacher(), tmp_path / "r2", SHA)
+        load_student(sharpened_teacher(tiny_dir), tmp_path / "r2", SHA)
 
 
 def test_export_leaves_out_untrained_projections_and_can_store_parameters_in_bfloat16(tiny_dir, tmp_path):
     from dsla.distill.artifact import export_student
 
-    def teacher():
-        model = load_teacher(tiny_dir)
-        for block in model.model.layers:  # the same teacher `run` distilled from
-            block.self_attn.q_proj.weight.mul_(6.0)
-        return model
-
     run(tiny_dir, tmp_path / "s", tiny_cfg(e2e_steps=0, train_projections=False, layer_kl_sequences=0))
     with pytest.raises(ValueError, match="--param-dtype 'float16'"):
-        export_student(tmp_path / "s", tmp_path / "bad", teacher(), SHA, param_dtype="float16")
-    export_student(tmp_path / "s", tmp_path / "c", teacher(), SHA, param_dtype="bfloat16")
+        export_student(tmp_path / "s", tmp_path / "bad", sharpened_teacher(tiny_dir), SHA, param_dtype="float16")
+    export_student(tmp_path / "s", tmp_path / "c", sharpened_teacher(tiny_dir), SHA, param_dtype="bfloat16")
     stored = load_file(tmp_path / "c" / "dsla.safetensors")
     done = read_manifest(tmp_path / "s")["layers_done"]
     assert not any("q_proj" in k or "o_proj" in k for k in stored)
@@ -220,7 +209,7 @@ def test_export_leaves_out_untrained_projections_and_can_store_parameters_in_bfl
         f"layers.{i}.{p}_proj.weight" for i in done for p in "qo")
     outs = []
     for d in ("s", "c"):
-        model = teacher().to(torch.bfloat16)
+        model = sharpened_teacher(tiny_dir, torch.bfloat16)
         load_student(model, tmp_path / d, SHA)
         with torch.no_grad():
             outs.append(model(torch.arange(3, 40)[None], dsla_layers=done).float())
@@ -230,19 +219,13 @@ def test_export_leaves_out_untrained_projections_and_can_store_parameters_in_bfl
 def test_export_from_a_bfloat16_model_is_exact(tiny_dir, tmp_path):
     from dsla.distill.artifact import export_student
 
-    def teacher():
-        model = load_teacher(tiny_dir)
-        for block in model.model.layers:  # the same teacher `run` distilled from
-            block.self_attn.q_proj.weight.mul_(6.0)
-        return model.to(torch.bfloat16)
-
     _, m = run(tiny_dir, tmp_path / "s", tiny_cfg(e2e_steps=0))
-    export_student(tmp_path / "s", tmp_path / "c", teacher(), SHA, param_dtype="bfloat16")
+    export_student(tmp_path / "s", tmp_path / "c", sharpened_teacher(tiny_dir, torch.bfloat16), SHA, param_dtype="bfloat16")
     stored = load_file(tmp_path / "c" / "dsla.safetensors")
     assert "layers.0.q_proj.weight" in stored and not any(k.endswith("_delta") for k in stored)
     outs = []
     for d in ("s", "c"):
-        model = teacher()
+        model = sharpened_teacher(tiny_dir, torch.bfloat16)
         load_student(model, tmp_path / d, SHA)
         with torch.no_grad():
             outs.append(model(torch.arange(3, 40)[None], dsla_layers=m["layers_done"]).float())

@@ -16,6 +16,18 @@ from dsla.distill.e2e import MasterAdam, ratio_ks, topk_kl
 from tests.distill.test_distill import SHA, run, tiny_cfg
 
 
+def dies_at_call(n: int):
+    """``topk_kl`` that interrupts the run at its n-th call (one call per end-to-end step)."""
+    real, calls = e2e_mod.topk_kl, {"n": 0}
+
+    def dies(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    return dies
+
+
 def test_topk_kl_with_the_whole_vocabulary_is_the_kl():
     g = torch.Generator().manual_seed(0)
     t, s = torch.randn(5, 11, generator=g), torch.randn(5, 11, generator=g)
@@ -69,19 +81,11 @@ def test_e2e_draws_k_from_the_ratios(tiny_dir, tmp_path, window):
 def test_e2e_kill_and_resume_equals_uninterrupted(tiny_dir, tmp_path, monkeypatch):
     cfg = tiny_cfg(e2e_steps=6, e2e_save_every=2)
     run(tiny_dir, tmp_path / "full", cfg)
-    real, calls = e2e_mod.topk_kl, {"n": 0}
-
-    def dies_at_step_5(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(e2e_mod, "topk_kl", dies_at_step_5)
+    monkeypatch.setattr(e2e_mod, "topk_kl", dies_at_call(5))
     with pytest.raises(KeyboardInterrupt):
         run(tiny_dir, tmp_path / "resumed", cfg)
     assert read_manifest(tmp_path / "resumed")["e2e"]["step"] == 4
-    monkeypatch.setattr(e2e_mod, "topk_kl", real)
+    monkeypatch.undo()
     _, m = run(tiny_dir, tmp_path / "resumed", cfg)
     assert m["e2e"]["step"] == 6 and m["e2e"]["done"]
     a, b = load_file(tmp_path / "full" / "dsla.safetensors"), load_file(tmp_path / "resumed" / "dsla.safetensors")
@@ -144,15 +148,7 @@ def test_init_from_takes_a_students_layers_to_another_window(tiny_dir, tmp_path,
     with pytest.raises(ValueError, match="not from --init-from"):
         run(tiny_dir, tmp_path / "new", cfg, init_from=tmp_path / "other")
     shutil.copytree(tmp_path / "src", tmp_path / "src8")  # a source extended to 8 end-to-end steps, killed at 6
-    real, calls = e2e_mod.topk_kl, {"n": 0}
-
-    def dies_at_step_7(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(e2e_mod, "topk_kl", dies_at_step_7)
+    monkeypatch.setattr(e2e_mod, "topk_kl", dies_at_call(3))  # step 7
     with pytest.raises(KeyboardInterrupt):
         run(tiny_dir, tmp_path / "src8", tiny_cfg(dsla=src_cfg.dsla, e2e_steps=8, **order))
     monkeypatch.undo()
