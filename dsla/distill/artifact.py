@@ -134,6 +134,14 @@ def config_dict(cfg) -> dict[str, Any]:
     return json.loads(json.dumps(d))  # tuples -> lists, so it compares equal to a re-read manifest
 
 
+def check_export_options(delta_rank: int | None, param_dtype: str) -> None:
+    """Refuse ``export_student`` options it cannot honour (before any work)."""
+    if delta_rank is not None and delta_rank < 1:
+        raise ValueError(f"--delta-rank {delta_rank}: pass a positive rank, or leave it out for full differences")
+    if param_dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"--param-dtype {param_dtype!r}: choose float32 or bfloat16")
+
+
 def export_student(src_dir: str | Path, dst_dir: str | Path, model: HybridLM, teacher_sha256: str,
                    extra_files: tuple[str, ...] = ("report.json",), delta_rank: int | None = None,
                    param_dtype: str = "float32") -> int:
@@ -151,10 +159,7 @@ def export_student(src_dir: str | Path, dst_dir: str | Path, model: HybridLM, te
     the teacher the student was distilled from (checked by hash). ``extra_files`` present in
     ``src_dir`` (its eval report) are copied too.
     """
-    if delta_rank is not None and delta_rank < 1:
-        raise ValueError(f"--delta-rank {delta_rank}: pass a positive rank, or leave it out for full differences")
-    if param_dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"--param-dtype {param_dtype!r}: choose float32 or bfloat16")
+    check_export_options(delta_rank, param_dtype)
     m = load_student(model, src_dir, teacher_sha256)
     tensors, ranks, unchanged = {}, set(), []
     for i in m["layers_done"]:

@@ -213,11 +213,10 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from dsla.distill.artifact import export_student
+    from dsla.distill.artifact import check_export_options, export_student
     from dsla.fileio import atomic_write
 
-    if args.delta_rank is not None and args.delta_rank < 1:
-        raise ValueError(f"--delta-rank {args.delta_rank}: pass a positive rank, or leave it out for full differences")
+    check_export_options(args.delta_rank, args.param_dtype)  # before the teacher loads
     teacher, model, sha = _setup(args)
     size = export_student(args.student, args.out, model, sha, delta_rank=args.delta_rank,
                           param_dtype=args.param_dtype)
