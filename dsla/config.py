@@ -150,6 +150,16 @@ class DSLAConfig:
             raise ValueError(f"window={self.window!r} must be a whole number of tokens >= 0 (0: pure DSLA)")
 
 
+# What the end-to-end stage may train in each converted layer. "scalars": the per-head weights of
+# the window and of the two states and the biases of the decay gates, i.e. how much each head
+# takes from its exact window, its history and its recency (a few thousand numbers for the whole
+# model, whatever its size), with q/o, the feature maps and the gates' weights left as they are.
+# It re-balances a student at lengths its other parameters were not trained for and keeps the
+# artifact's size (all these tensors are DSLA parameters, always stored).
+E2E_PARAMS = ("all", "scalars")
+SCALAR_PARAMS = ("mix_logits", "window_log_scale", "history_gate.bias", "recency_gate.bias")
+
+
 @dataclass(frozen=True)
 class DistillConfig:
     """Chained layer-wise distillation (dsla/distill/train.py). Token budgets are per layer."""
@@ -173,6 +183,7 @@ class DistillConfig:
     e2e_ratios: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)  # each step converts round(ratio * layers) layers, drawn from these
     e2e_ce_weight: float = 0.0  # weight of next-token cross-entropy added to the KL (0: KL only)
     e2e_lr: float = 3e-4  # peak Adam lr of the end-to-end and per-layer KL stages (warm-up, cosine decay)
+    e2e_params: str = "all"  # what the end-to-end stage trains: all (every parameter of the converted layers) or scalars (only each head's window and state weights and the decay gates' biases)
     e2e_save_every: int = 10  # steps between checkpoints of the end-to-end stage (it resumes from the last)
     rank_sequences: int = 16  # calibration windows for the entropy ranking
     seed: int = 0  # everything random derives from this (and the layer index)
@@ -193,5 +204,7 @@ class DistillConfig:
         for name in ("e2e_seq_len", "e2e_windows", "e2e_topk", "e2e_save_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
+        if self.e2e_params not in E2E_PARAMS:
+            raise ValueError(f"e2e_params={self.e2e_params!r} must be one of {', '.join(E2E_PARAMS)}")
         if not self.e2e_ratios or any(not 0.0 < r <= 1.0 for r in self.e2e_ratios):
             raise ValueError(f"e2e_ratios={self.e2e_ratios} must be a non-empty list of ratios in (0, 1]")

@@ -5,7 +5,8 @@ model, on KL(teacher || hybrid) over long windows (``e2e_seq_len``), plus an opt
 
 - Only the converted layers' own parameters train (q_proj, o_proj, feature maps, gates, mix):
   k_proj / v_proj are the teacher's, shared and frozen, as are MLPs and norms, so folding a
-  teacher KV cache into DSLA state stays exact.
+  teacher KV cache into DSLA state stays exact. With ``e2e_params="scalars"`` only the per-head
+  weights of the window and the states and the gates' biases train (``SCALAR_PARAMS``).
 - One student serves every ratio the policy may pick, so each step converts the first k layers
   of the order with k drawn from ``e2e_ratios``: a layer must work whether or not the layers
   after it are converted.
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from dsla.config import E2E_PARAMS, SCALAR_PARAMS
 from dsla.fileio import atomic_write
 from dsla.plan import layer_count
 
@@ -171,6 +173,15 @@ def ratio_ks(ratios: Sequence[float], num_layers: int, available: int) -> list[i
     return [k for k in ks if k <= available]
 
 
+def trainable(mods: Sequence[nn.Module], which: str) -> list[nn.Parameter]:
+    """The parameters of the converted layers ``mods`` that the stage trains (``DistillConfig.e2e_params``)."""
+    if which == "all":
+        return [p for m in mods for p in m.parameters()]
+    if which == "scalars":
+        return [p for m in mods for name, p in m.named_parameters() if name in SCALAR_PARAMS]
+    raise ValueError(f"e2e_params={which!r} must be one of {', '.join(E2E_PARAMS)}")
+
+
 # ---- the stage --------------------------------------------------------------------------------
 def train_e2e(model, order: list[int], cfg, windows: Tensor, t_logp: Tensor, t_ids: Tensor,
               state_dir: Path, manifest: dict[str, Any], save: Callable[[], None],
@@ -189,9 +200,10 @@ def train_e2e(model, order: list[int], cfg, windows: Tensor, t_logp: Tensor, t_i
     rec = manifest.setdefault("e2e", {"step": 0, "losses": [], "wall_time_s": 0.0})
     rec["ks"] = ks
     mods = [model.dsla[str(i)] for i in order[: max(ks)]]
-    for m in mods:
-        m.requires_grad_(True)
-    opt = MasterAdam([{"params": [p for m in mods for p in m.parameters()], "lr": cfg.e2e_lr}])
+    params = trainable(mods, cfg.e2e_params)
+    for p in params:
+        p.requires_grad_(True)
+    opt = MasterAdam([{"params": params, "lr": cfg.e2e_lr}])
     schedule = rec.setdefault("schedule", [[0, cfg.e2e_steps]])
     if schedule[-1][1] != cfg.e2e_steps:  # extended (see dsla.distill.train.check_resumable)
         schedule.append([rec["step"], cfg.e2e_steps])
@@ -240,8 +252,8 @@ def train_e2e(model, order: list[int], cfg, windows: Tensor, t_logp: Tensor, t_i
     finally:
         if bar is not None:
             bar.close()
-        for m in mods:
-            m.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(False)
     rec["done"] = True
     save()
     state_path.unlink(missing_ok=True)

@@ -347,6 +347,8 @@ def check_resumable(out_dir: Path, manifest: dict[str, Any], cfg: DistillConfig)
     ``dsla.distill.e2e.lr_multiplier``; ``end_to_end`` refuses a count below the steps done);
     the manifest then records the new count."""
     old, new = dict(manifest["config"]), config_dict(cfg)
+    for k, v in config_dict(DistillConfig()).items():  # a setting added since the run began has its default
+        old.setdefault(k, v)
     steps = (old.pop("e2e_steps"), new.pop("e2e_steps"))
     if old != new:
         diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))

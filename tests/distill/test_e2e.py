@@ -187,3 +187,29 @@ def test_e2e_killed_between_the_weights_and_the_manifest_resumes_from_the_weight
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
     assert read_manifest(tmp_path / "full")["e2e"]["losses"] == m["e2e"]["losses"]
+
+
+def test_e2e_scalars_trains_only_the_heads_weights_and_gate_biases(tiny_dir, tmp_path):
+    from dsla.config import SCALAR_PARAMS, DSLAConfig
+    kw = dict(dsla=DSLAConfig(feature_dim=8, chunk_size=8, window=4), order="given", layers=(2, 0, 1))
+    run(tiny_dir, tmp_path / "src", tiny_cfg(e2e_steps=0, **kw))
+    before = load_file(tmp_path / "src" / "dsla.safetensors")
+    cfg = tiny_cfg(e2e_steps=6, e2e_lr=3e-2, e2e_params="scalars", **kw)
+    _, m = run(tiny_dir, tmp_path / "new", cfg, init_from=tmp_path / "src")
+    assert m["config"]["e2e_params"] == "scalars" and m["e2e"]["done"]
+    after = load_file(tmp_path / "new" / "dsla.safetensors")
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    scalar = {k for k in before if k.split(".", 2)[2] in SCALAR_PARAMS}
+    assert scalar and moved == scalar  # every scalar moved, nothing else did
+    with pytest.raises(ValueError, match="e2e_params='some'"):
+        tiny_cfg(e2e_params="some")
+
+
+def test_a_run_from_before_a_setting_existed_resumes_with_its_default(tmp_path):
+    from dsla.distill.artifact import config_dict
+    from dsla.distill.train import check_resumable
+    old = config_dict(tiny_cfg())
+    del old["e2e_params"]  # a manifest written before the setting existed
+    check_resumable(tmp_path, {"config": dict(old)}, tiny_cfg())  # the default: resumes
+    with pytest.raises(ValueError, match=r"different config \(e2e_params\)"):
+        check_resumable(tmp_path, {"config": dict(old)}, tiny_cfg(e2e_params="scalars"))
