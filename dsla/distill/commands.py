@@ -51,6 +51,10 @@ def add_distill_arguments(p: argparse.ArgumentParser) -> None:
                         "stage (--e2e-steps) then run as usual")
     p.add_argument("--loss-delta", action=argparse.BooleanOptionalAction, default=True,
                    help="after training, measure each layer's loss-delta on validation windows")
+    p.add_argument("--recompute", action="store_true",
+                   help="recompute each layer's activations in the backward pass instead of keeping them (activation "
+                        "checkpointing): far less memory for many converted layers at long --e2e-seq-len, about a "
+                        "third more time, the same result; may change between a run and its resumption")
     add_dataclass_arguments(p, DistillConfig)
 
 
@@ -65,6 +69,7 @@ def run_distill(args: argparse.Namespace) -> int:
     if args.init_from is not None and not (args.out / "manifest.json").exists():
         check_init_from(args.init_from, cfg, args.max_layers)  # before the teacher loads
     teacher, model, sha = _setup(args)
+    model.recompute_layers = args.recompute
     train_w, val_w, e2e_w = window_sources(teacher, cfg.seq_len, cfg.e2e_seq_len)
     m = distill(model, teacher, sha, args.out, cfg, train_w, val_w, max_layers=args.max_layers, e2e_windows=e2e_w,
                 init_from=args.init_from)

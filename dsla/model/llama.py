@@ -16,6 +16,7 @@ from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from dsla.config import DSLAConfig, LlamaConfig
@@ -188,6 +189,9 @@ class HybridLM(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.dsla = nn.ModuleDict()  # str(layer index) -> DSLAAttention
         self.weights = "native"  # linear-layer storage: a dsla.model.quant preset (quantize_model sets it)
+        # Training without caches: recompute each layer's activations in the backward pass instead of
+        # keeping them (activation checkpointing; ``dsla distill --e2e-recompute``).
+        self.recompute_layers = False
         self.register_buffer("inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling),
                              persistent=False)
 
@@ -281,24 +285,36 @@ class HybridLM(nn.Module):
                 raise ValueError(f"position {int(pos.max())} exceeds the model's context of {limit} tokens")
         cos, sin = rope_cos_sin(pos, self.inv_freq)
         dset = set(dsla_layers)
+        for i in dset if caches is None else ():
+            if str(i) not in self.dsla:
+                raise ValueError(f"layer {i} has no DSLA module: add or load one before converting it")
+        recompute = self.recompute_layers and caches is None and torch.is_grad_enabled()
         x = self.model.embed_tokens(input_ids)
-        for i, block in enumerate(self.model.layers):
-            h = block.input_layernorm(x)
-            dsla = self.dsla[str(i)] if str(i) in self.dsla else None
-            if caches is not None:
-                h = mixed_attention(block.self_attn, dsla, h, cos, sin, seq_lens, [c.layers[i] for c in caches])
-            elif i in dset:
-                if dsla is None:
-                    raise ValueError(f"layer {i} has no DSLA module: add or load one before converting it")
-                h = dsla(h, cos, sin, seq_lens, None)
+        for i in range(self.cfg.num_hidden_layers):
+            if recompute:  # keep only each layer's input; its activations are recomputed in the backward pass
+                x = torch.utils.checkpoint.checkpoint(self._layer, i, x, cos, sin, seq_lens, caches, i in dset,
+                                                      use_reentrant=False)
             else:
-                h = block.self_attn(h, cos, sin, seq_lens, None)
-            x = x + h
-            x = x + block.mlp(block.post_attention_layernorm(x))
+                x = self._layer(i, x, cos, sin, seq_lens, caches, i in dset)
         if caches is not None:
             for c, L in zip(caches, seq_lens):
                 c.num_tokens += L
         return self.model.norm(x)
+
+    def _layer(self, i: int, x: Tensor, cos: Tensor, sin: Tensor, seq_lens: Sequence[int],
+               caches: Sequence[RequestCache] | None, converted: bool) -> Tensor:
+        """Block i on the residual stream x (attention or DSLA, then the MLP)."""
+        block = self.model.layers[i]
+        h = block.input_layernorm(x)
+        dsla = self.dsla[str(i)] if str(i) in self.dsla else None
+        if caches is not None:
+            h = mixed_attention(block.self_attn, dsla, h, cos, sin, seq_lens, [c.layers[i] for c in caches])
+        elif converted:
+            h = dsla(h, cos, sin, seq_lens, None)
+        else:
+            h = block.self_attn(h, cos, sin, seq_lens, None)
+        x = x + h
+        return x + block.mlp(block.post_attention_layernorm(x))
 
     def logits(self, h: Tensor) -> Tensor:
         if self.lm_head is None:  # tied to the embedding (a quantised model has its own lm_head module)

@@ -221,3 +221,33 @@ def test_a_non_finite_key_never_enters_a_window(tiny_dir):
         with pytest.raises(FloatingPointError):
             m(torch.randint(0, 97, (1,)), [1], [cache])
     assert torch.equal(st.window_k, ring) and st.length == 6
+
+
+def test_recomputed_layers_give_the_same_loss_and_gradients(hybrid):
+    ids = torch.randint(0, hybrid.cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    params = [p for mod in hybrid.dsla.values() for p in mod.parameters()]
+
+    calls = []
+    hybrid.model.layers[1].mlp.register_forward_hook(lambda *a: calls.append(1))
+
+    def grads(recompute: bool):
+        hybrid.recompute_layers = recompute
+        calls.clear()
+        for p in params:
+            p.requires_grad_(True)
+            p.grad = None
+        loss = hybrid(ids, dsla_layers=[0, 2]).float().logsumexp(-1).mean()
+        loss.backward()
+        assert len(calls) == (2 if recompute else 1)  # the backward pass ran the layer again
+        return loss.detach(), [p.grad.clone() for p in params if p.grad is not None]
+
+    loss, g = grads(False)
+    loss_r, g_r = grads(True)
+    assert len(g) == len(g_r) > 0
+    torch.testing.assert_close(loss_r, loss, rtol=0, atol=0)
+    for a, b in zip(g_r, g):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    hybrid.recompute_layers = False
+    bare = hybrid.__class__(hybrid.cfg)  # no DSLA modules: named before any work
+    with pytest.raises(ValueError, match="layer 2 has no DSLA module"):
+        bare(ids, dsla_layers=[2])
