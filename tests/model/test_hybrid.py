@@ -228,7 +228,7 @@ def test_recomputed_layers_give_the_same_loss_and_gradients(hybrid):
     params = [p for mod in hybrid.dsla.values() for p in mod.parameters()]
 
     calls = []
-    hybrid.model.layers[1].mlp.register_forward_hook(lambda *a: calls.append(1))
+    hybrid.model.layers[1].mlp.register_forward_pre_hook(lambda *a: calls.append(1))
 
     def grads(recompute: bool):
         hybrid.recompute_layers = recompute
