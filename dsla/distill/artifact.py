@@ -126,6 +126,7 @@ def load_student(model: HybridLM, student_dir: str | Path, teacher_sha256: str |
             model.dsla[str(i)].load_state_dict(part, strict=True)
         except RuntimeError as e:
             raise ValueError(f"student layer {i} does not fit this teacher's shapes: {e}") from None
+        model.dsla[str(i)].requires_grad_(False)  # finished: a training stage enables what it trains
     return m
 
 

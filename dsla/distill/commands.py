@@ -52,9 +52,10 @@ def add_distill_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loss-delta", action=argparse.BooleanOptionalAction, default=True,
                    help="after training, measure each layer's loss-delta on validation windows")
     p.add_argument("--recompute", action="store_true",
-                   help="recompute each layer's activations in the backward pass instead of keeping them (activation "
-                        "checkpointing): far less memory for many converted layers at long --e2e-seq-len, about a "
-                        "third more time, the same result; may change between a run and its resumption")
+                   help="in the stages that train through the whole model (end-to-end, per-layer KL), recompute each "
+                        "layer's activations in the backward pass instead of keeping them (activation checkpointing): "
+                        "far less memory for many converted layers at long --e2e-seq-len, more time, the same result; "
+                        "may change between a run and its resumption")
     add_dataclass_arguments(p, DistillConfig)
 
 

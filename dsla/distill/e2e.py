@@ -201,6 +201,8 @@ def train_e2e(model, order: list[int], cfg, windows: Tensor, t_logp: Tensor, t_i
     rec["ks"] = ks
     mods = [model.dsla[str(i)] for i in order[: max(ks)]]
     params = trainable(mods, cfg.e2e_params)
+    for m in mods:  # loaded layers come with every parameter trainable: only ``params`` may get gradients
+        m.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
     opt = MasterAdam([{"params": params, "lr": cfg.e2e_lr}])
@@ -252,8 +254,8 @@ def train_e2e(model, order: list[int], cfg, windows: Tensor, t_logp: Tensor, t_i
     finally:
         if bar is not None:
             bar.close()
-        for p in params:
-            p.requires_grad_(False)
+        for m in mods:
+            m.requires_grad_(False)
     rec["done"] = True
     save()
     state_path.unlink(missing_ok=True)

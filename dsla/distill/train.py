@@ -347,7 +347,9 @@ def check_resumable(out_dir: Path, manifest: dict[str, Any], cfg: DistillConfig)
     ``dsla.distill.e2e.lr_multiplier``; ``end_to_end`` refuses a count below the steps done);
     the manifest then records the new count."""
     old, new = dict(manifest["config"]), config_dict(cfg)
-    for k, v in config_dict(DistillConfig()).items():  # a setting added since the run began has its default
+    # A top-level setting added since the run began takes its default, which every new setting must
+    # keep equal to the behaviour from before it existed; the manifest then records it.
+    for k, v in config_dict(DistillConfig()).items():
         old.setdefault(k, v)
     steps = (old.pop("e2e_steps"), new.pop("e2e_steps"))
     if old != new:
@@ -357,7 +359,7 @@ def check_resumable(out_dir: Path, manifest: dict[str, Any], cfg: DistillConfig)
     rec = manifest.get("e2e")
     if rec is not None and steps[0] != steps[1] and "schedule" not in rec:  # from before schedules were kept
         rec["schedule"] = [[0, rec["step"] if rec.get("done") else steps[0]]]
-    manifest["config"]["e2e_steps"] = steps[1]
+    manifest["config"] = config_dict(cfg)  # equal but for e2e_steps (the new count) and settings added since
 
 
 def end_to_end(model: HybridLM, out_dir: Path, cfg: DistillConfig, manifest: dict[str, Any],

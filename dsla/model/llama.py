@@ -190,7 +190,7 @@ class HybridLM(nn.Module):
         self.dsla = nn.ModuleDict()  # str(layer index) -> DSLAAttention
         self.weights = "native"  # linear-layer storage: a dsla.model.quant preset (quantize_model sets it)
         # Training without caches: recompute each layer's activations in the backward pass instead of
-        # keeping them (activation checkpointing; ``dsla distill --e2e-recompute``).
+        # keeping them (activation checkpointing; ``dsla distill --recompute``).
         self.recompute_layers = False
         self.register_buffer("inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling),
                              persistent=False)

@@ -195,12 +195,14 @@ def test_e2e_scalars_trains_only_the_heads_weights_and_gate_biases(tiny_dir, tmp
     run(tiny_dir, tmp_path / "src", tiny_cfg(e2e_steps=0, **kw))
     before = load_file(tmp_path / "src" / "dsla.safetensors")
     cfg = tiny_cfg(e2e_steps=6, e2e_lr=3e-2, e2e_params="scalars", **kw)
-    _, m = run(tiny_dir, tmp_path / "new", cfg, init_from=tmp_path / "src")
+    model, m = run(tiny_dir, tmp_path / "new", cfg, init_from=tmp_path / "src")
     assert m["config"]["e2e_params"] == "scalars" and m["e2e"]["done"]
     after = load_file(tmp_path / "new" / "dsla.safetensors")
     moved = {k for k in before if not torch.equal(before[k], after[k])}
     scalar = {k for k in before if k.split(".", 2)[2] in SCALAR_PARAMS}
     assert scalar and moved == scalar  # every scalar moved, nothing else did
+    for name, p in model.dsla.named_parameters():  # frozen again, and no gradient went anywhere else
+        assert not p.requires_grad and (p.grad is None or name.split(".", 1)[1] in SCALAR_PARAMS), name
     with pytest.raises(ValueError, match="e2e_params='some'"):
         tiny_cfg(e2e_params="some")
 
