@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from dsla.config import E2E_PARAMS, SCALAR_PARAMS
+from dsla.config import SCALAR_PARAMS
 from dsla.fileio import atomic_write
 from dsla.plan import layer_count
 
@@ -174,12 +174,9 @@ def ratio_ks(ratios: Sequence[float], num_layers: int, available: int) -> list[i
 
 
 def trainable(mods: Sequence[nn.Module], which: str) -> list[nn.Parameter]:
-    """The parameters of the converted layers ``mods`` that the stage trains (``DistillConfig.e2e_params``)."""
-    if which == "all":
-        return [p for m in mods for p in m.parameters()]
-    if which == "scalars":
-        return [p for m in mods for name, p in m.named_parameters() if name in SCALAR_PARAMS]
-    raise ValueError(f"e2e_params={which!r} must be one of {', '.join(E2E_PARAMS)}")
+    """The parameters of the converted layers ``mods`` that the stage trains: every one, or with
+    ``which="scalars"`` those in ``SCALAR_PARAMS`` (``DistillConfig.e2e_params``, validated there)."""
+    return [p for m in mods for name, p in m.named_parameters() if which == "all" or name in SCALAR_PARAMS]
 
 
 # ---- the stage --------------------------------------------------------------------------------
