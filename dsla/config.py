@@ -156,7 +156,7 @@ class DSLAConfig:
 # model, whatever its size), with q/o, the feature maps and the gates' weights left as they are.
 # It re-balances a student at lengths its other parameters were not trained for and keeps the
 # artifact's size (all these tensors are DSLA parameters, always stored).
-E2E_PARAMS = ("all", "scalars")
+E2E_PARAMS = ("all", "dsla", "scalars")
 SCALAR_PARAMS = ("mix_logits", "window_log_scale", "history_gate.bias", "recency_gate.bias")
 
 
@@ -183,7 +183,8 @@ class DistillConfig:
     e2e_ratios: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)  # each step converts round(ratio * layers) layers, drawn from these
     e2e_ce_weight: float = 0.0  # weight of next-token cross-entropy added to the KL (0: KL only)
     e2e_lr: float = 3e-4  # peak Adam lr of the end-to-end and per-layer KL stages (warm-up, cosine decay)
-    e2e_params: str = "all"  # what the end-to-end stage trains: all (every parameter of the converted layers) or scalars (only each head's window and state weights and the decay gates' biases)
+    e2e_params: str = "all"  # what the end-to-end stage trains: all (every parameter of the converted layers), dsla (all but q_proj/o_proj: the feature maps, gates and per-head weights, which ship anyway) or scalars (only each head's window and state weights and the decay gates' biases)
+    e2e_weight_lr: float = 0.0  # peak lr of the parameters other than the per-head scalars in the end-to-end stage (0: e2e_lr for all); lets the scalars take a larger e2e_lr
     e2e_save_every: int = 10  # steps between checkpoints of the end-to-end stage (it resumes from the last)
     rank_sequences: int = 16  # calibration windows for the entropy ranking
     seed: int = 0  # everything random derives from this (and the layer index)
@@ -198,7 +199,7 @@ class DistillConfig:
         for name in ("seq_len", "attn_sequences", "batch_size", "rank_sequences"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
-        for name in ("attn_steps", "val_sequences", "layer_kl_sequences", "e2e_steps", "e2e_ce_weight"):
+        for name in ("attn_steps", "val_sequences", "layer_kl_sequences", "e2e_steps", "e2e_ce_weight", "e2e_weight_lr"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         for name in ("e2e_seq_len", "e2e_windows", "e2e_topk", "e2e_save_every"):

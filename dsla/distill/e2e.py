@@ -5,8 +5,10 @@ model, on KL(teacher || hybrid) over long windows (``e2e_seq_len``), plus an opt
 
 - Only the converted layers' own parameters train (q_proj, o_proj, feature maps, gates, mix):
   k_proj / v_proj are the teacher's, shared and frozen, as are MLPs and norms, so folding a
-  teacher KV cache into DSLA state stays exact. With ``e2e_params="scalars"`` only the per-head
-  weights of the window and the states and the gates' biases train (``SCALAR_PARAMS``).
+  teacher KV cache into DSLA state stays exact. With ``e2e_params="dsla"`` q_proj / o_proj stay
+  as they are too (nothing more to ship); with ``"scalars"`` only the per-head weights of the
+  window and the states and the gates' biases train (``SCALAR_PARAMS``). ``e2e_weight_lr`` gives
+  the other parameters their own lr.
 - One student serves every ratio the policy may pick, so each step converts the first k layers
   of the order with k drawn from ``e2e_ratios``: a layer must work whether or not the layers
   after it are converted.
@@ -35,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from dsla.config import SCALAR_PARAMS
+from dsla.distill.artifact import COMPACT
 from dsla.fileio import atomic_write
 from dsla.plan import layer_count
 
@@ -174,9 +177,27 @@ def ratio_ks(ratios: Sequence[float], num_layers: int, available: int) -> list[i
 
 
 def trainable(mods: Sequence[nn.Module], which: str) -> list[nn.Parameter]:
-    """The parameters of the converted layers ``mods`` that the stage trains: every one, or with
-    ``which="scalars"`` those in ``SCALAR_PARAMS`` (``DistillConfig.e2e_params``, validated there)."""
-    return [p for m in mods for name, p in m.named_parameters() if which == "all" or name in SCALAR_PARAMS]
+    """The parameters of the converted layers ``mods`` that the stage trains (``DistillConfig.e2e_params``,
+    validated there): every one; with ``which="dsla"`` all but q_proj / o_proj; with ``"scalars"``
+    those in ``SCALAR_PARAMS``."""
+    return [p for _, p in _trainable_named(mods, which)]
+
+
+def _trainable_named(mods: Sequence[nn.Module], which: str) -> list[tuple[str, nn.Parameter]]:
+    keep = {"all": lambda n: True, "dsla": lambda n: n not in COMPACT, "scalars": lambda n: n in SCALAR_PARAMS}[which]
+    return [(n, p) for m in mods for n, p in m.named_parameters() if keep(n)]
+
+
+def param_groups(mods: Sequence[nn.Module], cfg) -> list[dict]:
+    """Optimiser groups, each with its peak lr (``peak_lr``): one group at ``e2e_lr``, or, when
+    ``e2e_weight_lr`` differs, the per-head scalars at ``e2e_lr`` then the rest at ``e2e_weight_lr``."""
+    named = _trainable_named(mods, cfg.e2e_params)
+    weight_lr = cfg.e2e_weight_lr or cfg.e2e_lr
+    if weight_lr == cfg.e2e_lr:  # one group, in the order runs made before the setting existed saved
+        return [{"params": [p for _, p in named], "lr": cfg.e2e_lr, "peak_lr": cfg.e2e_lr}]
+    groups = [{"params": [p for n, p in named if n in SCALAR_PARAMS], "lr": cfg.e2e_lr, "peak_lr": cfg.e2e_lr},
+              {"params": [p for n, p in named if n not in SCALAR_PARAMS], "lr": weight_lr, "peak_lr": weight_lr}]
+    return [g for g in groups if g["params"]]
 
 
 # ---- the stage --------------------------------------------------------------------------------
@@ -197,12 +218,13 @@ def train_e2e(model, order: list[int], cfg, windows: Tensor, t_logp: Tensor, t_i
     rec = manifest.setdefault("e2e", {"step": 0, "losses": [], "wall_time_s": 0.0})
     rec["ks"] = ks
     mods = [model.dsla[str(i)] for i in order[: max(ks)]]
-    params = trainable(mods, cfg.e2e_params)
+    groups = param_groups(mods, cfg)
+    params = [p for g in groups for p in g["params"]]
     for m in mods:  # loaded layers come with every parameter trainable: only ``params`` may get gradients
         m.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
-    opt = MasterAdam([{"params": params, "lr": cfg.e2e_lr}])
+    opt = MasterAdam(groups)
     schedule = rec.setdefault("schedule", [[0, cfg.e2e_steps]])
     if schedule[-1][1] != cfg.e2e_steps:  # extended (see dsla.distill.train.check_resumable)
         schedule.append([rec["step"], cfg.e2e_steps])
@@ -227,7 +249,7 @@ def train_e2e(model, order: list[int], cfg, windows: Tensor, t_logp: Tensor, t_i
             k = ks[int(torch.randint(len(ks), (1,), generator=g))]
             w = int(s % len(windows))
             for group in opt.param_groups:
-                group["lr"] = cfg.e2e_lr * lr_multiplier(schedule, s)
+                group["lr"] = group["peak_lr"] * lr_multiplier(schedule, s)
             logits = model(windows[w: w + 1], dsla_layers=order[:k])  # (1, T, vocab)
             loss = topk_kl(logits, t_logp[w: w + 1], t_ids[w: w + 1])
             if cfg.e2e_ce_weight:

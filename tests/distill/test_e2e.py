@@ -207,6 +207,28 @@ def test_e2e_scalars_trains_only_the_heads_weights_and_gate_biases(tiny_dir, tmp
         tiny_cfg(e2e_params="some")
 
 
+def test_e2e_dsla_trains_everything_but_q_and_o_with_its_own_weight_lr(tiny_dir, tmp_path):
+    from dsla.config import SCALAR_PARAMS, DSLAConfig
+    from dsla.distill.e2e import param_groups
+    kw = dict(dsla=DSLAConfig(feature_dim=8, chunk_size=8, window=4), order="given", layers=(2, 0, 1))
+    run(tiny_dir, tmp_path / "src", tiny_cfg(e2e_steps=0, **kw))
+    before = load_file(tmp_path / "src" / "dsla.safetensors")
+    cfg = tiny_cfg(e2e_steps=6, e2e_lr=3e-2, e2e_weight_lr=1e-3, e2e_params="dsla", **kw)
+    model, m = run(tiny_dir, tmp_path / "new", cfg, init_from=tmp_path / "src")
+    after = load_file(tmp_path / "new" / "dsla.safetensors")
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    proj = {k for k in before if k.split(".", 2)[2] in ("q_proj.weight", "o_proj.weight")}
+    assert proj and moved == set(before) - proj  # every DSLA parameter moved, q / o did not
+    mods = [model.dsla[str(i)] for i in (2, 0, 1)]
+    scalars, weights = param_groups(mods, cfg)
+    assert (scalars["peak_lr"], weights["peak_lr"]) == (3e-2, 1e-3)
+    names = {id(p): n.split(".", 1)[1] for n, p in model.dsla.named_parameters()}
+    assert {names[id(p)] for p in scalars["params"]} <= set(SCALAR_PARAMS)
+    assert not {names[id(p)] for p in weights["params"]} & (set(SCALAR_PARAMS) | {"q_proj.weight", "o_proj.weight"})
+    one, = param_groups(mods, tiny_cfg(e2e_params="dsla", **kw))  # e2e_weight_lr 0: one group at e2e_lr
+    assert one["peak_lr"] == tiny_cfg().e2e_lr and len(one["params"]) == len(scalars["params"]) + len(weights["params"])
+
+
 def test_a_run_from_before_a_setting_existed_resumes_with_its_default(tmp_path):
     from dsla.distill.artifact import config_dict
     from dsla.distill.train import check_resumable
