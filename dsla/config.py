@@ -155,7 +155,9 @@ class DSLAConfig:
 # takes from its exact window, its history and its recency (a few thousand numbers for the whole
 # model, whatever its size), with q/o, the feature maps and the gates' weights left as they are.
 # It re-balances a student at lengths its other parameters were not trained for and keeps the
-# artifact's size (all these tensors are DSLA parameters, always stored).
+# artifact's size (all these tensors are DSLA parameters, always stored). "dsla": every DSLA
+# parameter (the feature maps and the gates' weights too) but q_proj / o_proj, so a student whose
+# q/o were never trained (--no-train-projections) still ships no q/o. "all": q/o as well.
 E2E_PARAMS = ("all", "dsla", "scalars")
 SCALAR_PARAMS = ("mix_logits", "window_log_scale", "history_gate.bias", "recency_gate.bias")
 
@@ -207,5 +209,8 @@ class DistillConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
         if self.e2e_params not in E2E_PARAMS:
             raise ValueError(f"e2e_params={self.e2e_params!r} must be one of {', '.join(E2E_PARAMS)}")
+        if self.e2e_weight_lr and self.e2e_params == "scalars":
+            raise ValueError(f"e2e_weight_lr={self.e2e_weight_lr} sets the lr of the parameters other than the per-head "
+                             "scalars, and e2e_params='scalars' trains none: drop it or use e2e_params dsla or all")
         if not self.e2e_ratios or any(not 0.0 < r <= 1.0 for r in self.e2e_ratios):
             raise ValueError(f"e2e_ratios={self.e2e_ratios} must be a non-empty list of ratios in (0, 1]")

@@ -9,6 +9,7 @@ For the first K layers of a student's order, converted together:
   take too much of the shared normaliser there.
 
     .venv/bin/python scripts/probe_long_context.py ~/.cache/dsla/students/l30w512 15 1,2,4,0.5
+    .venv/bin/python scripts/probe_long_context.py ~/.cache/dsla/students/l30w512 12,25,14,26,16 1
 
 Prints JSON on stdout, progress on stderr (bfloat16, 2 threads; ~1 min per scale on a 2-core CPU).
 """
@@ -66,7 +67,8 @@ def horizons(model, layers: list[int], tokens: torch.Tensor) -> list[dict]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("student")
-    p.add_argument("k", type=int, help="converted layers: the first K of the student's order")
+    p.add_argument("k", help="converted layers: the first K of the student's order, or an explicit "
+                              "comma-separated list of its finished layers (e.g. 12,25,14; one layer: 12,)")
     p.add_argument("scales", help="comma-separated multipliers of the window factor, e.g. 1,2,4")
     args = p.parse_args()
     scales = [float(s) for s in args.scales.split(",")]
@@ -74,13 +76,20 @@ def main() -> None:
     teacher = default_teacher_dir()
     model = load_teacher(teacher, dtype=torch.bfloat16)
     m = load_student(model, args.student, teacher_hash(teacher))
-    layers = m["order"][: args.k]
-    if len(layers) < args.k or any(i not in m["layers_done"] for i in layers):
-        raise SystemExit(f"{args.student} has {len(m['layers_done'])} finished layers; K={args.k} is too many")
+    if "," in args.k:  # a list (one layer: "12,")
+        layers = [int(i) for i in args.k.split(",") if i.strip()]
+    else:
+        layers = m["order"][: int(args.k)]
+        if len(layers) < int(args.k):
+            raise SystemExit(f"{args.student}'s order has {len(layers)} layers; K={args.k} is too many")
+    if not layers:
+        raise SystemExit(f"K={args.k!r} converts no layer: give K >= 1 or a list of layers")
+    if any(i not in m["layers_done"] for i in layers):
+        raise SystemExit(f"{args.student} has finished layers {m['layers_done']}; {args.k} asks for others")
     if any(not hasattr(model.dsla[str(i)], "window_log_scale") for i in layers):
         raise SystemExit(f"{args.student} has no exact window (window 0): there is no window factor to scale")
     tokens = torch.as_tensor(load_tokens(teacher, "wikipedia", "test")[:4096].astype(np.int64))
-    report = {"student": args.student, "k": args.k, "layers": layers, "dtype": "bfloat16",
+    report = {"student": args.student, "k": len(layers), "layers": layers, "dtype": "bfloat16",
               "horizons": horizons(model, layers, tokens)}
     docs = {c: load_documents(teacher, c, "test") for c in CORPORA}
     windows = select_windows(docs, 8192, 2, 0)

@@ -207,26 +207,38 @@ def test_e2e_scalars_trains_only_the_heads_weights_and_gate_biases(tiny_dir, tmp
         tiny_cfg(e2e_params="some")
 
 
-def test_e2e_dsla_trains_everything_but_q_and_o_with_its_own_weight_lr(tiny_dir, tmp_path):
+def test_e2e_dsla_trains_everything_but_q_and_o_with_its_own_weight_lr(tiny_dir, tmp_path, monkeypatch):
     from dsla.config import SCALAR_PARAMS, DSLAConfig
-    from dsla.distill.e2e import param_groups
+    from dsla.distill import e2e
     kw = dict(dsla=DSLAConfig(feature_dim=8, chunk_size=8, window=4), order="given", layers=(2, 0, 1))
     run(tiny_dir, tmp_path / "src", tiny_cfg(e2e_steps=0, **kw))
     before = load_file(tmp_path / "src" / "dsla.safetensors")
+    lrs, real_step = [], e2e.MasterAdam.step
+
+    def step(self):  # the lr each group trains with, step by step
+        lrs.append([g["lr"] for g in self.param_groups])
+        real_step(self)
+    monkeypatch.setattr(e2e.MasterAdam, "step", step)
     cfg = tiny_cfg(e2e_steps=6, e2e_lr=3e-2, e2e_weight_lr=1e-3, e2e_params="dsla", **kw)
     model, m = run(tiny_dir, tmp_path / "new", cfg, init_from=tmp_path / "src")
     after = load_file(tmp_path / "new" / "dsla.safetensors")
     moved = {k for k in before if not torch.equal(before[k], after[k])}
     proj = {k for k in before if k.split(".", 2)[2] in ("q_proj.weight", "o_proj.weight")}
     assert proj and moved == set(before) - proj  # every DSLA parameter moved, q / o did not
+    assert len(lrs) == 6 and all(len(g) == 2 and g[0] > 0 and g[0] == pytest.approx(30 * g[1]) for g in lrs)
+    assert max(g[0] for g in lrs) <= 3e-2 and lrs[0] != lrs[-1]  # scheduled from each group's own peak
     mods = [model.dsla[str(i)] for i in (2, 0, 1)]
-    scalars, weights = param_groups(mods, cfg)
+    scalars, weights = e2e.param_groups(mods, cfg)
     assert (scalars["peak_lr"], weights["peak_lr"]) == (3e-2, 1e-3)
     names = {id(p): n.split(".", 1)[1] for n, p in model.dsla.named_parameters()}
     assert {names[id(p)] for p in scalars["params"]} <= set(SCALAR_PARAMS)
     assert not {names[id(p)] for p in weights["params"]} & (set(SCALAR_PARAMS) | {"q_proj.weight", "o_proj.weight"})
-    one, = param_groups(mods, tiny_cfg(e2e_params="dsla", **kw))  # e2e_weight_lr 0: one group at e2e_lr
-    assert one["peak_lr"] == tiny_cfg().e2e_lr and len(one["params"]) == len(scalars["params"]) + len(weights["params"])
+    for which in ("all", "dsla", "scalars"):  # without e2e_weight_lr: one group, in trainable()'s order
+        one, = e2e.param_groups(mods, tiny_cfg(e2e_params=which, **kw))  # (a saved optimiser state is by index)
+        assert one["peak_lr"] == tiny_cfg().e2e_lr
+        assert [id(p) for p in one["params"]] == [id(p) for p in e2e.trainable(mods, which)]
+    with pytest.raises(ValueError, match="e2e_weight_lr=0.001 .* trains none"):
+        tiny_cfg(e2e_params="scalars", e2e_weight_lr=1e-3)
 
 
 def test_a_run_from_before_a_setting_existed_resumes_with_its_default(tmp_path):
