@@ -143,6 +143,17 @@ def check_export_options(delta_rank: int | None, param_dtype: str) -> None:
         raise ValueError(f"--param-dtype {param_dtype!r}: choose float32 or bfloat16")
 
 
+def _without_paths(init_from: dict | None) -> dict | None:
+    """An ``init_from`` record without the local paths, at every level of its chain (a run started
+    from a run that was itself started ``--init-from`` another)."""
+    if not init_from:
+        return init_from
+    out = {k: v for k, v in init_from.items() if k != "path"}
+    if isinstance(out.get("init_from"), dict):
+        out["init_from"] = _without_paths(out["init_from"])
+    return out
+
+
 def export_student(src_dir: str | Path, dst_dir: str | Path, model: HybridLM, teacher_sha256: str,
                    extra_files: tuple[str, ...] = ("report.json",), delta_rank: int | None = None,
                    param_dtype: str = "float32") -> int:
@@ -194,8 +205,7 @@ def export_student(src_dir: str | Path, dst_dir: str | Path, model: HybridLM, te
                     "delta_rank": delta_rank if ranks == {delta_rank} else None,  # None: some or all in full
                     "unchanged": unchanged, "param_dtype": param_dtype}}
     manifest["teacher"] = {k: v for k, v in m["teacher"].items() if k != "path"}
-    if manifest.get("init_from"):  # a local path means nothing on another machine
-        manifest["init_from"] = {k: v for k, v in manifest["init_from"].items() if k != "path"}
+    manifest["init_from"] = _without_paths(manifest.get("init_from"))  # a local path means nothing elsewhere
     for name in extra_files:
         if (Path(src_dir) / name).is_file():
             atomic_write(dst / name, lambda tmp, n=name: Path(tmp).write_bytes((Path(src_dir) / n).read_bytes()))

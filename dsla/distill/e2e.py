@@ -6,9 +6,10 @@ model, on KL(teacher || hybrid) over long windows (``e2e_seq_len``), plus an opt
 - Only the converted layers' own parameters train (q_proj, o_proj, feature maps, gates, mix):
   k_proj / v_proj are the teacher's, shared and frozen, as are MLPs and norms, so folding a
   teacher KV cache into DSLA state stays exact. With ``e2e_params="dsla"`` q_proj / o_proj stay
-  as they are too (a student distilled with ``train_projections=False`` then still ships no q/o); with ``"scalars"`` only the per-head weights of the
-  window and the states and the gates' biases train (``SCALAR_PARAMS``). ``e2e_weight_lr`` gives
-  the other parameters their own lr.
+  as they are too (a student distilled with ``train_projections=False`` then still ships no
+  q/o); with ``"scalars"`` only the per-head weights of the window and the states and the
+  gates' biases train (``SCALAR_PARAMS``). ``e2e_weight_lr`` gives the other parameters their
+  own lr.
 - One student serves every ratio the policy may pick, so each step converts the first k layers
   of the order with k drawn from ``e2e_ratios``: a layer must work whether or not the layers
   after it are converted.

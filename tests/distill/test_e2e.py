@@ -241,6 +241,23 @@ def test_e2e_dsla_trains_everything_but_q_and_o_with_its_own_weight_lr(tiny_dir,
         tiny_cfg(e2e_params="scalars", e2e_weight_lr=1e-3)
 
 
+def test_export_drops_every_local_path_of_an_init_from_chain(tiny_dir, tmp_path):
+    from dsla.config import DSLAConfig
+    from dsla.distill.artifact import export_student
+    from dsla.model.loading import load_teacher
+    kw = dict(dsla=DSLAConfig(feature_dim=8, chunk_size=8, window=4), order="given", layers=(2, 0, 1))
+    run(tiny_dir, tmp_path / "a", tiny_cfg(e2e_steps=0, **kw))
+    run(tiny_dir, tmp_path / "b", tiny_cfg(e2e_steps=1, e2e_params="scalars", **kw), init_from=tmp_path / "a")
+    run(tiny_dir, tmp_path / "c", tiny_cfg(e2e_steps=1, e2e_params="dsla", **kw), init_from=tmp_path / "b")
+    assert read_manifest(tmp_path / "c")["init_from"]["init_from"]["path"]  # the chain, with its paths
+    export_student(tmp_path / "c", tmp_path / "ship", load_teacher(tiny_dir), SHA)
+    chain, depth = read_manifest(tmp_path / "ship")["init_from"], 0
+    while chain:
+        assert "path" not in chain and chain["weights_sha256"]
+        chain, depth = chain.get("init_from"), depth + 1
+    assert depth == 2
+
+
 def test_a_run_from_before_a_setting_existed_resumes_with_its_default(tmp_path):
     from dsla.distill.artifact import config_dict
     from dsla.distill.train import check_resumable
