@@ -177,14 +177,10 @@ def ratio_ks(ratios: Sequence[float], num_layers: int, available: int) -> list[i
     return [k for k in ks if k <= available]
 
 
-def trainable(mods: Sequence[nn.Module], which: str) -> list[nn.Parameter]:
-    """The parameters of the converted layers ``mods`` that the stage trains (``DistillConfig.e2e_params``,
-    validated there): every one; with ``which="dsla"`` all but q_proj / o_proj; with ``"scalars"``
-    those in ``SCALAR_PARAMS``."""
-    return [p for _, p in _trainable_named(mods, which)]
-
-
-def _trainable_named(mods: Sequence[nn.Module], which: str) -> list[tuple[str, nn.Parameter]]:
+def trainable(mods: Sequence[nn.Module], which: str) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) of the converted layers ``mods`` that the stage trains
+    (``DistillConfig.e2e_params``, validated there), in module then parameter order: every one;
+    with ``which="dsla"`` all but q_proj / o_proj; with ``"scalars"`` those in ``SCALAR_PARAMS``."""
     keep = {"all": lambda n: True, "dsla": lambda n: n not in COMPACT, "scalars": lambda n: n in SCALAR_PARAMS}[which]
     return [(n, p) for m in mods for n, p in m.named_parameters() if keep(n)]
 
@@ -192,7 +188,7 @@ def _trainable_named(mods: Sequence[nn.Module], which: str) -> list[tuple[str, n
 def param_groups(mods: Sequence[nn.Module], cfg) -> list[dict]:
     """Optimiser groups, each with its peak lr (``peak_lr``): one group at ``e2e_lr``, or, when
     ``e2e_weight_lr`` differs, the per-head scalars at ``e2e_lr`` then the rest at ``e2e_weight_lr``."""
-    named = _trainable_named(mods, cfg.e2e_params)
+    named = trainable(mods, cfg.e2e_params)
     weight_lr = cfg.e2e_weight_lr or cfg.e2e_lr
     if weight_lr == cfg.e2e_lr:  # one group, in the order runs made before the setting existed saved
         return [{"params": [p for _, p in named], "lr": cfg.e2e_lr, "peak_lr": cfg.e2e_lr}]
