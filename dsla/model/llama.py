@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from dsla.config import DSLAConfig, LlamaConfig
 from dsla.model.state import DSLAState, KVState, LayerState, RequestCache, append_one_token
 from dsla.ops.attention import causal_attention
-from dsla.ops.rope import apply_rope, rope_cos_sin, rope_inv_freq
+from dsla.ops.rope import apply_rope, rope_cos_sin, rope_inv_freq, rope_tables, rotate
 
 
 class RMSNorm(nn.Module):
@@ -32,9 +32,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        # HF Llama's order: normalise in float32, round to x's dtype, then scale (torch's fused
+        # rms_norm without a weight gives the same bits as the spelled-out float32 formula).
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
 
 
 def split_heads(x: Tensor, num_heads: int) -> Tensor:
@@ -63,9 +63,11 @@ class LlamaAttention(nn.Module):
 
     def project_kv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Keys before RoPE, keys after RoPE, values; each (Hkv, N, D). Shared with DSLA."""
-        k_raw = split_heads(self.k_proj(x), self.cfg.num_key_value_heads)
-        v = split_heads(self.v_proj(x), self.cfg.num_key_value_heads)
+        k_raw, v = self._kv(x)
         return k_raw, apply_rope(k_raw, cos, sin), v
+
+    def _kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return split_heads(self.k_proj(x), self.cfg.num_key_value_heads), split_heads(self.v_proj(x), self.cfg.num_key_value_heads)
 
     def new_state(self, dtype: torch.dtype, device: torch.device, capacity: int = 64) -> KVState:
         return KVState(self.cfg.num_key_value_heads, self.cfg.head_dim, dtype, device, capacity)
@@ -73,8 +75,10 @@ class LlamaAttention(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, seq_lens: Sequence[int],
                 states: Sequence[KVState] | None = None) -> Tensor:
         """x: (N, hidden); cos/sin: (N, D); returns (N, hidden)."""
-        q = apply_rope(split_heads(self.q_proj(x), self.cfg.num_attention_heads), cos, sin)  # (Hq, N, D)
-        _, k, v = self.project_kv(x, cos, sin)  # (Hkv, N, D)
+        rope = rope_tables(cos, sin, x.dtype)  # once for q and k
+        q = rotate(split_heads(self.q_proj(x), self.cfg.num_attention_heads), *rope)  # (Hq, N, D)
+        k, v = self._kv(x)  # (Hkv, N, D)
+        k = rotate(k, *rope)
         T = uniform_length(seq_lens, states)
         if states is not None and len(seq_lens) == x.shape[0]:  # every request adds one token
             o = decode_attention(q, k, v, states)
@@ -124,7 +128,8 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, states: Sequence[KVState])
         qs = q.view(Hkv, Hq // Hkv, R, D).permute(2, 0, 1, 3)[:, None].unbind(0)  # R x (1, Hkv, G, D)
         gqa = False
     outs = [F.scaled_dot_product_attention(qr, *s.batch_views(), enable_gqa=gqa) for qr, s in zip(qs, states)]
-    return torch.cat(outs).view(R, Hq * D)  # (R, Hkv, G, D) or (R, Hq, 1, D): head-major either way
+    o = torch.cat(outs) if R > 1 else outs[0]
+    return o.view(R, Hq * D)  # (R, Hkv, G, D) or (R, Hq, 1, D): head-major either way
 
 
 class LlamaMLP(nn.Module):

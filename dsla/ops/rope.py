@@ -33,12 +33,26 @@ def rope_cos_sin(positions: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
     return emb.cos(), emb.sin()
 
 
+def rope_tables(cos: Tensor, sin: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos, and sin with its first half negated, in ``dtype``: the tables of ``rotate``. Build them
+    once per layer and rotate both q and k with them."""
+    cos, sin = cos.to(dtype), sin.to(dtype)
+    half = sin.shape[-1] // 2
+    return cos, torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+
+
+def rotate(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
+    """``apply_rope`` on tables from ``rope_tables``; bit for bit the same result, in 3 ops instead of 7.
+
+    The rotated halves [-x2, x1] times sin equal the rolled halves [x2, x1] times sin with its first
+    half negated (a negation is exact), so no slice, negation or concatenation of x is needed.
+    """
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
+
+
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate x (..., N, D) by per-position cos/sin (N, D); computed in x's dtype like HF Llama."""
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    return rotate(x, *rope_tables(cos, sin, x.dtype))
 
 
 def unapply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

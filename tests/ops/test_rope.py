@@ -1,0 +1,41 @@
+"""RoPE and RMSNorm on their few-op forms give the same bits as the formulas spelled out (HF Llama's)."""
+
+import pytest
+import torch
+
+from dsla.model.llama import RMSNorm
+from dsla.ops.rope import apply_rope, rope_cos_sin, rope_inv_freq, rope_tables, rotate, unapply_rope
+
+
+def spelled_out_rope(x, cos, sin):
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    h = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., h:], x[..., :h]], dim=-1) * sin
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotate_is_bitwise_the_spelled_out_formula(dtype):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(3, 17, 64, generator=g) * 4).to(dtype)
+    cos, sin = rope_cos_sin(torch.arange(100, 117), rope_inv_freq(64, 10000.0))
+    want = spelled_out_rope(x, cos, sin)
+    assert torch.equal(rotate(x, *rope_tables(cos, sin, dtype)), want)
+    assert torch.equal(apply_rope(x, cos, sin), want)
+    # any sin table, not only the symmetric ones rope_cos_sin builds
+    odd_sin = torch.randn(17, 64, generator=g)
+    assert torch.equal(apply_rope(x, cos, odd_sin), spelled_out_rope(x, cos, odd_sin))
+    if dtype == torch.float32:
+        torch.testing.assert_close(unapply_rope(apply_rope(x, cos, sin), cos, sin), x, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_is_bitwise_the_spelled_out_formula(dtype):
+    g = torch.Generator().manual_seed(1)
+    norm = RMSNorm(96, 1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(96, generator=g) + 0.5)
+    norm = norm.to(dtype)
+    x = (torch.randn(40, 96, generator=g) * torch.rand(40, 1, generator=g) * 8).to(dtype)
+    h = x.float()
+    want = norm.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
+    assert torch.equal(norm(x), want)
