@@ -167,9 +167,11 @@ class _QuantizedLinear(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
-        x2 = x.reshape(-1, self.in_features)  # (M, K)
-        if self.dense is not None and x2.shape[0] > self.dense_above:
+        if self.dense is not None and x.numel() > self.dense_above * self.in_features:
             return self.dense(x)
+        if x.dim() == 2 and x.is_contiguous():  # the model's (N, hidden) rows: no reshape or view (decode hot path)
+            return self._kernel(x)
+        x2 = x.reshape(-1, self.in_features)  # (M, K)
         return self._kernel(x2.contiguous()).view(*x.shape[:-1], self.out_features)  # the kernels need x contiguous
 
     def extra_repr(self) -> str:
