@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from dsla.config import DSLAConfig, LlamaConfig
 from dsla.model.state import DSLAState, KVState, LayerState, RequestCache, append_one_token
 from dsla.ops.attention import causal_attention
-from dsla.ops.rope import apply_rope, rope_cos_sin, rope_inv_freq, rope_tables, rotate
+from dsla.ops.rope import rope_cos_sin, rope_inv_freq, rope_tables, rotate
 
 
 class RMSNorm(nn.Module):
@@ -61,13 +61,13 @@ class LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, Hkv * D, bias=False)
         self.o_proj = nn.Linear(Hq * D, cfg.hidden_size, bias=False)
 
-    def project_kv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Keys before RoPE, keys after RoPE, values; each (Hkv, N, D). Shared with DSLA."""
-        k_raw, v = self._kv(x)
-        return k_raw, apply_rope(k_raw, cos, sin), v
-
-    def _kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return split_heads(self.k_proj(x), self.cfg.num_key_value_heads), split_heads(self.v_proj(x), self.cfg.num_key_value_heads)
+    def project_kv(self, x: Tensor, cos: Tensor, sin: Tensor,
+                   rope: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Keys before RoPE, keys after RoPE, values; each (Hkv, N, D). Shared with DSLA.
+        ``rope``: ``rope_tables(cos, sin, x.dtype)`` when the caller already built them."""
+        k_raw = split_heads(self.k_proj(x), self.cfg.num_key_value_heads)
+        v = split_heads(self.v_proj(x), self.cfg.num_key_value_heads)
+        return k_raw, rotate(k_raw, *(rope or rope_tables(cos, sin, x.dtype))), v
 
     def new_state(self, dtype: torch.dtype, device: torch.device, capacity: int = 64) -> KVState:
         return KVState(self.cfg.num_key_value_heads, self.cfg.head_dim, dtype, device, capacity)
@@ -77,8 +77,7 @@ class LlamaAttention(nn.Module):
         """x: (N, hidden); cos/sin: (N, D); returns (N, hidden)."""
         rope = rope_tables(cos, sin, x.dtype)  # once for q and k
         q = rotate(split_heads(self.q_proj(x), self.cfg.num_attention_heads), *rope)  # (Hq, N, D)
-        k, v = self._kv(x)  # (Hkv, N, D)
-        k = rotate(k, *rope)
+        _, k, v = self.project_kv(x, cos, sin, rope)  # (Hkv, N, D)
         T = uniform_length(seq_lens, states)
         if states is not None and len(seq_lens) == x.shape[0]:  # every request adds one token
             o = decode_attention(q, k, v, states)
@@ -129,7 +128,7 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, states: Sequence[KVState])
         gqa = False
     outs = [F.scaled_dot_product_attention(qr, *s.batch_views(), enable_gqa=gqa) for qr, s in zip(qs, states)]
     o = torch.cat(outs) if R > 1 else outs[0]
-    return o.view(R, Hq * D)  # (R, Hkv, G, D) or (R, Hq, 1, D): head-major either way
+    return o.reshape(R, Hq * D)  # (R, Hkv, G, D) or (R, Hq, 1, D): head-major either way
 
 
 class LlamaMLP(nn.Module):

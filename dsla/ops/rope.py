@@ -38,6 +38,8 @@ def rope_tables(cos: Tensor, sin: Tensor, dtype: torch.dtype) -> tuple[Tensor, T
     once per layer and rotate both q and k with them."""
     cos, sin = cos.to(dtype), sin.to(dtype)
     half = sin.shape[-1] // 2
+    if 2 * half != sin.shape[-1]:
+        raise ValueError(f"RoPE needs an even head_dim, not {sin.shape[-1]}")
     return cos, torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
 
 
