@@ -11,20 +11,24 @@
 #      with the served window $WINDOW (512), untrained, and distils the remaining layers of the order
 #      up to $LAYERS (30) layer-wise with q/o frozen (--no-train-projections: nothing to ship for them),
 #      no end-to-end stage ($ADAPT_STEPS = 0 steps);
-#   4. long-context end-to-end runs for ratios 0.25 and 0.5, each starting from the previous one
-#      (`--init-from`), q/o frozen so the artifact keeps its size (docs/results/quality.md: the loss
-#      growth by position at 0.5: +0.208 after step 3, +0.171 after a, +0.145 after b, see there for c):
+#   4. long-context end-to-end runs, for ratios 0.25 and 0.5 (a-c) and then for all four (d), each
+#      starting from the previous one (`--init-from`), q/o frozen so the artifact keeps its size
+#      (docs/results/quality.md: the loss growth by position at 0.5: +0.208 after step 3, +0.171
+#      after a, +0.145 after b; see there for c and d):
 #      a. only the per-head scalars ($CAL_FLAGS: history/recency mix, window factor, decay-gate
 #         biases; 786 numbers per layer), $CAL_STEPS steps on 4096-token windows;
 #      b. the same, $CAL8K_STEPS steps on 8192-token windows, with activation checkpointing;
 #      c. every DSLA parameter ($DSLA8K_FLAGS: feature maps and gates too, their own lower lr) on
 #         the same 8192-token windows, run for each step count of $DSLA8K_STEPS in turn;
+#      d. the same over all 30 layers ($ALL8K_FLAGS: ratios 0.25, 0.5, 0.75 and 1, one drawn per
+#         step), $ALL8K_STEPS steps: layers 16-30 of the order get their first end-to-end training;
 #   5. eval: perplexity (1024-token windows) and loss by position at ratios $RATIOS (the report the
 #      adaptive server reads), passkey at $PASSKEY_RATIOS (a second report);
 #   6. export: the compact artifact (DSLA parameters in bfloat16) + its eval report.
 # Every step resumes where it stopped: re-run the same command after an interruption. (Run with a
 # checkout from before 2026-11-29, whose step 3 wrote $HOME_DIR/students/default? Rename that to
-# default_wide first, or step 3 runs again and step 4c refuses the old directory.)
+# default_wide first, or step 3 runs again and step 4c refuses the old directory. From before
+# 2026-11-30, whose step 4c wrote students/default? Rename that to default_dsla8k.)
 # Usage: scripts/make_default_student.sh [extra `dsla distill` flags for every run]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,7 +38,8 @@ BASE=${BASE:-$HOME_DIR/students/default_base}  # steps 1-2
 WIDE=${WIDE:-$HOME_DIR/students/default_wide}  # step 3
 CAL=${CAL:-$HOME_DIR/students/default_cal4k}   # step 4a
 CAL8K=${CAL8K:-$HOME_DIR/students/default_cal8k}  # step 4b
-OUT=${OUT:-$HOME_DIR/students/default}         # step 4c: the student shipped
+DSLA8K=${DSLA8K:-$HOME_DIR/students/default_dsla8k}  # step 4c
+OUT=${OUT:-$HOME_DIR/students/default}         # step 4d: the student shipped
 RANK=${RANK:-docs/results/quality/rank_retrieval.json}
 BASE_LAYERS=${BASE_LAYERS:-15}  # layers of the base (ratios 0.25 and 0.5), trained end to end
 LAYERS=${LAYERS:-30}       # the shipped student: all 30 layers (ratios up to 1)
@@ -49,7 +54,9 @@ CAL_FLAGS=${CAL_FLAGS:---no-train-projections --e2e-params scalars --e2e-ratios 
 CAL_STEPS=${CAL_STEPS:-40}      # 4096-token windows, 120 distinct
 CAL8K_STEPS=${CAL8K_STEPS:-20}  # 8192-token windows, 20 distinct
 DSLA8K_FLAGS=${DSLA8K_FLAGS:---no-train-projections --e2e-params dsla --e2e-ratios 0.25,0.5 --e2e-lr 1e-2 --e2e-weight-lr 1e-3}
-DSLA8K_STEPS=${DSLA8K_STEPS:-20 40}  # the shipped student: 20, then extended to 40 (the same 20 windows)
+DSLA8K_STEPS=${DSLA8K_STEPS:-20 40}  # 20, then extended to 40 (the same 20 windows)
+ALL8K_FLAGS=${ALL8K_FLAGS:---no-train-projections --e2e-params dsla --e2e-ratios 0.25,0.5,0.75,1 --e2e-lr 1e-2 --e2e-weight-lr 1e-3}
+ALL8K_STEPS=${ALL8K_STEPS:-30}  # the same 20 windows (docs/results/quality.md: run d)
 DTYPE=${DTYPE:-bfloat16}   # fast on CPUs with avx512_bf16; use float32 on AVX2-only machines
 THREADS=${THREADS:-2}
 SHIP=${SHIP:-dsla/students/default}
@@ -75,9 +82,12 @@ done
   --e2e-seq-len 8192 --e2e-windows 20 --e2e-steps "$CAL8K_STEPS" --recompute "$@"
 for steps in $DSLA8K_STEPS; do
   "$BIN/dsla" distill --init-from "$CAL8K" --order given --layers "$ORDER" --max-layers "$LAYERS" --window "$WINDOW" \
-    --dtype "$DTYPE" --threads "$THREADS" --out "$OUT" --no-loss-delta $DSLA8K_FLAGS \
+    --dtype "$DTYPE" --threads "$THREADS" --out "$DSLA8K" --no-loss-delta $DSLA8K_FLAGS \
     --e2e-seq-len 8192 --e2e-windows 20 --e2e-steps "$steps" --recompute "$@"
 done
+"$BIN/dsla" distill --init-from "$DSLA8K" --order given --layers "$ORDER" --max-layers "$LAYERS" --window "$WINDOW" \
+  --dtype "$DTYPE" --threads "$THREADS" --out "$OUT" --no-loss-delta $ALL8K_FLAGS \
+  --e2e-seq-len 8192 --e2e-windows 20 --e2e-steps "$ALL8K_STEPS" --recompute "$@"
 "$BIN/dsla" eval ppl position --student "$OUT" --ratios "$RATIOS" --dtype "$DTYPE" \
   --threads "$THREADS" --no-progress --out "$OUT/eval" --position-windows 2 --resume
 "$BIN/dsla" eval passkey --student "$OUT" --ratios "$PASSKEY_RATIOS" --dtype "$DTYPE" \
