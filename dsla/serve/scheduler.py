@@ -30,7 +30,7 @@ __all__ = ["CacheCost", "Scheduler", "SchedulerConfig", "SchedulerOutput", "Sche
 class SchedulerConfig:
     """Limits of one engine. Every field is a CLI flag of `dsla serve`."""
 
-    max_num_seqs: int = 32  # requests running (holding a cache) at once
+    max_num_seqs: int = 64  # requests running (holding a cache) at once (32 -> 64: docs/results/speed.md 0b)
     max_num_batched_tokens: int = 512  # tokens per step: decode tokens plus prefill chunks
     cache_budget_bytes: int = 1 << 30  # cache memory of all running requests together, bytes
     max_waiting: int = 256  # requests queued beyond this are refused (HTTP 503 + Retry-After)
