@@ -34,7 +34,7 @@ from dsla.config import DSLAConfig
 from dsla.model.llama import LlamaAttention, split_heads, token_index, uniform_length
 from dsla.model.state import DSLAState, KVState
 from dsla.ops.dsla import dsla_chunked, dsla_fold, dsla_step
-from dsla.ops.rope import apply_rope, rope_cos_sin, unapply_rope
+from dsla.ops.rope import rope_cos_sin, rope_tables, rotate, unapply_rope
 from dsla.ops.window import WindowState, ring_from_ordered, window_chunked, window_decode_math, window_fold
 
 
@@ -137,8 +137,9 @@ class DSLAAttention(nn.Module):
             if len(seq_lens) == x.shape[0]:  # every request adds one token
                 return self._decode_step(x, cos, sin, states)
             return self._split_decodes(x, cos, sin, seq_lens, states)
-        q = apply_rope(split_heads(self.q_proj(x), self.lcfg.num_attention_heads), cos, sin)  # (Hq, N, D)
-        o = self.attend(q, *self.teacher.project_kv(x, cos, sin), seq_lens, states)  # (Hq, N, D)
+        rope = rope_tables(cos, sin, x.dtype)  # once for q and k
+        q = rotate(split_heads(self.q_proj(x), self.lcfg.num_attention_heads), *rope)  # (Hq, N, D)
+        o = self.attend(q, *self.teacher.project_kv(x, cos, sin, rope), seq_lens, states)  # (Hq, N, D)
         return self.o_proj(o.transpose(0, 1).reshape(x.shape[0], -1).to(x.dtype))
 
     def attend(self, q: Tensor, k_raw: Tensor, k: Tensor, v: Tensor, seq_lens: Sequence[int],
@@ -357,8 +358,10 @@ def window_decode_layer(q: Tensor, k_raw: Tensor, v: Tensor, cos: Tensor, sin: T
     G = q.shape[1] // (H * D)
     dt = q.dtype
 
-    def rope(t: Tensor) -> Tensor:  # (R, n, D): apply_rope takes the positions second to last
-        return apply_rope(t.transpose(0, 1), cos, sin).transpose(0, 1)
+    tables = rope_tables(cos, sin, dt)  # once for q and k (both come from x, in q's dtype)
+
+    def rope(t: Tensor) -> Tensor:  # (R, n, D): rotate takes the positions second to last
+        return rotate(t.transpose(0, 1), *tables).transpose(0, 1)
 
     def phi(t: Tensor, w: Tensor) -> Tensor:  # (R, H, n, D) -> (R, H, n, 2F)
         return feature_map(t.transpose(0, 1), w).transpose(0, 1)

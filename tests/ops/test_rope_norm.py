@@ -55,16 +55,15 @@ def test_rmsnorm_is_bitwise_the_spelled_out_formula(dtype):
         norm.weight.copy_(torch.rand(96, generator=g) + 0.5)
     norm = norm.to(dtype)
     x = (torch.randn(40, 96, generator=g) * torch.rand(40, 1, generator=g) * 8).to(dtype)
-    h = x.float()
-    want = norm.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
-    assert torch.equal(norm(x), want)
-    # and the same gradients (training runs bf16 autograd through every norm)
-    w = torch.randn(40, 96, generator=g)
-    gx = []
+
     def spelled_out(t):
         h = t.float()
         return norm.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
 
+    assert torch.equal(norm(x), spelled_out(x))
+    # and the same gradients (training runs bf16 autograd through every norm)
+    w = torch.randn(40, 96, generator=g)
+    gx = []
     for f in (norm, spelled_out):
         xi = x.clone().requires_grad_()
         norm.zero_grad()
