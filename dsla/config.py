@@ -162,6 +162,17 @@ E2E_PARAMS = ("all", "dsla", "scalars")
 SCALAR_PARAMS = ("mix_logits", "window_log_scale", "history_gate.bias", "recency_gate.bias")
 
 
+def parse_exact_groups(spec: str) -> dict[int, tuple[int, ...]]:
+    """``DistillConfig.exact_groups`` ("18:1,23:0,23:2") as {layer: KV groups}."""
+    out: dict[int, set[int]] = {}
+    for item in (t.strip() for t in spec.split(",") if t.strip()):
+        layer, sep, group = item.partition(":")
+        if not sep or not layer.strip().isdigit() or not group.strip().isdigit():
+            raise ValueError(f"exact_groups={spec!r}: {item!r} is not LAYER:GROUP (two whole numbers, e.g. 18:1)")
+        out.setdefault(int(layer), set()).add(int(group))
+    return {i: tuple(sorted(g)) for i, g in sorted(out.items())}
+
+
 @dataclass(frozen=True)
 class DistillConfig:
     """Chained layer-wise distillation (dsla/distill/train.py). Token budgets are per layer."""
@@ -188,6 +199,7 @@ class DistillConfig:
     e2e_params: str = "all"  # what the end-to-end stage trains: all (every parameter of the converted layers), dsla (all but q_proj/o_proj: the feature maps, gates and per-head weights, which ship anyway) or scalars (only each head's window and state weights and the decay gates' biases)
     e2e_weight_lr: float = 0.0  # peak lr of the parameters other than the per-head scalars in the end-to-end stage (0: e2e_lr for all); lets the scalars take a larger e2e_lr
     e2e_save_every: int = 10  # steps between checkpoints of the end-to-end stage (it resumes from the last)
+    exact_groups: str = ""  # KV heads kept on exact softmax attention over every token in converted layers (DuoAttention-style), as LAYER:GROUP pairs, e.g. 18:1,23:0,23:2 (empty: none; scripts/probe_exact_heads.py ranks them)
     rank_sequences: int = 16  # calibration windows for the entropy ranking
     seed: int = 0  # everything random derives from this (and the layer index)
 
@@ -207,6 +219,7 @@ class DistillConfig:
         for name in ("e2e_seq_len", "e2e_windows", "e2e_topk", "e2e_save_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
+        parse_exact_groups(self.exact_groups)  # raises on a malformed list
         if self.e2e_params not in E2E_PARAMS:
             raise ValueError(f"e2e_params={self.e2e_params!r} must be one of {', '.join(E2E_PARAMS)}")
         if self.e2e_weight_lr and self.e2e_params == "scalars":

@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from dsla.config import DSLAConfig
+from dsla.config import DSLAConfig, parse_exact_groups
 from dsla.fileio import atomic_write, atomic_write_json
 from dsla.model.llama import HybridLM
 
@@ -127,7 +127,16 @@ def load_student(model: HybridLM, student_dir: str | Path, teacher_sha256: str |
         except RuntimeError as e:
             raise ValueError(f"student layer {i} does not fit this teacher's shapes: {e}") from None
         model.dsla[str(i)].requires_grad_(False)  # finished: a training stage enables what it trains
+    apply_exact_groups(model, m["config"].get("exact_groups", ""))
     return m
+
+
+def apply_exact_groups(model: HybridLM, spec: str) -> None:
+    """Set each DSLA layer's exact KV groups from ``DistillConfig.exact_groups`` (layers without
+    a DSLA module yet are skipped: set again when they get one; the others get none)."""
+    groups = parse_exact_groups(spec)
+    for i, mod in model.dsla.items():
+        mod.set_exact_groups(groups.get(int(i), ()))
 
 
 def config_dict(cfg) -> dict[str, Any]:

@@ -27,11 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dsla.config import DistillConfig
+from dsla.config import DistillConfig, parse_exact_groups
 from dsla.distill.e2e import MasterAdam, cached_teacher_topk, train_e2e, warmup_cosine
 from dsla.data.atomic import sha256_file
-from dsla.distill.artifact import (FORMAT, WEIGHTS, config_dict, dsla_config_of, load_student, read_manifest,
-                                  save_student)
+from dsla.distill.artifact import (FORMAT, WEIGHTS, apply_exact_groups, config_dict, dsla_config_of, load_student,
+                                  read_manifest, save_student)
 from dsla.distill.rank import attention_entropy, order_from_scores
 from dsla.model.llama import HybridLM, split_heads
 from dsla.ops.attention import causal_attention
@@ -286,6 +286,16 @@ def distill(model: HybridLM, teacher_dir: Path, teacher_sha: str, out_dir: Path,
     if manifest["order"] is None:
         manifest["ranking"], manifest["order"] = rank_layers(model, cfg, train_windows, progress)
     order: list[int] = manifest["order"]
+    exact = parse_exact_groups(cfg.exact_groups)
+    stray = sorted(set(exact) - set(order))
+    if stray:
+        raise ValueError(f"--exact-groups names layers {stray} that are not in the order {order}: "
+                         "exact groups go in layers that the student converts")
+    H = model.cfg.num_key_value_heads
+    if any(g >= H for gs in exact.values() for g in gs):
+        raise ValueError(f"--exact-groups {cfg.exact_groups!r}: a group is out of range; the model has {H} KV "
+                         f"heads per layer (groups 0..{H - 1})")
+    apply_exact_groups(model, cfg.exact_groups)  # over what a resumed or --init-from student had
     todo = [i for i in order if i not in manifest["layers_done"]]
     if max_layers is not None:
         todo = todo[: max(0, max_layers - len(manifest["layers_done"]))]
@@ -300,6 +310,7 @@ def distill(model: HybridLM, teacher_dir: Path, teacher_sha: str, out_dir: Path,
             done = list(manifest["layers_done"])
             torch.manual_seed(layer_seed(cfg, layer, 0))
             model.add_dsla([layer], cfg.dsla)
+            apply_exact_groups(model, cfg.exact_groups)
             io = collect_layer_io(model, layer, train_windows(cfg.attn_sequences, layer_seed(cfg, layer, 2)),
                                   done, cfg.batch_size)
             io_val = collect_layer_io(model, layer, val_windows(cfg.val_sequences, layer_seed(cfg, layer, 3)),

@@ -14,6 +14,10 @@ token enters the states only when it leaves the window, sharing the normaliser:
     o_t = (u_t[:V] + f sum_j w_tj v_j) / (u_t[V] + f sum_j w_tj + eps)
 (see dsla/ops/window.py). W = 0 is the pure DSLA above.
 
+Exact KV groups (``exact_groups``, DuoAttention-style, empty by default): the query heads of
+those KV heads keep the teacher's softmax attention over every earlier token, so a request holds
+a KV cache of those heads only (``DSLAState.exact``) beside the states of the others.
+
 Foldable by construction: k_t and v_t are the teacher's own k_proj / v_proj outputs (shared, not
 copied) with the same RoPE, and the gates and phi(k) depend on k alone, so the states can be
 rebuilt exactly from a request's KV cache (``fold``). q_proj and o_proj start as copies of the
@@ -31,8 +35,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dsla.config import DSLAConfig
-from dsla.model.llama import LlamaAttention, split_heads, token_index, uniform_length
+from dsla.model.llama import LlamaAttention, decode_attention, split_heads, token_index, uniform_length
 from dsla.model.state import DSLAState, KVState
+from dsla.ops.attention import causal_attention
 from dsla.ops.dsla import dsla_chunked, dsla_fold, dsla_step
 from dsla.ops.rope import rope_cos_sin, rope_tables, rotate, unapply_rope
 from dsla.ops.window import WindowState, ring_from_ordered, window_chunked, window_decode_math, window_fold
@@ -80,6 +85,23 @@ class DSLAAttention(nn.Module):
             self.mix_logits = nn.Parameter(torch.full((lc.num_attention_heads,), logit(cfg.history_mix_init)))
         if cfg.window:  # only then, so a W = 0 layer's parameters (and artifacts) are unchanged
             self.window_log_scale = nn.Parameter(torch.zeros(lc.num_attention_heads))
+        self.exact_groups: tuple[int, ...] = ()  # KV heads kept exact (set_exact_groups); not a parameter
+
+    def set_exact_groups(self, groups) -> None:
+        """Keep the query heads of these KV heads on the teacher's softmax attention over every
+        token (their KV cached in full); the other heads stay DSLA. () turns it off."""
+        H = self.lcfg.num_key_value_heads
+        gs = tuple(sorted({int(g) for g in groups}))
+        bad = [g for g in gs if not 0 <= g < H]
+        if bad:
+            raise ValueError(f"exact KV groups {bad} are out of range: the layer has {H} KV heads (0..{H - 1})")
+        self.exact_groups = gs
+
+    def _exact_heads(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Indices of the exact groups' KV heads and of their query heads (head-major)."""
+        G = self.lcfg.group_size
+        kh = torch.tensor(self.exact_groups, device=device)
+        return kh, (kh[:, None] * G + torch.arange(G, device=device)).flatten()
 
     @property
     def state_shape(self) -> tuple[int, int, int, int]:
@@ -87,15 +109,17 @@ class DSLAAttention(nn.Module):
         lc = self.lcfg
         return lc.num_key_value_heads, self.cfg.num_states, 2 * self.cfg.feature_dim, lc.head_dim + 1
 
-    def new_state(self, device: torch.device | str = "cpu") -> DSLAState:
-        """A zero state; with a window, its W rows of k and v (model dtype) allocated up front."""
+    def new_state(self, device: torch.device | str = "cpu", capacity: int = 64) -> DSLAState:
+        """A zero state; with a window, its W rows of k and v (model dtype) allocated up front;
+        with exact groups, their KV buffer with room for ``capacity`` tokens (it grows as needed)."""
         st = torch.zeros(self.state_shape, dtype=torch.float32, device=device)
+        lc, dtype = self.lcfg, self.feature_q.weight.dtype  # the model dtype (q_proj may be quantised)
+        exact = KVState(len(self.exact_groups), lc.head_dim, dtype, device, capacity) if self.exact_groups else None
         W = self.cfg.window
         if not W:
-            return DSLAState(st)
-        lc, dtype = self.lcfg, self.feature_q.weight.dtype  # the model dtype (q_proj may be quantised)
+            return DSLAState(st, exact=exact)
         rows = lambda: torch.zeros(lc.num_key_value_heads, W, lc.head_dim, dtype=dtype, device=device)  # noqa: E731
-        return DSLAState(st, 0, rows(), rows())
+        return DSLAState(st, 0, rows(), rows(), exact=exact)
 
     # ---- the pieces that depend on k alone (and so can be recomputed from a KV cache) ----------
     def key_side(self, k_raw: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -157,7 +181,31 @@ class DSLAAttention(nn.Module):
         else:
             u = self._attend_dsla(fq, k_raw, k, v, seq_lens, states)  # (H, G, N, V+1)
         o = u[..., :V] / (u[..., V:].float() + cfg.eps).to(u.dtype)  # (H, G, N, V)
-        return o.reshape(lc.num_attention_heads, -1, V)  # (Hq, N, V)
+        o = o.reshape(lc.num_attention_heads, -1, V)  # (Hq, N, V)
+        return self._attend_exact(o, q, k, v, seq_lens, states) if self.exact_groups else o
+
+    def _attend_exact(self, o: Tensor, q: Tensor, k: Tensor, v: Tensor, seq_lens: Sequence[int],
+                      states: Sequence[DSLAState] | None) -> Tensor:
+        """``o`` (Hq, N, V) with the exact groups' query heads replaced by softmax attention over
+        each request's tokens (and, with states, its cached ones: the tokens are appended)."""
+        kh, qh = self._exact_heads(q.device)
+        qe, ke, ve = q.index_select(0, qh), k.index_select(0, kh), v.index_select(0, kh)
+        T = uniform_length(seq_lens, states)
+        if T is not None:  # stateless rectangular batch: one call
+            B = len(seq_lens)
+            to_batch = lambda t: t.view(t.shape[0], B, T, -1).transpose(0, 1)  # noqa: E731  (B, n, T, D)
+            e = causal_attention(to_batch(qe), to_batch(ke), to_batch(ve))  # (B, nG, T, D)
+            e = e.transpose(0, 1).reshape(qe.shape[0], B * T, -1)
+        else:
+            outs, start = [], 0
+            for r, L in enumerate(seq_lens):
+                qr, kr, vr = (t[:, start: start + L] for t in (qe, ke, ve))
+                if states is not None:
+                    kr, vr = states[r].exact.append(kr, vr)  # (n, T, D): prefix + new
+                outs.append(causal_attention(qr[None], kr[None], vr[None])[0])  # (nG, L, D)
+                start += L
+            e = torch.cat(outs, dim=1)
+        return o.index_copy(0, qh, e.to(o.dtype))  # out of place: autograd sees both parts
 
     def _attend_dsla(self, fq: Tensor, k_raw: Tensor, k: Tensor, v: Tensor, seq_lens: Sequence[int],
                      states: Sequence[DSLAState] | None) -> Tensor:
@@ -256,14 +304,25 @@ class DSLAAttention(nn.Module):
         rk = batch.k if batch else torch.stack([s.window_k for s in states])  # (R, H, W, D)
         rv = batch.v if batch else torch.stack([s.window_v for s in states])
         rec = self.recency_gate if self.cfg.num_states == 2 else None
+        q = self.q_proj(x)
         o, s1 = decode_layer_fn()(
-            self.q_proj(x), k_raw, v, cos, sin,
+            q, k_raw, v, cos, sin,
             self.feature_q.weight, self.feature_k.weight, self.history_gate.weight, self.history_gate.bias,
             None if rec is None else rec.weight, None if rec is None else rec.bias,
             self.mix_logits if rec is not None else None, self.window_log_scale, s0, rk, rv, lengths, self.cfg.eps)
         check_finite(o)  # NaN / inf in the states reach o; then they are not stored (the ring row is:
         # the engine fails the step's requests, so their caches are dropped)
         DecodeBatch(s1, rk, rv).assign(states)
+        if self.exact_groups:  # their heads of o: softmax over each request's cached KV of those heads
+            lc = self.lcfg
+            kh, qh = self._exact_heads(x.device)
+            rope = rope_tables(cos, sin, q.dtype)
+            qe = rotate(split_heads(q, lc.num_attention_heads).index_select(0, qh), *rope)  # (nG, R, D)
+            ke = rotate(split_heads(k_raw, lc.num_key_value_heads).index_select(0, kh), *rope)  # (n, R, D)
+            ve = split_heads(v, lc.num_key_value_heads).index_select(0, kh)
+            e = decode_attention(qe, ke, ve, [s.exact for s in states])  # (R, nG*D)
+            o = o.view(o.shape[0], lc.num_attention_heads, -1).index_copy(1, qh, e.view(o.shape[0], len(qh), -1))
+            o = o.view(o.shape[0], -1)
         return self.o_proj(o)
 
     def _run_requests(self, fq: Tensor, fk: Tensor, v1: Tensor, g: Tensor, mix: Tensor,
@@ -298,9 +357,19 @@ class DSLAAttention(nn.Module):
         return u
 
     def fold(self, kv: KVState, inv_freq: Tensor) -> DSLAState:
-        """The DSLA state (and window) this layer would hold after a prefill over the cached k, v."""
+        """The DSLA state (and window) this layer would hold after a prefill over the cached k, v;
+        the exact groups' rows of the cache are kept as they are (same capacity)."""
+        st = self._fold(kv, inv_freq)
+        if self.exact_groups:
+            kh = self._exact_heads(kv.k.device)[0]
+            st.exact = KVState(len(kh), kv.k.shape[-1], kv.k.dtype, kv.k.device, kv.capacity)
+            st.exact.append(kv.k.index_select(0, kh), kv.v.index_select(0, kh))
+        return st
+
+    def _fold(self, kv: KVState, inv_freq: Tensor) -> DSLAState:
         T = kv.length
         st = self.new_state(kv.k.device)
+        st.exact = None  # fold sets it
         if T == 0:
             return st
         cos, sin = rope_cos_sin(torch.arange(T, device=kv.k.device), inv_freq)

@@ -223,7 +223,8 @@ class HybridLM(nn.Module):
 
     def new_cache(self, dsla_layers: Iterable[int] = (), capacity: int = 64) -> RequestCache:
         """An empty cache for a new request; layers in ``dsla_layers`` run DSLA for it, the others
-        get KV buffers with room for ``capacity`` tokens (they grow when needed)."""
+        get KV buffers with room for ``capacity`` tokens (they grow when needed; so do the KV
+        buffers of DSLA layers' exact groups)."""
         dset = set(dsla_layers)
         for i in dset:
             self._check_layer(i)
@@ -231,7 +232,7 @@ class HybridLM(nn.Module):
                 raise ValueError(f"layer {i} has no DSLA module: add or load one before converting it")
         w = self.model.embed_tokens.weight
         return RequestCache([
-            self.dsla[str(i)].new_state(w.device) if i in dset
+            self.dsla[str(i)].new_state(w.device, capacity) if i in dset
             else self.model.layers[i].self_attn.new_state(w.dtype, w.device, capacity)
             for i in range(self.cfg.num_hidden_layers)])
 

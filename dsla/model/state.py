@@ -76,6 +76,12 @@ class KVState:
         """Bytes held (allocated capacity, which is what the memory budget must count)."""
         return self._kv.numel() * self._kv.element_size()
 
+    def clone(self) -> KVState:
+        """An independent copy of the same capacity."""
+        c = KVState(self._kv.shape[1], self._kv.shape[3], self._kv.dtype, self._kv.device, self.capacity)
+        c.append(self.k, self.v)
+        return c
+
 
 def append_one_token(states: Sequence[KVState], kv: Tensor) -> None:
     """Append one token to each of R states: ``kv`` (2, H, R, D) holds request r's key and value
@@ -109,6 +115,9 @@ class DSLAState:
     # after a decode step: (dsla.model.dsla.DecodeBatch, row) whose rows state / window_k /
     # window_v are, so the next step need not stack them again (checked by identity there)
     batch: object = field(default=None, repr=False, compare=False)
+    # keys and values of the layer's exact KV groups (``DSLAAttention.exact_groups``), every token:
+    # a KV cache of those heads only, growing with the length as an attention layer's does
+    exact: KVState | None = None
 
     def __post_init__(self) -> None:
         if self.state.dtype != torch.float32:
@@ -145,10 +154,16 @@ class DSLAState:
         """An independent copy (for forking a request's cache)."""
         wk = None if self.window_k is None else self.window_k.clone()
         wv = None if self.window_v is None else self.window_v.clone()
-        return DSLAState(self.state.clone(), self.length, wk, wv)
+        return DSLAState(self.state.clone(), self.length, wk, wv, exact=None if self.exact is None else self.exact.clone())
 
     @property
     def nbytes(self) -> int:
+        """Bytes held: the states, the window's rows and the exact groups' KV buffer."""
+        return self.fixed_nbytes + (0 if self.exact is None else self.exact.nbytes)
+
+    @property
+    def fixed_nbytes(self) -> int:
+        """Bytes that do not depend on the length: the states and the window's rows."""
         return sum(t.numel() * t.element_size() for t in (self.state, self.window_k, self.window_v)
                    if t is not None)
 

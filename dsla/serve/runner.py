@@ -73,9 +73,11 @@ class ModelRunner:
         if layers not in self._costs:
             probe = self.model.new_cache(layers)
             cfg, elem = self.model.cfg, self.model.model.embed_tokens.weight.element_size()
-            n_attn = cfg.num_hidden_layers - len(layers)
-            per_token = 2 * cfg.num_key_value_heads * cfg.head_dim * elem * n_attn  # K and V
-            fixed = sum(s.nbytes for i, s in enumerate(probe.layers) if i in layers)
+            # KV heads cached per token: every head of an attention layer, a DSLA layer's exact groups
+            heads = sum(len(self.model.dsla[str(i)].exact_groups) if i in layers else cfg.num_key_value_heads
+                        for i in range(cfg.num_hidden_layers))
+            per_token = 2 * heads * cfg.head_dim * elem  # K and V
+            fixed = sum(s.fixed_nbytes for i, s in enumerate(probe.layers) if i in layers)
             initial = (probe.nbytes - fixed) // per_token if per_token else 0
             self._costs[layers] = CacheCost(kv_bytes_per_token=per_token, fixed_bytes=fixed, initial_capacity=initial)
         return self._costs[layers]
@@ -101,11 +103,12 @@ class ModelRunner:
         return sum(c.nbytes for c in self.caches.values())
 
     def cache_bytes_by_kind(self) -> tuple[int, int]:
-        """(KV bytes of attention layers, DSLA-state bytes) over all live caches; they sum to ``cache_bytes``."""
+        """(KV bytes: attention layers and DSLA layers' exact groups, DSLA-state bytes: states and
+        windows) over all live caches; they sum to ``cache_bytes``."""
         total = state = 0
         for c in self.caches.values():
             total += c.nbytes
-            state += sum(c.layers[i].nbytes for i in c.dsla_layers())
+            state += sum(c.layers[i].fixed_nbytes for i in c.dsla_layers())
         return total - state, state
 
     def free(self, request_ids: Iterable[str]) -> None:

@@ -230,3 +230,31 @@ def test_export_from_a_bfloat16_model_is_exact(tiny_dir, tmp_path):
         with torch.no_grad():
             outs.append(model(torch.arange(3, 40)[None], dsla_layers=m["layers_done"]).float())
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)  # a bf16 delta would round q/o a second time
+
+
+def test_exact_groups_train_load_and_export(tiny_dir, tmp_path):
+    """--exact-groups: the run's layers keep those KV groups exact (the end-to-end stage trains
+    with them), the student loads with them, its export too, and a bad list is named."""
+    from dsla.config import parse_exact_groups
+    from dsla.distill.artifact import export_student
+
+    assert parse_exact_groups(" 2:1, 0:0,2:0 ") == {0: (0,), 2: (0, 1)} and parse_exact_groups("") == {}
+    for bad in ("2", "a:1", "2:-1", "2:1:0"):
+        with pytest.raises(ValueError, match="LAYER:GROUP"):
+            tiny_cfg(exact_groups=bad)
+    model, m = run(tiny_dir, tmp_path / "s", tiny_cfg(exact_groups="2:1"))
+    assert m["e2e"]["done"] and m["config"]["exact_groups"] == "2:1"
+    assert model.dsla["2"].exact_groups == (1,) and all(model.dsla[str(i)].exact_groups == () for i in (0, 1))
+    export_student(tmp_path / "s", tmp_path / "c", sharpened_teacher(tiny_dir), SHA)
+    outs = []
+    for d in ("s", "c"):
+        fresh = sharpened_teacher(tiny_dir)
+        load_student(fresh, tmp_path / d, SHA)
+        assert fresh.dsla["2"].exact_groups == (1,)
+        with torch.no_grad():
+            outs.append(fresh(torch.arange(3, 40)[None], dsla_layers=[0, 1, 2]))
+    torch.testing.assert_close(outs[0], outs[1], rtol=2e-2, atol=2e-2)
+    with pytest.raises(ValueError, match="out of range"):
+        run(tiny_dir, tmp_path / "t", tiny_cfg(exact_groups="2:5"))
+    with pytest.raises(ValueError, match="not in the order"):
+        run(tiny_dir, tmp_path / "u", tiny_cfg(order="given", layers=(0, 1), exact_groups="2:0"))

@@ -14,12 +14,16 @@ from dsla.model.state import DSLAState, KVState
 CFG = DSLAConfig(feature_dim=8, chunk_size=8)
 
 
-@pytest.fixture(params=[0, 4], ids=["pure", "window4"])
+@pytest.fixture(params=[(0, ()), (4, ()), (4, (1,)), (0, (0,))], ids=["pure", "window4", "window4_exact", "pure_exact"])
 def hybrid(tiny_dir, request):
-    """DSLA on all 3 layers; pure, or with an exact window of 4 tokens (shorter than the prompts)."""
+    """DSLA on all 3 layers; pure, or with an exact window of 4 tokens (shorter than the prompts);
+    with ``exact``, layers 0 and 1 keep that KV group exact (layer 2 none)."""
     torch.manual_seed(0)
+    window, exact = request.param
     m = load_teacher(tiny_dir)
-    m.add_dsla(range(3), dataclasses.replace(CFG, window=request.param))
+    m.add_dsla(range(3), dataclasses.replace(CFG, window=window))
+    for i in (0, 1):
+        m.dsla[str(i)].set_exact_groups(exact)
     with torch.no_grad():  # move gates and mix off their init so the test is not a special case
         for mod in m.dsla.values():
             for p in mod.parameters():
@@ -251,3 +255,44 @@ def test_recomputed_layers_give_the_same_loss_and_gradients(hybrid):
     bare = hybrid.__class__(hybrid.cfg)  # no DSLA modules: named before any work
     with pytest.raises(ValueError, match="layer 2 has no DSLA module"):
         bare(ids, dsla_layers=[2])
+
+
+@pytest.mark.parametrize("window", [0, 4])
+def test_exact_groups_are_the_teachers_heads(tiny_dir, window):
+    """With every KV group exact, a DSLA layer computes the teacher's attention, stateless and
+    cached (prefill, chunks, decode steps, and after a fold); with one, only that group's query
+    heads change, to the teacher's."""
+    torch.manual_seed(0)
+    m = load_teacher(tiny_dir)
+    m.add_dsla(range(3), dataclasses.replace(CFG, window=window))
+    ids = torch.randint(0, 97, (26,), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        teacher = m(ids[None])[0]
+        for i in range(3):
+            m.dsla[str(i)].set_exact_groups([0, 1])
+        torch.testing.assert_close(m(ids[None], dsla_layers=[0, 1, 2])[0], teacher, rtol=1e-5, atol=1e-5)
+        got, cache = decode_all(m, ids, [9, 1, 7, 1, 1, 1, 6], [0, 1, 2])
+        torch.testing.assert_close(got, teacher, rtol=1e-5, atol=1e-5)
+        assert all(s.exact.length == 26 for s in cache.layers)
+        half = m.new_cache([])
+        m(ids[:13], [13], [half])
+        for i in range(3):
+            m.convert_layer(half, i)
+        cont = torch.cat([m(ids[t: t + 1], [1], [half]) for t in range(13, 26)])
+        torch.testing.assert_close(cont, teacher[13:], rtol=1e-5, atol=1e-5)
+
+        # one group: its query heads (3 of 6) are the teacher's, the others DSLA's
+        mod, att = m.dsla["1"], m.model.layers[1].self_attn
+        x = torch.randn(20, 48)
+        from dsla.ops.rope import rope_cos_sin
+        cos, sin = rope_cos_sin(torch.arange(20), m.inv_freq)
+        heads = lambda o: o @ torch.linalg.pinv(att.o_proj.weight.T)  # noqa: E731  back before o_proj
+        mod.set_exact_groups([])
+        dsla_only = heads(mod(x, cos, sin, [20]))
+        mod.set_exact_groups([1])
+        mixed, ref = heads(mod(x, cos, sin, [20])), heads(att(x, cos, sin, [20]))
+    torch.testing.assert_close(mixed[:, 24:], ref[:, 24:], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(mixed[:, :24], dsla_only[:, :24], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(mixed[:, 24:], dsla_only[:, 24:], atol=1e-3)
+    with pytest.raises(ValueError, match="out of range"):
+        mod.set_exact_groups([2])

@@ -4,6 +4,7 @@ past the reserve), in-flight conversion (KV folded into DSLA state) and release.
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from dsla.model.state import DSLAState, KVState
@@ -23,15 +24,20 @@ def tensor_bytes(runner: ModelRunner) -> int:
             else:
                 assert isinstance(s, DSLAState)
                 total += sum(t.numel() * t.element_size() for t in (s.state, s.window_k, s.window_v) if t is not None)
+                if s.exact is not None:  # the exact KV groups' buffer grows like a KV layer's
+                    total += s.exact._kv.untyped_storage().nbytes()
     return total
 
 
-def test_reported_cache_bytes_equal_the_tensors_through_a_run(serve_dir, serve_tok):
+@pytest.mark.parametrize("exact", [(), (1,)], ids=["dsla", "exact_group"])
+def test_reported_cache_bytes_equal_the_tensors_through_a_run(serve_dir, serve_tok, exact):
     from dsla.model.loading import load_teacher
 
     torch.manual_seed(0)
     model = load_teacher(serve_dir)
     model.add_dsla(range(3))
+    for i in (1, 2):  # layer 1 is folded mid-run: its exact group's KV is kept from the teacher's cache
+        model.dsla[str(i)].set_exact_groups(exact)
     # a reserve of 3 output tokens: the longer requests regrow their KV during decode
     engine = Engine(ModelRunner(model), serve_tok, SchedulerConfig(max_num_batched_tokens=32, max_num_seqs=4,
                                                                    decode_reserve_tokens=3))

@@ -18,8 +18,10 @@ PROMPTS = [list(range(5, 5 + n)) for n in (2, 40, 9, 23)]  # 2 < W: decodes batc
 MAX_TOKENS = 10
 
 
-@pytest.fixture
-def model(serve_dir):
+@pytest.fixture(params=[(), (1,)], ids=["window", "window_exact_group"])
+def model(serve_dir, request):
+    """DSLA with the window on every layer; with an exact KV group in layers 0 and 1 (a KV cache
+    of that head beside the states, kept from the teacher's cache when layer 1 folds)."""
     from dsla.model.loading import load_teacher
 
     torch.manual_seed(0)
@@ -28,6 +30,8 @@ def model(serve_dir):
     with torch.no_grad():  # off the init (window_log_scale included) so nothing is a special case
         for p in m.dsla.parameters():
             p.add_(0.05 * torch.randn_like(p))
+    for i in (0, 1):
+        m.dsla[str(i)].set_exact_groups(request.param)
     return m
 
 
@@ -79,16 +83,21 @@ def test_window_layer_converted_mid_request(model, serve_tok):
     at = {rid: c.num_tokens for rid, c in runner.caches.items()}
     assert len(at) == 4 and max(at.values()) > W and min(at.values()) < W
     kv1 = sum(c.layers[1].nbytes for c in runner.caches.values())
-    state_bytes = model.dsla["1"].new_state().nbytes
+    caps = {rid: c.layers[1].capacity for rid, c in runner.caches.items()}
     total = runner.cache_bytes()
 
     change = engine.set_plan([0, 1, 2], reason="test")
 
-    assert change["freed_bytes"] == kv1 - 4 * state_bytes and change["in_flight_folded"] == 4
-    assert runner.cache_bytes() == total - kv1 + 4 * state_bytes == engine.scheduler.cache_bytes()
-    for c in runner.caches.values():
+    # the fixed-size state, plus (exact group) that head's KV at the teacher buffer's capacity
+    exact = model.dsla["1"].exact_groups
+    per_request = {rid: model.dsla["1"].new_state(capacity=cap).nbytes for rid, cap in caps.items()}
+    state_bytes = sum(per_request.values())
+    assert change["freed_bytes"] == kv1 - state_bytes and change["in_flight_folded"] == 4
+    assert runner.cache_bytes() == total - kv1 + state_bytes == engine.scheduler.cache_bytes()
+    for rid, c in runner.caches.items():
         s = c.layers[1]
         assert isinstance(s, DSLAState) and s.window == W and s.window_count == min(W, c.num_tokens)
+        assert s.nbytes == per_request[rid] and (s.exact is not None) == bool(exact)
     finish(engine, cols)
     for prompt, c in zip(PROMPTS, cols):
         n = at[c.outputs[0].request_id]
@@ -97,7 +106,6 @@ def test_window_layer_converted_mid_request(model, serve_tok):
             cache = model.new_cache([0, 2])
             head = model(ids[:n], [n], [cache])
             model.convert_layer(cache, 1)
-            assert cache.layers[1].nbytes == state_bytes
             tail = model(ids[n:], [len(ids) - n], [cache])
         check_logprobs(prompt, c, torch.cat([head, tail]).log_softmax(-1))
     assert runner.cache_bytes() == 0 and engine.scheduler.cache_bytes() == 0
