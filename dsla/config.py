@@ -173,6 +173,11 @@ def parse_exact_groups(spec: str) -> dict[int, tuple[int, ...]]:
     return {i: tuple(sorted(g)) for i, g in sorted(out.items())}
 
 
+def format_exact_groups(groups: dict[int, tuple[int, ...]]) -> str:
+    """The inverse of ``parse_exact_groups``: "LAYER:GROUP,..." sorted by layer, then group."""
+    return ",".join(f"{i}:{g}" for i, gs in sorted(groups.items()) for g in sorted(gs))
+
+
 @dataclass(frozen=True)
 class DistillConfig:
     """Chained layer-wise distillation (dsla/distill/train.py). Token budgets are per layer."""
@@ -219,7 +224,8 @@ class DistillConfig:
         for name in ("e2e_seq_len", "e2e_windows", "e2e_topk", "e2e_save_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
-        parse_exact_groups(self.exact_groups)  # raises on a malformed list
+        # raises on a malformed list; stored in one spelling (sorted, no repeats) so a resume compares equal
+        object.__setattr__(self, "exact_groups", format_exact_groups(parse_exact_groups(self.exact_groups)))
         if self.e2e_params not in E2E_PARAMS:
             raise ValueError(f"e2e_params={self.e2e_params!r} must be one of {', '.join(E2E_PARAMS)}")
         if self.e2e_weight_lr and self.e2e_params == "scalars":

@@ -22,13 +22,19 @@
 #         the same 8192-token windows, run for each step count of $DSLA8K_STEPS in turn;
 #      d. the same over all 30 layers ($ALL8K_FLAGS: ratios 0.25, 0.5, 0.75 and 1, one drawn per
 #         step), $ALL8K_STEPS steps: layers 16-30 of the order get their first end-to-end training;
+#      e. run d once more from its result ($ALL8K2_STEPS more steps, the same windows: run e);
+#      f. exact KV groups ($EXACT_GROUPS, no training): 9 of the 45 KV heads of layers 16-30 of the
+#         order keep the teacher's softmax over every token (DuoAttention-style). They are the 9
+#         best of those layers by `scripts/probe_exact_heads.py <run e> 30 0,3,9,18` (grad ranking,
+#         docs/results/quality/exact_groups_probe.json); ratios up to 0.5 do not reach them;
 #   5. eval: perplexity (1024-token windows) and loss by position at ratios $RATIOS (the report the
 #      adaptive server reads), passkey at $PASSKEY_RATIOS (a second report);
 #   6. export: the compact artifact (DSLA parameters in bfloat16) + its eval report.
 # Every step resumes where it stopped: re-run the same command after an interruption. (Run with a
 # checkout from before 2026-11-29, whose step 3 wrote $HOME_DIR/students/default? Rename that to
 # default_wide first, or step 3 runs again and step 4c refuses the old directory. From before
-# 2026-11-30, whose step 4c wrote students/default? Rename that to default_dsla8k.)
+# 2026-11-30, whose step 4c wrote students/default? Rename that to default_dsla8k. From before
+# 2026-11-30 03:00 UTC, whose step 4d wrote students/default? Rename that to default_all8k.)
 # Usage: scripts/make_default_student.sh [extra `dsla distill` flags for every run]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,7 +45,9 @@ WIDE=${WIDE:-$HOME_DIR/students/default_wide}  # step 3
 CAL=${CAL:-$HOME_DIR/students/default_cal4k}   # step 4a
 CAL8K=${CAL8K:-$HOME_DIR/students/default_cal8k}  # step 4b
 DSLA8K=${DSLA8K:-$HOME_DIR/students/default_dsla8k}  # step 4c
-OUT=${OUT:-$HOME_DIR/students/default}         # step 4d: the student shipped
+ALL8K=${ALL8K:-$HOME_DIR/students/default_all8k}  # step 4d
+ALL8K2=${ALL8K2:-$HOME_DIR/students/default_all8k2}  # step 4e
+OUT=${OUT:-$HOME_DIR/students/default}         # step 4f: the student shipped
 RANK=${RANK:-docs/results/quality/rank_retrieval.json}
 BASE_LAYERS=${BASE_LAYERS:-15}  # layers of the base (ratios 0.25 and 0.5), trained end to end
 LAYERS=${LAYERS:-30}       # the shipped student: all 30 layers (ratios up to 1)
@@ -57,6 +65,8 @@ DSLA8K_FLAGS=${DSLA8K_FLAGS:---no-train-projections --e2e-params dsla --e2e-rati
 DSLA8K_STEPS=${DSLA8K_STEPS:-20 40}  # 20, then extended to 40 (the same 20 windows)
 ALL8K_FLAGS=${ALL8K_FLAGS:---no-train-projections --e2e-params dsla --e2e-ratios 0.25,0.5,0.75,1 --e2e-lr 1e-2 --e2e-weight-lr 1e-3}
 ALL8K_STEPS=${ALL8K_STEPS:-30}  # the same 20 windows (docs/results/quality.md: run d)
+ALL8K2_STEPS=${ALL8K2_STEPS:-30}  # run e
+EXACT_GROUPS=${EXACT_GROUPS:-3:0,7:0,7:1,15:2,18:2,20:1,20:2,23:0,23:2}  # LAYER:KV-GROUP (step 4f)
 DTYPE=${DTYPE:-bfloat16}   # fast on CPUs with avx512_bf16; use float32 on AVX2-only machines
 THREADS=${THREADS:-2}
 SHIP=${SHIP:-dsla/students/default}
@@ -86,8 +96,14 @@ for steps in $DSLA8K_STEPS; do
     --e2e-seq-len 8192 --e2e-windows 20 --e2e-steps "$steps" --recompute "$@"
 done
 "$BIN/dsla" distill --init-from "$DSLA8K" --order given --layers "$ORDER" --max-layers "$LAYERS" --window "$WINDOW" \
-  --dtype "$DTYPE" --threads "$THREADS" --out "$OUT" --no-loss-delta $ALL8K_FLAGS \
+  --dtype "$DTYPE" --threads "$THREADS" --out "$ALL8K" --no-loss-delta $ALL8K_FLAGS \
   --e2e-seq-len 8192 --e2e-windows 20 --e2e-steps "$ALL8K_STEPS" --recompute "$@"
+"$BIN/dsla" distill --init-from "$ALL8K" --order given --layers "$ORDER" --max-layers "$LAYERS" --window "$WINDOW" \
+  --dtype "$DTYPE" --threads "$THREADS" --out "$ALL8K2" --no-loss-delta $ALL8K_FLAGS \
+  --e2e-seq-len 8192 --e2e-windows 20 --e2e-steps "$ALL8K2_STEPS" --recompute "$@"
+"$BIN/dsla" distill --init-from "$ALL8K2" --order given --layers "$ORDER" --max-layers "$LAYERS" --window "$WINDOW" \
+  --dtype "$DTYPE" --threads "$THREADS" --out "$OUT" --no-loss-delta $ALL8K_FLAGS \
+  --e2e-seq-len 8192 --e2e-windows 20 --e2e-steps 0 --exact-groups "$EXACT_GROUPS" "$@"
 "$BIN/dsla" eval ppl position --student "$OUT" --ratios "$RATIOS" --dtype "$DTYPE" \
   --threads "$THREADS" --no-progress --out "$OUT/eval" --position-windows 2 --resume
 "$BIN/dsla" eval passkey --student "$OUT" --ratios "$PASSKEY_RATIOS" --dtype "$DTYPE" \

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from dsla.data.corpora import CORPORA, load_documents
-from dsla.distill.artifact import load_student
+from dsla.distill.artifact import apply_exact_groups, load_student
 from dsla.eval.position import run_position, select_windows, token_losses
 from dsla.model.dsla import DSLAAttention
 from dsla.model.loading import load_teacher, teacher_hash
@@ -71,7 +71,7 @@ class Patch:
             if patch.score:
                 N = o.shape[1]
                 for g in groups:
-                    d = torch.zeros(N, o.shape[0] * D, dtype=o.dtype)
+                    d = torch.zeros(N, o.shape[0] * D, dtype=o.dtype, device=o.device)
                     d[:, g * G * D:(g + 1) * G * D] = (o - t)[g * G:(g + 1) * G].transpose(0, 1).reshape(N, -1)
                     e = mod.o_proj(d).float().pow(2).sum(-1)  # (N,)
                     patch.scores[(i, g)] = float(e[4096:8192].mean() - e[:256].mean())
@@ -119,6 +119,8 @@ def main() -> None:
     teacher = default_teacher_dir()
     model = load_teacher(teacher, dtype=torch.bfloat16)
     m = load_student(model, args.student, teacher_hash(teacher))
+    own = m["config"].get("exact_groups", "")
+    apply_exact_groups(model, "")  # N = 0 is all DSLA even for a student trained with exact groups
     layers = m["order"][: args.k]
     if len(layers) < args.k or any(i not in m["layers_done"] for i in layers):
         raise SystemExit(f"{args.student} has finished layers {m['layers_done']}; K={args.k} asks for more")
@@ -129,6 +131,7 @@ def main() -> None:
         raise SystemExit("the position windows are shorter than 8192 tokens")
     t = np.array(run_position(model, windows, [])["loss"])
     report = {"student": args.student, "k": args.k, "layers": layers, "dtype": "bfloat16", "rank": args.rank,
+              "student_exact_groups": own,
               "teacher_loss": [round(float(v), 4) for v in t], "score_window": val.sources, "runs": []}
     with Patch(model, layers) as patch:
         if args.rank == "drift":

@@ -127,16 +127,16 @@ def load_student(model: HybridLM, student_dir: str | Path, teacher_sha256: str |
         except RuntimeError as e:
             raise ValueError(f"student layer {i} does not fit this teacher's shapes: {e}") from None
         model.dsla[str(i)].requires_grad_(False)  # finished: a training stage enables what it trains
-    apply_exact_groups(model, m["config"].get("exact_groups", ""))
+    apply_exact_groups(model, m["config"].get("exact_groups", ""), done)
     return m
 
 
-def apply_exact_groups(model: HybridLM, spec: str) -> None:
-    """Set each DSLA layer's exact KV groups from ``DistillConfig.exact_groups`` (layers without
-    a DSLA module yet are skipped: set again when they get one; the others get none)."""
+def apply_exact_groups(model: HybridLM, spec: str, layers=None) -> None:
+    """Set the exact KV groups of the DSLA layers in ``layers`` (default: every DSLA module of
+    ``model``) from ``DistillConfig.exact_groups``; a layer the spec does not name gets none."""
     groups = parse_exact_groups(spec)
-    for i, mod in model.dsla.items():
-        mod.set_exact_groups(groups.get(int(i), ()))
+    for i in model.dsla_layers() if layers is None else layers:
+        model.dsla[str(i)].set_exact_groups(groups.get(int(i), ()))
 
 
 def config_dict(cfg) -> dict[str, Any]:

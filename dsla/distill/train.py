@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dsla.config import DistillConfig, parse_exact_groups
+from dsla.config import DistillConfig, format_exact_groups, parse_exact_groups
 from dsla.distill.e2e import MasterAdam, cached_teacher_topk, train_e2e, warmup_cosine
 from dsla.data.atomic import sha256_file
 from dsla.distill.artifact import (FORMAT, WEIGHTS, apply_exact_groups, config_dict, dsla_config_of, load_student,
@@ -219,6 +219,12 @@ def check_init_from(src: Path, cfg: DistillConfig, max_layers: int | None = None
     if m["config"].get("e2e_steps") and not e2e.get("done"):
         raise ValueError(f"--init-from {src}: its end-to-end stage stopped at step {e2e.get('step', 0)} of "
                          f"{m['config']['e2e_steps']}; finish it first (`dsla distill --out {src}` with its settings)")
+    had, now = parse_exact_groups(m["config"].get("exact_groups", "")), parse_exact_groups(cfg.exact_groups)
+    dropped = {i: tuple(g for g in gs if g not in now.get(i, ())) for i, gs in had.items()}
+    if any(dropped.values()):  # those heads were never trained as DSLA (an exact head's DSLA weights get no gradient)
+        raise ValueError(f"--init-from {src}: it keeps KV groups {format_exact_groups(dropped)} exact, and their "
+                         f"DSLA weights were never trained: keep them in --exact-groups (it has "
+                         f"{m['config'].get('exact_groups')!r})")
     if max_layers is not None and max_layers < done:
         raise ValueError(f"--max-layers {max_layers} is below the {done} layers --init-from {src} has done; "
                          f"pass --max-layers {done} or more")

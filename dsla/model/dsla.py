@@ -85,7 +85,7 @@ class DSLAAttention(nn.Module):
             self.mix_logits = nn.Parameter(torch.full((lc.num_attention_heads,), logit(cfg.history_mix_init)))
         if cfg.window:  # only then, so a W = 0 layer's parameters (and artifacts) are unchanged
             self.window_log_scale = nn.Parameter(torch.zeros(lc.num_attention_heads))
-        self.exact_groups: tuple[int, ...] = ()  # KV heads kept exact (set_exact_groups); not a parameter
+        self.set_exact_groups(())  # KV heads kept exact; not a parameter (the student's manifest names them)
 
     def set_exact_groups(self, groups) -> None:
         """Keep the query heads of these KV heads on the teacher's softmax attention over every
@@ -96,12 +96,16 @@ class DSLAAttention(nn.Module):
         if bad:
             raise ValueError(f"exact KV groups {bad} are out of range: the layer has {H} KV heads (0..{H - 1})")
         self.exact_groups = gs
+        self._exact_index: dict[torch.device, tuple[Tensor, Tensor]] = {}
 
     def _exact_heads(self, device: torch.device) -> tuple[Tensor, Tensor]:
-        """Indices of the exact groups' KV heads and of their query heads (head-major)."""
-        G = self.lcfg.group_size
-        kh = torch.tensor(self.exact_groups, device=device)
-        return kh, (kh[:, None] * G + torch.arange(G, device=device)).flatten()
+        """Indices of the exact groups' KV heads and of their query heads (head-major), built once
+        per device."""
+        if device not in self._exact_index:
+            G = self.lcfg.group_size
+            kh = torch.tensor(self.exact_groups, device=device)
+            self._exact_index[device] = kh, (kh[:, None] * G + torch.arange(G, device=device)).flatten()
+        return self._exact_index[device]
 
     @property
     def state_shape(self) -> tuple[int, int, int, int]:
@@ -368,9 +372,9 @@ class DSLAAttention(nn.Module):
 
     def _fold(self, kv: KVState, inv_freq: Tensor) -> DSLAState:
         T = kv.length
-        st = self.new_state(kv.k.device)
-        st.exact = None  # fold sets it
         if T == 0:
+            st = self.new_state(kv.k.device)
+            st.exact = None  # fold sets it
             return st
         cos, sin = rope_cos_sin(torch.arange(T, device=kv.k.device), inv_freq)
         k = kv.k

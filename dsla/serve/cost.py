@@ -22,8 +22,8 @@ class CacheCost:
     rule so its accounting equals the caches' real ``nbytes``.
     """
 
-    kv_bytes_per_token: int  # K and V bytes per token, summed over the attention layers
-    fixed_bytes: int  # DSLA states of the DSLA layers: independent of the token count
+    kv_bytes_per_token: int  # K and V bytes per token, summed over the attention layers and DSLA layers' exact groups
+    fixed_bytes: int  # DSLA states and windows of the DSLA layers: independent of the token count
     initial_capacity: int = 64  # tokens a fresh KV buffer holds at least
 
     def grow(self, capacity: int, needed: int) -> int:

@@ -239,6 +239,7 @@ def test_exact_groups_train_load_and_export(tiny_dir, tmp_path):
     from dsla.distill.artifact import export_student
 
     assert parse_exact_groups(" 2:1, 0:0,2:0 ") == {0: (0,), 2: (0, 1)} and parse_exact_groups("") == {}
+    assert tiny_cfg(exact_groups="2:1, 0:0,2:0,2:1").exact_groups == "0:0,2:0,2:1"  # one spelling: resumes compare equal
     for bad in ("2", "a:1", "2:-1", "2:1:0"):
         with pytest.raises(ValueError, match="LAYER:GROUP"):
             tiny_cfg(exact_groups=bad)
@@ -258,3 +259,10 @@ def test_exact_groups_train_load_and_export(tiny_dir, tmp_path):
         run(tiny_dir, tmp_path / "t", tiny_cfg(exact_groups="2:5"))
     with pytest.raises(ValueError, match="not in the order"):
         run(tiny_dir, tmp_path / "u", tiny_cfg(order="given", layers=(0, 1), exact_groups="2:0"))
+    # a run from this student may add exact groups, never drop them (their DSLA weights never trained)
+    order = ",".join(map(str, m["order"]))
+    given = dict(order="given", layers=tuple(m["order"]), e2e_steps=1)
+    with pytest.raises(ValueError, match="2:1 exact"):
+        run(tiny_dir, tmp_path / "v", tiny_cfg(**given, exact_groups="0:1"), init_from=tmp_path / "s")
+    model, m2 = run(tiny_dir, tmp_path / "w", tiny_cfg(**given, exact_groups="2:1,0:1"), init_from=tmp_path / "s")
+    assert m2["config"]["exact_groups"] == "0:1,2:1" and model.dsla["0"].exact_groups == (1,), order
