@@ -150,7 +150,7 @@ def main() -> None:
             r = run_position(model, windows, layers)
             ex = np.array(r["loss"]) - t
             report["buckets"] = r["buckets"]
-            spec = ",".join(f"{i}:{g}" for i, gs in sorted(patch.exact.items()) for g in gs)
+            spec = ",".join(f"{i}:{g}" for i, gs in sorted(patch.exact.items()) for g in sorted(gs))
             report["runs"].append({"exact_groups": n, "exact": spec,
                                    "excess": [round(float(v), 4) for v in ex], "growth": round(float(ex[-1] - ex[0]), 4)})
             print(f"N={n} ({spec or 'none'}): excess {np.round(ex, 3).tolist()} growth {ex[-1] - ex[0]:+.3f}",

@@ -26,6 +26,8 @@ def test_shipped_student_is_small_and_names_its_teacher():
     assert size <= 25_000_000, f"the shipped student is {size / 1e6:.2f} MB, over 25 MB"
     report = json.loads((SHIPPED_STUDENT_DIR / "report.json").read_text())
     assert any(r["ratio"] == 0 for r in report["runs"]), "its eval report needs the teacher's ratio-0 run"
+    students = [x["label"] for x in report["models"] if x["label"] != "teacher"]
+    assert len(students) == 1, f"the server reads the first student of a report: ship one with this student only, not {students}"
 
 
 def test_make_test_setup_can_load_the_tiny_teacher_and_the_shipped_student_refuses_it(tiny_dir):
