@@ -373,9 +373,7 @@ class DSLAAttention(nn.Module):
     def _fold(self, kv: KVState, inv_freq: Tensor) -> DSLAState:
         T = kv.length
         if T == 0:
-            st = self.new_state(kv.k.device)
-            st.exact = None  # fold sets it
-            return st
+            return self.new_state(kv.k.device)  # fold replaces its exact groups' buffer
         cos, sin = rope_cos_sin(torch.arange(T, device=kv.k.device), inv_freq)
         k = kv.k
         with torch.no_grad():
