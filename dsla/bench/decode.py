@@ -31,7 +31,8 @@ Each preset is its own loaded model and takes turns with the others like the imp
 ``weights_mb`` is its parameter and buffer bytes.
 
 ``dsla_ratio`` (ours only; transformers rows have 0): the first round(ratio * L) layers, in layer
-order, run DSLA (untrained: fine for speed). Prefill rows run those layers' chunked form from an
+order, run DSLA (untrained: fine for speed); with ``--student DIR``, that student's trained layers
+(its window and exact KV groups, which a fresh layer lacks) in its conversion order. Prefill rows run those layers' chunked form from an
 empty ``new_cache(layers)``; decode caches get them by folding the prefilled KV cache
 (``convert_layer``, the engine's conversion path), which gives the same state shapes as a DSLA
 prefill.
@@ -94,6 +95,8 @@ class DecodeSettings:
     dsla_ratios: tuple[float, ...] = (0.0,)  # fraction of layers running DSLA (ours only)
     dsla_window: int = 0  # exact window W of the DSLA layers (DSLAConfig.window; the shipped student's for its cost)
     compile_decode: bool = False  # DSLA decode steps through torch.compile (dsla.model.dsla.use_compiled_decode)
+    student: str | None = None  # a student directory: its trained DSLA layers (window, exact KV groups) and its
+    # conversion order instead of fresh layers converted first to last (ours only)
     weights: tuple[str, ...] = ("native",)  # linear-layer storage of ours: auto, native, packed, int8, int4, mixed
     steps: int = 16  # timed decode steps per decode row (median reported)
     warmup_steps: int = 2  # untimed decode steps before them
@@ -121,6 +124,9 @@ class DecodeSettings:
             raise ValueError(f"--steps {self.steps} must be at least 1")
         if self.dsla_window < 0:
             raise ValueError(f"--dsla-window {self.dsla_window} must be >= 0 (0: pure DSLA)")
+        if self.student is not None and self.dsla_window:
+            raise ValueError(f"--dsla-window {self.dsla_window} with --student {self.student}: the student's "
+                             "layers keep their own window; drop --dsla-window")
         for name in ("prefill_lengths", "contexts", "batches"):
             if any(v < 1 for v in getattr(self, name)):
                 raise ValueError(f"{name}={getattr(self, name)} must all be positive")
@@ -144,14 +150,28 @@ class OursRunner:
     """HybridLM: flattened batch, one RequestCache per request; ``weights`` a resolved preset
     (dsla.model.quant), applied once the DSLA modules are attached (``add_dsla``), as a server does."""
 
-    def __init__(self, teacher_dir: Path, dtype: torch.dtype, weights: str = "native", window: int = 0) -> None:
-        from dsla.model.loading import load_teacher
+    def __init__(self, teacher_dir: Path, dtype: torch.dtype, weights: str = "native", window: int = 0,
+                 student: str | Path | None = None) -> None:
+        from dsla.model.loading import load_teacher, teacher_hash
         from dsla.model.quant import load_dtype
 
         self.model = load_teacher(teacher_dir, dtype=load_dtype(weights, dtype))  # float32 until quantised
         self.dtype, self.weights, self.window = dtype, weights, window
         self.num_layers = self.model.cfg.num_hidden_layers
         self.vocab_size = self.model.cfg.vocab_size
+        self.student: dict[str, Any] | None = None
+        if student is not None:  # its layers, as the server loads them (before quantising)
+            from dsla.distill.artifact import load_student
+
+            self.student = load_student(self.model, student, teacher_hash(teacher_dir))
+
+    def ratio_layers(self, ratio: float) -> list[int]:
+        """The layers running DSLA at ``ratio``: the student's order (``dsla.plan``), or else the first ones."""
+        if self.student is None:
+            return list(range(round(ratio * self.num_layers)))
+        from dsla.plan import layers_for_ratio
+
+        return layers_for_ratio(self.student["order"], self.num_layers, ratio, self.student["layers_done"])
 
     def add_dsla(self, layers: Sequence[int]) -> None:
         from dsla.model.quant import quantize_model
@@ -289,7 +309,8 @@ def bench_dtype(runners: dict[str, OursRunner | HFRunner], dtype: str, s: Decode
     machine slows every side of a comparison alike."""
     any_runner = next(iter(runners.values()))
     variants = [(impl, r) for impl in runners for r in (s.dsla_ratios if impl.startswith("ours") else (0.0,))]
-    layers = {(impl, r): list(range(round(r * runners[impl].num_layers))) for impl, r in variants}
+    layers = {(impl, r): runners[impl].ratio_layers(r) if impl.startswith("ours") else []
+              for impl, r in variants}  # the others run ratio 0 only
     gen = torch.Generator().manual_seed(s.seed)
     ids = torch.randint(0, any_runner.vocab_size, (max(*s.prefill_lengths, *s.contexts),), generator=gen)
     tokens = {B: torch.randint(0, any_runner.vocab_size, (B,), generator=gen) for B in s.batches}
@@ -380,7 +401,8 @@ def make_runners(teacher_dir: Path, dtype: str, s: DecodeSettings, skipped: list
                         continue
                     log.info("%s --weights %s -> %s (%s)", dtype, requested, preset, why)
                     if runner_key(impl, preset) not in runners:
-                        runners[runner_key(impl, preset)] = OursRunner(teacher_dir, DTYPES[dtype], preset, s.dsla_window)
+                        runners[runner_key(impl, preset)] = OursRunner(teacher_dir, DTYPES[dtype], preset, s.dsla_window,
+                                                                       s.student)
         if "llamacpp" in s.impls:
             from dsla.bench.llamacpp import LlamaCppRunner, group_ggufs
 
@@ -523,6 +545,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="exact window W of the DSLA layers (0: pure DSLA; the shipped student's W measures its cost)")
     add_compile_argument(p)
     p.add_argument("--dsla-ratios", default="0", help="fractions of layers running DSLA (ours only), e.g. 0,0.5,1")
+    p.add_argument("--student", type=Path, default=None,
+                   help="measure this student's DSLA layers (trained, with their window and exact KV groups) in its "
+                        "conversion order, e.g. dsla/students/default (default: fresh layers, the first ones)")
     p.add_argument("--steps", type=int, default=None, help=f"timed decode steps per row (default {d.steps})")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--llamacpp-gguf", default=",".join(d.llamacpp_ggufs),
@@ -545,7 +570,8 @@ def settings_from_args(args: argparse.Namespace) -> DecodeSettings:
     kw: dict[str, Any] = {"impls": tuple(parse_list(args.impl)), "seed": args.seed,
                           "dsla_ratios": tuple(parse_list(args.dsla_ratios, float)),
                           "weights": tuple(parse_list(args.weights_list)), "dsla_window": args.dsla_window,
-                          "compile_decode": args.compile_decode}
+                          "compile_decode": args.compile_decode,
+                          "student": str(args.student) if args.student else None}
     if args.dtype or args.dtype_list:
         kw["dtypes"] = tuple(parse_list(args.dtype or args.dtype_list))
     for name in ("prefill_lengths", "contexts", "batches"):

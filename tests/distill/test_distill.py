@@ -266,3 +266,28 @@ def test_exact_groups_train_load_and_export(tiny_dir, tmp_path):
         run(tiny_dir, tmp_path / "v", tiny_cfg(**given, exact_groups="0:1"), init_from=tmp_path / "s")
     model, m2 = run(tiny_dir, tmp_path / "w", tiny_cfg(**given, exact_groups="2:1,0:1"), init_from=tmp_path / "s")
     assert m2["config"]["exact_groups"] == "0:1,2:1" and model.dsla["0"].exact_groups == (1,), order
+
+
+def test_decode_bench_measures_a_student(tiny_dir, tmp_path):
+    """`dsla bench decode --student`: the rows run the student's trained layers (exact groups
+    included) in its order, and a ratio it cannot serve is refused by name."""
+    from dsla.bench import decode
+    from dsla.model.loading import teacher_hash
+
+    model = sharpened_teacher(tiny_dir)
+    train_mod.distill(model, tiny_dir, teacher_hash(tiny_dir), tmp_path / "s",
+                      tiny_cfg(order="given", layers=(2, 0), exact_groups="2:1", e2e_steps=1),
+                      windows_fn(0), windows_fn(1), progress=False)
+    runner = decode.OursRunner(tiny_dir, torch.float32, "native", 0, tmp_path / "s")
+    assert runner.model.dsla["2"].exact_groups == (1,) and runner.model.dsla_layers() == [0, 2]
+    assert [runner.ratio_layers(r) for r in (0.0, 0.34, 0.67)] == [[], [2], [2, 0]]
+    with pytest.raises(ValueError, match="needs 3 of 3 layers"):
+        runner.ratio_layers(1.0)
+    s = decode.DecodeSettings(impls=("ours",), dtypes=("float32",), prefill_lengths=(8,), contexts=(12,),
+                              batches=(1,), dsla_ratios=(0.67,), steps=1, student=str(tmp_path / "s"))
+    doc = decode.run_benchmark(tiny_dir, s)
+    rows = [r for r in doc["results"] if r["decode_ms_per_token"] is not None]
+    assert [r["dsla_ratio"] for r in rows] == [0.67] and rows[0]["decode_ms_per_token"] > 0
+    assert doc["settings"]["student"] == str(tmp_path / "s")
+    with pytest.raises(ValueError, match="--dsla-window 64 with --student"):
+        decode.DecodeSettings(student="s", dsla_window=64)
