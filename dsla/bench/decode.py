@@ -32,10 +32,10 @@ Each preset is its own loaded model and takes turns with the others like the imp
 
 ``dsla_ratio`` (ours only; transformers rows have 0): the first round(ratio * L) layers, in layer
 order, run DSLA (untrained: fine for speed); with ``--student DIR``, that student's trained layers
-(its window and exact KV groups, which a fresh layer lacks) in its conversion order. Prefill rows run those layers' chunked form from an
-empty ``new_cache(layers)``; decode caches get them by folding the prefilled KV cache
-(``convert_layer``, the engine's conversion path), which gives the same state shapes as a DSLA
-prefill.
+(its window and exact KV groups, which a fresh layer lacks) in its conversion order. Prefill rows
+run those layers' chunked form from an empty ``new_cache(layers)``; decode caches get them by
+folding the prefilled KV cache (``convert_layer``, the engine's conversion path), which gives the
+same state shapes as a DSLA prefill.
 
 Fair comparisons on a shared machine: the variants of one configuration (each implementation,
 and each DSLA ratio of ours; all are loaded for a dtype) take turns call by call - prefill A,
