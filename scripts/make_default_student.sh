@@ -29,7 +29,9 @@
 #         docs/results/quality/exact_groups_probe.json); ratios up to 0.5 do not reach them;
 #      g. run e's recipe again, $EXACT_TRAIN_STEPS steps, with $EXACT_TRAINED_GROUPS exact during
 #         training (f's 9 and 8 more, one of them 17:1 in layer 14 of the order: ratio 0.5 keeps a KV
-#         head): the DSLA heads learn to work beside the exact ones;
+#         head; how they were picked: docs/results/quality.md, tenth session): the DSLA heads learn to
+#         work beside the exact ones. (The shipped run started from f's bfloat16 export, not from f's
+#         float32 directory as here, so a rerun matches it closely, not bit for bit.)
 #      h. $EXACT_MORE_GROUPS exact as well (no training), the best remaining groups of layers 11-20 of
 #         the order by the same probe scores: growth at 0.75 +0.123 -> +0.085 (docs/results/quality.md);
 #   5. eval: perplexity (1024-token windows) and loss by position at ratios $RATIOS (the report the

@@ -124,6 +124,8 @@ class DecodeSettings:
             raise ValueError(f"--steps {self.steps} must be at least 1")
         if self.dsla_window < 0:
             raise ValueError(f"--dsla-window {self.dsla_window} must be >= 0 (0: pure DSLA)")
+        if self.student is not None and "ours" not in self.impls:
+            raise ValueError(f"--student {self.student} measures our engine: add ours to --impl")
         if self.student is not None and self.dsla_window:
             raise ValueError(f"--dsla-window {self.dsla_window} with --student {self.student}: the student's "
                              "layers keep their own window; drop --dsla-window")
@@ -401,8 +403,10 @@ def make_runners(teacher_dir: Path, dtype: str, s: DecodeSettings, skipped: list
                         continue
                     log.info("%s --weights %s -> %s (%s)", dtype, requested, preset, why)
                     if runner_key(impl, preset) not in runners:
-                        runners[runner_key(impl, preset)] = OursRunner(teacher_dir, DTYPES[dtype], preset, s.dsla_window,
-                                                                       s.student)
+                        runner = OursRunner(teacher_dir, DTYPES[dtype], preset, s.dsla_window, s.student)
+                        for r in s.dsla_ratios:  # a ratio the student cannot serve fails before any peer loads
+                            runner.ratio_layers(r)
+                        runners[runner_key(impl, preset)] = runner
         if "llamacpp" in s.impls:
             from dsla.bench.llamacpp import LlamaCppRunner, group_ggufs
 
@@ -467,8 +471,16 @@ def _run_benchmark(teacher_dir: str | Path, s: DecodeSettings, on_row: Callable[
     from dsla.model.quant import BF16_CPU_FLAGS, cpu_flags
 
     machine["cpu_bf16_flags"] = sorted(set(BF16_CPU_FLAGS) & cpu_flags())  # what --weights auto looks at
-    return {"machine": machine, "teacher": str(teacher_dir), "settings": asdict(s), "results": rows,
-            "skipped": skipped, "summary": summarise(rows)}
+    doc = {"machine": machine, "teacher": str(teacher_dir), "settings": asdict(s), "results": rows,
+           "skipped": skipped, "summary": summarise(rows)}
+    if s.student is not None:  # what was measured, not only the path (a shipped student changes by commit)
+        from dsla.distill.artifact import read_manifest
+
+        m = read_manifest(Path(s.student))
+        doc["student"] = {"dir": str(Path(s.student).resolve()), "window": m["config"]["dsla"]["window"],
+                          "exact_groups": m["config"].get("exact_groups", ""), "order": m["order"],
+                          "layers_done": m["layers_done"]}
+    return doc
 
 
 def summarise(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

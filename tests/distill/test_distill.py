@@ -268,7 +268,7 @@ def test_exact_groups_train_load_and_export(tiny_dir, tmp_path):
     assert m2["config"]["exact_groups"] == "0:1,2:1" and model.dsla["0"].exact_groups == (1,), order
 
 
-def test_decode_bench_measures_a_student(tiny_dir, tmp_path):
+def test_decode_bench_measures_a_student(tiny_dir, tmp_path, monkeypatch):
     """`dsla bench decode --student`: the rows run the student's trained layers (exact groups
     included) in its order, and a ratio it cannot serve is refused by name."""
     from dsla.bench import decode
@@ -283,11 +283,23 @@ def test_decode_bench_measures_a_student(tiny_dir, tmp_path):
     assert [runner.ratio_layers(r) for r in (0.0, 0.34, 0.67)] == [[], [2], [2, 0]]
     with pytest.raises(ValueError, match="needs 3 of 3 layers"):
         runner.ratio_layers(1.0)
+    converted, fold = [], decode.OursRunner.batch_caches  # the layers the timed decode caches run as DSLA
+
+    def spy(self, base, dsla_layers, batch):
+        converted.append(list(dsla_layers))
+        return fold(self, base, dsla_layers, batch)
+
+    monkeypatch.setattr(decode.OursRunner, "batch_caches", spy)
     s = decode.DecodeSettings(impls=("ours",), dtypes=("float32",), prefill_lengths=(8,), contexts=(12,),
                               batches=(1,), dsla_ratios=(0.67,), steps=1, student=str(tmp_path / "s"))
     doc = decode.run_benchmark(tiny_dir, s)
+    assert converted == [[2, 0]]  # the student's order, not the first layers
     rows = [r for r in doc["results"] if r["decode_ms_per_token"] is not None]
     assert [r["dsla_ratio"] for r in rows] == [0.67] and rows[0]["decode_ms_per_token"] > 0
-    assert doc["settings"]["student"] == str(tmp_path / "s")
+    assert doc["student"]["exact_groups"] == "2:1" and doc["student"]["order"] == [2, 0]
+    with pytest.raises(ValueError, match="needs 3 of 3 layers"):  # refused before anything is timed
+        decode.run_benchmark(tiny_dir, decode.DecodeSettings(**{**s.__dict__, "dsla_ratios": (1.0,)}))
     with pytest.raises(ValueError, match="--dsla-window 64 with --student"):
         decode.DecodeSettings(student="s", dsla_window=64)
+    with pytest.raises(ValueError, match="add ours to --impl"):
+        decode.DecodeSettings(impls=("hf",), student="s")
