@@ -169,10 +169,10 @@ class OursRunner:
 
     def ratio_layers(self, ratio: float) -> list[int]:
         """The layers running DSLA at ``ratio``: the student's order (``dsla.plan``), or else the first ones."""
-        if self.student is None:
-            return list(range(round(ratio * self.num_layers)))
-        from dsla.plan import layers_for_ratio
+        from dsla.plan import layer_count, layers_for_ratio
 
+        if self.student is None:
+            return list(range(layer_count(ratio, self.num_layers)))
         return layers_for_ratio(self.student["order"], self.num_layers, ratio, self.student["layers_done"])
 
     def add_dsla(self, layers: Sequence[int]) -> None:
