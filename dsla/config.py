@@ -129,6 +129,7 @@ class DSLAConfig:
     chunk_size: int = 64  # tokens per chunk in the chunk-parallel form
     eps: float = 1e-6  # added to the normaliser phi(q).z
     window: int = 0  # tokens of exact softmax attention (the last W); older ones in the states. 0: pure DSLA (the paper)
+    sinks: int = 0  # with a window: the first tokens kept exact for every later query (never in the states). 0: none
 
     def __post_init__(self) -> None:
         if self.num_states not in (1, 2):
@@ -148,6 +149,11 @@ class DSLAConfig:
             raise ValueError(f"chunk_size={self.chunk_size} must be positive")
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 0:
             raise ValueError(f"window={self.window!r} must be a whole number of tokens >= 0 (0: pure DSLA)")
+        if isinstance(self.sinks, bool) or not isinstance(self.sinks, int) or self.sinks < 0:
+            raise ValueError(f"sinks={self.sinks!r} must be a whole number of tokens >= 0")
+        if self.sinks and not self.window:
+            raise ValueError(f"sinks={self.sinks} needs an exact window (window > 0): the sinks are more keys of "
+                             "the window's softmax")
 
 
 # What the end-to-end stage may train in each converted layer. "scalars": the per-head weights of

@@ -203,10 +203,10 @@ def check_init_from(src: Path, cfg: DistillConfig, max_layers: int | None = None
     m = read_manifest(src)
     old = dsla_config_of(m)
     diff = [f.name for f in dataclasses.fields(old)
-            if f.name != "window" and getattr(old, f.name) != getattr(cfg.dsla, f.name)]
+            if f.name not in ("window", "sinks") and getattr(old, f.name) != getattr(cfg.dsla, f.name)]
     if diff:
         raise ValueError(f"--init-from {src}: its DSLA layers have other {', '.join(diff)} "
-                         f"({', '.join(f'{k}={getattr(old, k)}' for k in diff)}); only --window may differ")
+                         f"({', '.join(f'{k}={getattr(old, k)}' for k in diff)}); only --window and --sinks may differ")
     if (old.window == 0) != (cfg.dsla.window == 0):
         raise ValueError(f"--init-from {src}: window {old.window} -> {cfg.dsla.window} adds or drops the window's "
                          "parameters; both windows must be nonzero (or both 0)")

@@ -122,8 +122,10 @@ class DSLAAttention(nn.Module):
         W = self.cfg.window
         if not W:
             return DSLAState(st, exact=exact)
-        rows = lambda: torch.zeros(lc.num_key_value_heads, W, lc.head_dim, dtype=dtype, device=device)  # noqa: E731
-        return DSLAState(st, 0, rows(), rows(), exact=exact)
+        rows = lambda n: torch.zeros(lc.num_key_value_heads, n, lc.head_dim, dtype=dtype, device=device)  # noqa: E731
+        S = self.cfg.sinks
+        return DSLAState(st, 0, rows(W), rows(W), exact=exact, sink_k=rows(S) if S else None,
+                         sink_v=rows(S) if S else None)
 
     # ---- the pieces that depend on k alone (and so can be recomputed from a KV cache) ----------
     def key_side(self, k_raw: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -246,7 +248,7 @@ class DSLAAttention(nn.Module):
             fq.view(H, G, B, T, -1).permute(2, 0, 1, 3, 4),  # (B, H, G, T, K)
             g.view(H, -1, B, T, g.shape[-1]).permute(2, 0, 1, 3, 4),  # (B, H, S, T, K)
             self.mix(), self.window_factor(), self.key_feature, None,
-            window=self.cfg.window, chunk_size=self.cfg.chunk_size)
+            window=self.cfg.window, sinks=self.cfg.sinks, chunk_size=self.cfg.chunk_size)
         return u.permute(1, 2, 0, 3, 4).reshape(H, G, B * T, V + 1)  # (H, G, N, V+1)
 
     def _run_window_requests(self, q: Tensor, k: Tensor, v: Tensor, fq: Tensor, g: Tensor,
@@ -262,12 +264,14 @@ class DSLAAttention(nn.Module):
             s0 = None
             if states is not None:
                 st = states[r]
+                sinks = () if not self.cfg.sinks else (st.sink_k[None], st.sink_v[None],
+                                                        torch.tensor([st.length], device=q.device))
                 s0 = WindowState(st.state[None], *(t[None] for t in st.ordered_window()),
-                                 torch.tensor([st.window_count], device=q.device))
+                                 torch.tensor([st.window_count], device=q.device), *sinks)
             ur, s1 = window_chunked(q[:, :, None, sl].permute(2, 0, 1, 3, 4), k[None, :, sl], v[None, :, sl],
                                     fq[:, :, None, sl].permute(2, 0, 1, 3, 4), g[None, :, :, sl],
                                     self.mix(), self.window_factor(), self.key_feature, s0,
-                                    window=self.cfg.window, chunk_size=self.cfg.chunk_size)
+                                    window=self.cfg.window, sinks=self.cfg.sinks, chunk_size=self.cfg.chunk_size)
             u[:, :, sl] = ur[0]
             if states is None:
                 continue
@@ -275,6 +279,9 @@ class DSLAAttention(nn.Module):
                 check_finite(t)
             st.state, st.length = s1.states[0], st.length + seq_lens[r]
             st.set_ordered_window(s1.k[0], s1.v[0])  # the rows stay in their preallocated buffers
+            if self.cfg.sinks:
+                st.sink_k.copy_(s1.sink_k[0])
+                st.sink_v.copy_(s1.sink_v[0])
         return u
 
     def _split_decodes(self, x: Tensor, cos: Tensor, sin: Tensor, seq_lens: Sequence[int],
@@ -307,16 +314,21 @@ class DSLAAttention(nn.Module):
         s0 = batch.states if batch else torch.stack([s.state for s in states])  # (R, H, S, K, V+1)
         rk = batch.k if batch else torch.stack([s.window_k for s in states])  # (R, H, W, D)
         rv = batch.v if batch else torch.stack([s.window_v for s in states])
+        sk = sv = None
+        if self.cfg.sinks:  # (R, H, S, D)
+            sk = batch.sk if batch else torch.stack([s.sink_k for s in states])
+            sv = batch.sv if batch else torch.stack([s.sink_v for s in states])
         rec = self.recency_gate if self.cfg.num_states == 2 else None
         q = self.q_proj(x)
         o, s1 = decode_layer_fn()(
             q, k_raw, v, cos, sin,
             self.feature_q.weight, self.feature_k.weight, self.history_gate.weight, self.history_gate.bias,
             None if rec is None else rec.weight, None if rec is None else rec.bias,
-            self.mix_logits if rec is not None else None, self.window_log_scale, s0, rk, rv, lengths, self.cfg.eps)
+            self.mix_logits if rec is not None else None, self.window_log_scale, s0, rk, rv, lengths, self.cfg.eps,
+            sk, sv)
         check_finite(o)  # NaN / inf in the states reach o; then they are not stored (the ring row is:
         # the engine fails the step's requests, so their caches are dropped)
-        DecodeBatch(s1, rk, rv).assign(states)
+        DecodeBatch(s1, rk, rv, sk, sv).assign(states)
         if self.exact_groups:  # their heads of o: softmax over each request's cached KV of those heads
             lc = self.lcfg
             kh, qh = self._exact_heads(x.device)
@@ -379,8 +391,11 @@ class DSLAAttention(nn.Module):
         with torch.no_grad():
             if self.cfg.window:  # tokens older than the window into the states, the last W rows kept
                 ws = window_fold(k[None], kv.v[None], self.log_gates(unapply_rope(k, cos, sin))[None],
-                                 self.key_feature, None, window=self.cfg.window, chunk_size=self.cfg.chunk_size)
-                return DSLAState(ws.states[0], T, ring_from_ordered(ws.k[0], T), ring_from_ordered(ws.v[0], T))
+                                 self.key_feature, None, window=self.cfg.window, sinks=self.cfg.sinks,
+                                 chunk_size=self.cfg.chunk_size)
+                sinks = {} if not self.cfg.sinks else {"sink_k": ws.sink_k[0], "sink_v": ws.sink_v[0]}
+                return DSLAState(ws.states[0], T, ring_from_ordered(ws.k[0], T), ring_from_ordered(ws.v[0], T),
+                                 **sinks)
             fk, v1, g = self.key_side(unapply_rope(k, cos, sin), k, kv.v)
             s = dsla_fold(fk[None], v1[None], g[None], None, chunk_size=self.cfg.chunk_size)
         return DSLAState(s[0], length=T)
@@ -414,14 +429,15 @@ def state_mix(mix_logits: Tensor | None, heads: int, group: int, device: torch.d
 def window_decode_layer(q: Tensor, k_raw: Tensor, v: Tensor, cos: Tensor, sin: Tensor, w_fq: Tensor, w_fk: Tensor,
                         w_hist: Tensor, b_hist: Tensor, w_rec: Tensor | None, b_rec: Tensor | None,
                         mix_logits: Tensor | None, window_log_scale: Tensor, states: Tensor, ring_k: Tensor,
-                        ring_v: Tensor, lengths: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+                        ring_v: Tensor, lengths: Tensor, eps: float, sink_k: Tensor | None = None,
+                        sink_v: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """A DSLA layer's decode step between its projections, for R requests, as one pure function
     of tensors (the module's parameters are arguments, so one ``torch.compile`` serves every
     layer): RoPE, the feature maps and gates (``feature_map``, ``log_decays``, ``state_mix``, as
     the module computes them), ``window_decode_math``, the normalisation.
 
     q (R, Hq*D), k_raw / v (R, Hkv*D) straight from q_proj / k_proj / v_proj; cos, sin (R, D);
-    states, rings and lengths as ``window_decode`` takes them (the rings are written in place).
+    states, rings, lengths and sinks as ``window_decode`` takes them (rings and sinks are written in place).
     Returns o (R, Hq*D) in q's dtype, ready for o_proj, and the new states.
     """
     R = q.shape[0]
@@ -444,7 +460,7 @@ def window_decode_layer(q: Tensor, k_raw: Tensor, v: Tensor, cos: Tensor, sin: T
     mix = state_mix(mix_logits, H, G, q.device)
     factor = window_log_scale.float().exp().view(H, G)  # as DSLAAttention.window_factor
     u, st = window_decode_math(qr, k, v.view(R, H, -1), phi(qr, w_fq), log_gates, mix, factor,
-                               lambda t: phi(t, w_fk), states, ring_k, ring_v, lengths)
+                               lambda t: phi(t, w_fk), states, ring_k, ring_v, lengths, sink_k, sink_v)
     V = u.shape[-1] - 1
     o = u[..., :V] / (u[..., V:].float() + eps).to(u.dtype)  # (R, H, G, V)
     return o.reshape(R, -1).to(dt), st
@@ -500,16 +516,19 @@ class DecodeBatch:
     every request's state and window in every DSLA layer; this keeps them stacked while the batch
     stays the same. Identity checks only: cheap next to the copies they save."""
 
-    __slots__ = ("states", "k", "v", "rows")
+    __slots__ = ("states", "k", "v", "sk", "sv", "rows")
 
-    def __init__(self, states: Tensor, k: Tensor, v: Tensor) -> None:
-        self.states, self.k, self.v = states, k, v
-        self.rows = list(zip(states.unbind(0), k.unbind(0), v.unbind(0)))
+    def __init__(self, states: Tensor, k: Tensor, v: Tensor, sk: Tensor | None = None,
+                 sv: Tensor | None = None) -> None:
+        self.states, self.k, self.v, self.sk, self.sv = states, k, v, sk, sv
+        R = states.shape[0]
+        sinks = (sk.unbind(0), sv.unbind(0)) if sk is not None else ((None,) * R, (None,) * R)
+        self.rows = list(zip(states.unbind(0), k.unbind(0), v.unbind(0), *sinks))
 
     def assign(self, states: Sequence[DSLAState]) -> None:
-        """Advance each request by one token, its state and window now this batch's rows."""
+        """Advance each request by one token, its state, window and sinks now this batch's rows."""
         for j, (s, rows) in enumerate(zip(states, self.rows)):
-            s.state, s.window_k, s.window_v = rows
+            s.state, s.window_k, s.window_v, s.sink_k, s.sink_v = rows
             s.length += 1
             s.batch = (self, j)
 
@@ -521,9 +540,9 @@ class DecodeBatch:
             return None
         batch = first[0]
         for j, s in enumerate(states):
-            st, wk, wv = batch.rows[j]
+            st, wk, wv, sk, sv = batch.rows[j]
             if s.batch is None or s.batch[0] is not batch or s.batch[1] != j or s.state is not st \
-                    or s.window_k is not wk or s.window_v is not wv:
+                    or s.window_k is not wk or s.window_v is not wv or s.sink_k is not sk or s.sink_v is not sv:
                 return None
         return batch
 

@@ -20,7 +20,7 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from dsla.config import DSLAConfig, LlamaConfig
-from dsla.model.state import DSLAState, KVState, LayerState, RequestCache, append_one_token
+from dsla.model.state import DSLAState, KVBatch, KVState, LayerState, RequestCache, append_one_token
 from dsla.ops.attention import causal_attention
 from dsla.ops.rope import rope_cos_sin, rope_inv_freq, rope_tables, rotate
 
@@ -109,26 +109,52 @@ class LlamaAttention(nn.Module):
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, states: Sequence[KVState]) -> Tensor:
     """One decode step of R requests: append each request's new key and value to its KVState
-    (one copy call for all) and attend over its whole cache in place (no KV is copied).
+    (one copy call for all), then attend over each request's cache in place.
 
-    q: (Hq, R, D) after RoPE; k, v: (Hkv, R, D). Returns (R, Hq*D). Caches of different lengths
-    cannot share one SDPA call without copying them into a padded batch (measured slower at 512
-    tokens), so each request still gets one SDPA call, on views built once per cache.
+    q: (Hq, R, D) after RoPE; k, v: (Hkv, R, D). Returns (R, Hq*D). Requests whose caches have one
+    capacity share one SDPA call over their ``KVBatch`` (their buffers are rows of one tensor;
+    lengths masked): at batch 8 and 512 tokens one call took 199 us against 315 us for eight.
+    A request alone in its capacity gets its own call, on views of its cache.
     """
     Hq, R, D = q.shape
     Hkv = k.shape[0]
     append_one_token(states, torch.stack([k, v]))  # (2, Hkv, R, D)
-    if q.dtype == torch.float32:  # enable_gqa is fine in fp32 and splits over 9 heads, not 3
-        qs = q.transpose(0, 1)[:, None, :, None].unbind(0)  # R x (1, Hq, 1, D)
-        gqa = True
+    gqa = q.dtype == torch.float32  # enable_gqa is fine in fp32 and splits over 9 heads, not 3
+    if gqa:
+        qb = q.transpose(0, 1)[:, :, None]  # (R, Hq, 1, D)
     else:
         # A group's G query heads become G "queries" of their KV head, so SDPA runs on the KV heads
         # directly. On CPU, enable_gqa in bf16/fp16 falls back to a path ~6x slower.
-        qs = q.view(Hkv, Hq // Hkv, R, D).permute(2, 0, 1, 3)[:, None].unbind(0)  # R x (1, Hkv, G, D)
-        gqa = False
-    outs = [F.scaled_dot_product_attention(qr, *s.batch_views(), enable_gqa=gqa) for qr, s in zip(qs, states)]
-    o = torch.cat(outs) if R > 1 else outs[0]
+        qb = q.view(Hkv, Hq // Hkv, R, D).permute(2, 0, 1, 3)  # (R, Hkv, G, D)
+    by_capacity: dict[int, list[int]] = {}
+    for r, s in enumerate(states):
+        by_capacity.setdefault(s.capacity, []).append(r)
+    if len(by_capacity) == 1 and R > 1:
+        o = _attend_kv_batch(qb, states, gqa)
+    else:
+        outs: list[Tensor | None] = [None] * R
+        for rows in by_capacity.values():
+            if len(rows) == 1:
+                r = rows[0]
+                outs[r] = F.scaled_dot_product_attention(qb[r: r + 1], *states[r].batch_views(), enable_gqa=gqa)
+            else:
+                o = _attend_kv_batch(qb[rows], [states[r] for r in rows], gqa)
+                for j, r in enumerate(rows):
+                    outs[r] = o[j: j + 1]
+        o = torch.cat(outs) if R > 1 else outs[0]
     return o.reshape(R, Hq * D)  # (R, Hkv, G, D) or (R, Hq, 1, D): head-major either way
+
+
+def _attend_kv_batch(qb: Tensor, states: Sequence[KVState], gqa: bool) -> Tensor:
+    """One SDPA call for requests of one capacity: their ``KVBatch`` up to the longest length,
+    the shorter ones' rows past their length masked. qb (R, heads, queries, D)."""
+    kv = KVBatch.of(states).kv
+    lengths = [s.length for s in states]
+    L = max(lengths)
+    mask = None
+    if min(lengths) != L:
+        mask = (torch.arange(L, device=qb.device)[None] < torch.tensor(lengths, device=qb.device)[:, None])[:, None, None]
+    return F.scaled_dot_product_attention(qb, kv[0, :, :, :L], kv[1, :, :, :L], attn_mask=mask, enable_gqa=gqa)
 
 
 class LlamaMLP(nn.Module):
@@ -244,6 +270,7 @@ class HybridLM(nn.Module):
         if str(i) not in self.dsla:
             raise ValueError(f"layer {i} has no DSLA module: add or load one before converting it")
         new = self.dsla[str(i)].fold(s, self.inv_freq)
+        s.leave_batch()  # the other requests' rows of its KVBatch move out, so its row is freed with it
         cache.layers[i] = new
         return s.nbytes - new.nbytes
 

@@ -8,6 +8,7 @@ request can run some layers as attention and others as DSLA.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -28,11 +29,14 @@ class KVState:
 
     def __init__(self, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device | str = "cpu", capacity: int = 64) -> None:
-        self._set_buffer(torch.empty(2, num_kv_heads, capacity, head_dim, dtype=dtype, device=device))
+        # zeros, not empty: a KVBatch's SDPA call reads rows past a request's length (masked, but
+        # a NaN left in uninitialised memory would still reach the output through the mask)
+        self._set_buffer(torch.zeros(2, num_kv_heads, capacity, head_dim, dtype=dtype, device=device))
         self.length = 0
 
-    def _set_buffer(self, kv: Tensor) -> None:
+    def _set_buffer(self, kv: Tensor, batch: tuple[KVBatch, int] | None = None) -> None:
         self._kv = kv  # (2, H, capacity, D): K then V
+        self.batch = batch  # (KVBatch, row) when the buffer is that batch's row (see KVBatch)
         self._k, self._v = kv.unbind(0)  # (H, capacity, D) views
         # (1, H, capacity, D) views: a request's keys and values as a batch of one, built once
         # so a decode step only narrows them (per-request work is the decode path's overhead)
@@ -54,8 +58,9 @@ class KVState:
         """Make room for ``needed`` tokens (growing by ``grown_capacity``: one copy of the prefix)."""
         cap = grown_capacity(self.capacity, needed)
         if cap != self.capacity:
-            kv = self._kv.new_empty(2, self._kv.shape[1], cap, self._kv.shape[3])
+            kv = self._kv.new_zeros(2, self._kv.shape[1], cap, self._kv.shape[3])  # zeros: see __init__
             kv[:, :, : self.length] = self._kv[:, :, : self.length]
+            self.leave_batch()  # its old row must not stay alive behind the other members
             self._set_buffer(kv)
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -76,11 +81,58 @@ class KVState:
         """Bytes held (allocated capacity, which is what the memory budget must count)."""
         return self._kv.numel() * self._kv.element_size()
 
+    def leave_batch(self) -> None:
+        """Before this state is dropped: the other members of its ``KVBatch`` get their own
+        buffers, so its row (and the batch's tensor) is really freed with it."""
+        if self.batch is not None:
+            batch, self.batch = self.batch[0], None
+            batch.dissolve()
+
     def clone(self) -> KVState:
         """An independent copy of the same capacity."""
         c = KVState(self._kv.shape[1], self._kv.shape[3], self._kv.dtype, self._kv.device, self.capacity)
         c.append(self.k, self.v)
         return c
+
+
+class KVBatch:
+    """The KV buffers of R requests of equal capacity stacked into one (2, R, H, capacity, D)
+    tensor, each request's buffer a view of its row: a decode step attends over all R with one
+    SDPA call (lengths masked) instead of one call per request, with no copy while the same
+    requests decode together. Built by one copy when they change; a request whose cache grows
+    (``KVState.reserve``) gets its own buffer again and leaves the batch. Memory is unchanged:
+    each row is exactly the buffer it replaces (hence equal capacities only), and when a new
+    batch replaces one, the old one's other members get their own buffers, so no stale rows stay
+    alive behind a single member's view."""
+
+    __slots__ = ("kv", "members")
+
+    def __init__(self, states: Sequence[KVState]) -> None:
+        olds = {id(s.batch[0]): s.batch[0] for s in states if s.batch is not None}
+        self.kv = torch.stack([s._kv for s in states], dim=1)  # (2, R, H, capacity, D)
+        self.members = [weakref.ref(s) for s in states]
+        for r, s in enumerate(states):
+            s._set_buffer(self.kv[:, r], (self, r))
+        for old in olds.values():  # members left behind: their own copy, and the old tensor is freed
+            old.dissolve()
+
+    def dissolve(self) -> None:
+        """Every member still in this batch gets its own buffer (a copy of its row), so the
+        batch's tensor is freed once the caller drops the member it is removing."""
+        for ref in self.members:
+            m = ref()
+            if m is not None and m.batch is not None and m.batch[0] is self:
+                m._set_buffer(m._kv.clone())
+
+    @staticmethod
+    def of(states: Sequence[KVState]) -> KVBatch:
+        """The batch whose rows these states are, in this order; a new one (one copy) if there
+        is none. The states must share one capacity."""
+        first = states[0].batch
+        if first is not None and len(first[0].members) == len(states) and \
+                all(s.batch is not None and s.batch[0] is first[0] and s.batch[1] == r for r, s in enumerate(states)):
+            return first[0]
+        return KVBatch(states)
 
 
 def append_one_token(states: Sequence[KVState], kv: Tensor) -> None:
@@ -105,7 +157,9 @@ class DSLAState:
     (after RoPE) and values of the last min(W, length) tokens as a ring buffer: token i at row
     i mod W, rows not yet written zero (so a decode step writes one row, in place, over the token
     that leaves). Allocated at W rows up front, so the size never depends on T. ``ordered_window``
-    gives them oldest first, right-aligned (the ``dsla.ops.window.WindowState`` layout).
+    gives them oldest first, right-aligned (the ``dsla.ops.window.WindowState`` layout). With
+    attention sinks (``DSLAConfig.sinks`` = S), ``sink_k`` / ``sink_v`` (H, S, D) hold the first S
+    tokens (row j is token j; zero until seen), also allocated up front.
     """
 
     state: Tensor
@@ -118,6 +172,8 @@ class DSLAState:
     # keys and values of the layer's exact KV groups (``DSLAAttention.exact_groups``), every token:
     # a KV cache of those heads only, growing with the length as an attention layer's does
     exact: KVState | None = None
+    sink_k: Tensor | None = None  # (H, S, D) keys after RoPE of the first S tokens; None without sinks
+    sink_v: Tensor | None = None  # (H, S, D) their values
 
     def __post_init__(self) -> None:
         if self.state.dtype != torch.float32:
@@ -128,6 +184,8 @@ class DSLAState:
         if wk is not None and (wk.dim() != 3 or wv.dim() != 3 or wk.shape[:2] != wv.shape[:2]):
             raise ValueError(f"window_k and window_v must be (H, W, D) alike, got {tuple(self.window_k.shape)} "
                              f"and {tuple(self.window_v.shape)}")
+        if (self.sink_k is None) != (self.sink_v is None) or (self.sink_k is not None and wk is None):
+            raise ValueError("sink_k and sink_v go together, and only with a window")
 
     @property
     def window(self) -> int:
@@ -154,7 +212,10 @@ class DSLAState:
         """An independent copy (for forking a request's cache)."""
         wk = None if self.window_k is None else self.window_k.clone()
         wv = None if self.window_v is None else self.window_v.clone()
-        return DSLAState(self.state.clone(), self.length, wk, wv, exact=None if self.exact is None else self.exact.clone())
+        sk = None if self.sink_k is None else self.sink_k.clone()
+        sv = None if self.sink_v is None else self.sink_v.clone()
+        return DSLAState(self.state.clone(), self.length, wk, wv, exact=None if self.exact is None else self.exact.clone(),
+                         sink_k=sk, sink_v=sv)
 
     @property
     def nbytes(self) -> int:
@@ -163,9 +224,9 @@ class DSLAState:
 
     @property
     def fixed_nbytes(self) -> int:
-        """Bytes that do not depend on the length: the states and the window's rows."""
-        return sum(t.numel() * t.element_size() for t in (self.state, self.window_k, self.window_v)
-                   if t is not None)
+        """Bytes that do not depend on the length: the states, the window's and the sinks' rows."""
+        return sum(t.numel() * t.element_size()
+                   for t in (self.state, self.window_k, self.window_v, self.sink_k, self.sink_v) if t is not None)
 
 
 LayerState = KVState | DSLAState
@@ -181,6 +242,16 @@ class RequestCache:
     @property
     def nbytes(self) -> int:
         return sum(s.nbytes for s in self.layers)
+
+    def release(self) -> None:
+        """Before the cache is dropped: leave every ``KVBatch`` (see ``KVState.leave_batch``) and
+        hold no batch's tensor any more, so a reference to this cache that outlives it (a
+        traceback, a step's list) pins nothing beyond its own rows' bytes."""
+        for s in self.layers:
+            kv = s if isinstance(s, KVState) else s.exact
+            if kv is not None and kv.batch is not None:
+                kv.leave_batch()
+                kv._set_buffer(kv._kv.clone())
 
     def dsla_layers(self) -> list[int]:
         return [i for i, s in enumerate(self.layers) if isinstance(s, DSLAState)]

@@ -11,6 +11,12 @@ dsla/ops/dsla.py, plus D the head dim of q and k):
     combined      u[t] = u_lin[t] + f · [Σ_j w_tj v_j, Σ_j w_tj]
                   o[t] = u[t, :V] / (u[t, V] + eps)                      (the caller divides)
 
+Attention sinks (``sinks`` = S ≥ 0, keyword of every form): the first S tokens of a sequence
+never enter the states. Once token j < S has left the window it stays exact, a key every later
+query scores alongside the window's (same m_t, same f): the exact part's keys are then
+(t-W, t] ∪ {j < S : j ≤ t-W}. Softmax models put much of their attention on the first token;
+without this, that mass would be folded into decaying states once the token left the window.
+
 The decays g[t] come from the current token t, as without a window; so the linear part is exactly
 ``dsla_*`` run over φ(k), [v, 1] shifted right by W (zero rows where nothing enters: a zero key
 adds nothing) with unshifted queries and gates, and the forms below reuse those functions. m_t is
@@ -30,6 +36,7 @@ window, ...) -> (u, state)`` (the fold, like ``dsla_fold``, takes no queries and
                the states; a function so the same keys serve the window and, W tokens later, φ)
     state      ``WindowState`` or None (zero states, empty window)
     window     W ≥ 1
+    sinks      S ≥ 0 (default 0); with S > 0 the state carries the sink rows and the token count
     returns u  (B, H, G, T, V+1) in fq.dtype and the final ``WindowState``
 
 - ``window_reference``: a per-step loop over t with a list of the last W (k, v) rows; the definition.
@@ -74,14 +81,21 @@ class WindowState(NamedTuple):
     k: Tensor  # (B, H, W, D) keys after RoPE
     v: Tensor  # (B, H, W, V)
     count: Tensor  # (B,) int64, valid rows, ≤ W
+    # with attention sinks only (None without): the first ``sinks`` tokens' keys and values (row j
+    # is token j; rows of tokens not yet seen are zeros) and the tokens seen, of which count = min(seen, W)
+    sink_k: Tensor | None = None  # (B, H, sinks, D)
+    sink_v: Tensor | None = None  # (B, H, sinks, V)
+    seen: Tensor | None = None  # (B,) int64
 
 
 def _check(q: Tensor | None, k: Tensor, v: Tensor, fq: Tensor | None, log_gates: Tensor,
-           state: WindowState | None, window: int) -> tuple[int, ...]:
+           state: WindowState | None, window: int, sinks: int = 0) -> tuple[int, ...]:
     """Validate what dsla's own checks do not see; return (B, H, T, D, V, W)."""
     if int(window) < 1:
         raise ValueError(f"window must be a positive number of tokens, got {window}; "
                          "window 0 is plain DSLA (dsla.ops.dsla)")
+    if int(sinks) < 0:
+        raise ValueError(f"sinks must be a number of tokens >= 0, got {sinks}")
     if k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3]:
         raise ValueError(f"k must be (B, H, T, D) and v (B, H, T, V) alike, got shapes "
                          f"{tuple(k.shape)} and {tuple(v.shape)}")
@@ -98,7 +112,12 @@ def _check(q: Tensor | None, k: Tensor, v: Tensor, fq: Tensor | None, log_gates:
         raise ValueError(f"log_gates must be (B, H, S, T, K) with T = {T}, got shape {tuple(log_gates.shape)}")
     if state is not None:
         want = {"k": (B, H, W, D), "v": (B, H, W, V), "count": (B,)}
+        if sinks:
+            want |= {"sink_k": (B, H, sinks, D), "sink_v": (B, H, sinks, V), "seen": (B,)}
         for name, shape in want.items():
+            if getattr(state, name) is None:
+                raise ValueError(f"state.{name} is missing: a state for {sinks} attention sinks carries "
+                                 "sink_k, sink_v and seen")
             got = tuple(getattr(state, name).shape)
             if got != shape:
                 raise ValueError(f"state.{name} must be {shape} for window {W}, got {got}")
@@ -106,15 +125,53 @@ def _check(q: Tensor | None, k: Tensor, v: Tensor, fq: Tensor | None, log_gates:
 
 
 def _initial(state: WindowState | None, k: Tensor, v: Tensor, log_gates: Tensor, W: int,
-             acc: torch.dtype) -> WindowState:
+             acc: torch.dtype, sinks: int = 0) -> WindowState:
     B, H, _, D = k.shape
+    V = v.shape[3]
     if state is None:
-        S, K, V = log_gates.shape[2], log_gates.shape[4], v.shape[3]
+        S, K = log_gates.shape[2], log_gates.shape[4]
+        extra = ()
+        if sinks:
+            extra = (k.new_zeros(B, H, sinks, D), v.new_zeros(B, H, sinks, V),
+                     torch.zeros(B, dtype=torch.long, device=k.device))
         return WindowState(torch.zeros(B, H, S, K, V + 1, dtype=acc, device=k.device),
                            k.new_zeros(B, H, W, D), v.new_zeros(B, H, W, V),
-                           torch.zeros(B, dtype=torch.long, device=k.device))
+                           torch.zeros(B, dtype=torch.long, device=k.device), *extra)
+    extra = ()
+    if sinks:
+        extra = (state.sink_k.to(k.dtype), state.sink_v.to(v.dtype),
+                 state.seen.to(device=k.device, dtype=torch.long))
     return WindowState(state.states.to(acc), state.k.to(k.dtype), state.v.to(v.dtype),
-                       state.count.to(device=k.device, dtype=torch.long))
+                       state.count.to(device=k.device, dtype=torch.long), *extra)
+
+
+def _sink_rows(st: WindowState, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """The sink rows after the T new tokens: row j takes new token j - seen when 0 ≤ j - seen < T."""
+    sk, sv, seen = st.sink_k, st.sink_v, st.seen
+    B, T = k.shape[0], k.shape[2]
+    if T == 0:
+        return sk.clone(), sv.clone()
+    b = torch.arange(B, device=k.device)
+    ks, vs = [], []
+    for j in range(sk.shape[2]):
+        i = j - seen  # (B,) the new token that is sink j
+        take = ((i >= 0) & (i < T))[:, None, None]
+        ic = i.clamp(0, T - 1)
+        ks.append(torch.where(take, k[b, :, ic], sk[:, :, j]))
+        vs.append(torch.where(take, v[b, :, ic], sv[:, :, j]))
+    return torch.stack(ks, dim=2), torch.stack(vs, dim=2)
+
+
+def _not_sinks(st: WindowState, T: int, sinks: int) -> Tensor:
+    """(B, T): False where the row entering the states at new token t is a sink (token seen - W + t < S)."""
+    W = st.k.shape[2]
+    return st.seen[:, None] - W + torch.arange(T, device=st.seen.device)[None] >= sinks
+
+
+def _sinks_visible(seen: Tensor, T: int, W: int, sinks: int) -> Tensor:
+    """(B, T, S): whether new token t (token seen + t) scores sink j: j has left its window, j ≤ seen + t - W."""
+    t = seen[:, None, None] + torch.arange(T, device=seen.device)[None, :, None]
+    return torch.arange(sinks, device=seen.device)[None, None] <= t - W
 
 
 def _concat(st: WindowState, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -129,21 +186,26 @@ def _concat(st: WindowState, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tens
 
 
 def _entering(kc: Tensor, vc: Tensor, valid: Tensor, T: int, feature: Feature,
-              acc: torch.dtype) -> tuple[Tensor, Tensor]:
+              acc: torch.dtype, keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """φ(k) and [v, 1] of the rows that enter the states during the T new tokens: row i of the
-    concatenation enters at new token i (it is W tokens older). Zero where no token enters."""
-    m = valid[:, None, :T, None]  # (B, 1, T, 1)
+    concatenation enters at new token i (it is W tokens older). Zero where no token enters;
+    ``keep`` (B, T), if given, also zeroes the rows it marks False (sinks)."""
+    m = valid[:, :T] if keep is None else valid[:, :T] & keep
+    m = m[:, None, :, None]  # (B, 1, T, 1)
     fk = torch.where(m, feature(kc[:, :, :T]).to(acc), 0)  # (B, H, T, K)
     v = vc[:, :, :T].to(acc)
     v1 = torch.where(m, torch.cat([v, torch.ones_like(v[..., :1])], dim=-1), 0)  # (B, H, T, V+1)
     return fk, v1
 
 
-def _next_window(kc: Tensor, vc: Tensor, st: WindowState, T: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The last W rows (copies: a view would keep the whole concatenation alive) and their count."""
+def _next_window(kc: Tensor, vc: Tensor, st: WindowState, T: int,
+                 sinks: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, ...]:
+    """The last W rows (copies: a view would keep the whole concatenation alive) and their count;
+    with sinks, then the new sink rows and the tokens seen."""
     W = st.k.shape[2]
-    return (kc[:, :, -W:].clone(memory_format=torch.contiguous_format),
-            vc[:, :, -W:].clone(memory_format=torch.contiguous_format), (st.count + T).clamp(max=W))
+    out = (kc[:, :, -W:].clone(memory_format=torch.contiguous_format),
+           vc[:, :, -W:].clone(memory_format=torch.contiguous_format), (st.count + T).clamp(max=W))
+    return out if sinks is None else (*out, *sinks, st.seen + T)
 
 
 def _combine(u_lin: Tensor, num: Tensor, den: Tensor, factor: Tensor) -> Tensor:
@@ -154,31 +216,39 @@ def _combine(u_lin: Tensor, num: Tensor, den: Tensor, factor: Tensor) -> Tensor:
 
 def window_reference(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, log_gates: Tensor, mix: Tensor,
                      factor: Tensor, feature: Feature, state: WindowState | None = None, *,
-                     window: int) -> tuple[Tensor, WindowState]:
+                     window: int, sinks: int = 0) -> tuple[Tensor, WindowState]:
     """Token by token, per sequence: a list of the last W rows; the oldest leaves and enters the
-    states (one dsla_reference step). Slow; the definition the other forms match."""
-    B, H, T, D, V, W = _check(q, k, v, fq, log_gates, state, window)
+    states (one dsla_reference step), unless it is one of the first ``sinks`` tokens: those stay
+    in a list of exact rows. Slow; the definition the other forms match."""
+    B, H, T, D, V, W = _check(q, k, v, fq, log_gates, state, window, sinks)
     acc = _acc_dtype(fq)
-    st = _initial(state, k, v, log_gates, W, acc)
+    st = _initial(state, k, v, log_gates, W, acc, sinks)
     G = q.shape[2]
-    us, finals, ks, vs = [], [], [], []
+    us, finals, ks, vs, sks, svs = [], [], [], [], [], []
     for b in range(B):
         n = int(st.count[b])
+        seen = int(st.seen[b]) if sinks else 0
         rows = [(st.k[b, :, i], st.v[b, :, i]) for i in range(W - n, W)]  # (H, D), (H, V) each
+        sink = {j: (st.sink_k[b, :, j], st.sink_v[b, :, j]) for j in range(min(sinks, seen))}
         s = st.states[b:b + 1]  # (1, H, S, K, V+1)
         ub = []
         for t in range(T):
+            p = seen + t  # this token's position in its sequence
             rows.append((k[b, :, t], v[b, :, t]))
+            if p < sinks:
+                sink[p] = (k[b, :, t], v[b, :, t])
             fk = fq.new_zeros(1, H, 1, fq.shape[-1], dtype=acc)
             v1 = fq.new_zeros(1, H, 1, V + 1, dtype=acc)
-            if len(rows) > W:  # token t - W leaves the window and enters the states
+            if len(rows) > W:  # token p - W leaves the window and enters the states (a sink: stays exact)
                 ke, ve = rows.pop(0)
-                fk = feature(ke[None, :, None]).to(acc)  # (1, H, 1, K)
-                v1 = torch.cat([ve.to(acc), ve.new_ones(H, 1, dtype=acc)], dim=-1)[None, :, None]
+                if not sinks or p - W >= sinks:
+                    fk = feature(ke[None, :, None]).to(acc)  # (1, H, 1, K)
+                    v1 = torch.cat([ve.to(acc), ve.new_ones(H, 1, dtype=acc)], dim=-1)[None, :, None]
             u_lin, s = dsla_reference(fq[b:b + 1, :, :, t:t + 1].to(acc), fk, v1,
                                       log_gates[b:b + 1, :, :, t:t + 1], mix, s)  # (1, H, G, 1, V+1)
-            kw = torch.stack([r[0] for r in rows], dim=1).to(acc)  # (H, n, D)
-            vw = torch.stack([r[1] for r in rows], dim=1).to(acc)  # (H, n, V)
+            exact = rows + [sink[j] for j in sorted(sink) if j <= p - W]  # the window, then sinks outside it
+            kw = torch.stack([r[0] for r in exact], dim=1).to(acc)  # (H, n, D)
+            vw = torch.stack([r[1] for r in exact], dim=1).to(acc)  # (H, n, V)
             sc = q[b, :, :, t].to(acc) @ kw.mT / math.sqrt(D)  # (H, G, n)
             w = (sc - sc.amax(-1, keepdim=True)).exp()
             ub.append(_combine(u_lin, (w @ vw)[None, :, :, None], w.sum(-1)[None, :, :, None, None], factor))
@@ -190,21 +260,30 @@ def window_reference(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, log_gates: Ten
             vb[:, W - len(rows):] = torch.stack([r[1] for r in rows], dim=1)
         ks.append(kb)
         vs.append(vb)
+        if sinks:
+            skb, svb = st.sink_k.new_zeros(H, sinks, D), st.sink_v.new_zeros(H, sinks, V)
+            for j, (kj, vj) in sink.items():
+                skb[:, j], svb[:, j] = kj, vj
+            sks.append(skb)
+            svs.append(svb)
     u = torch.cat(us).to(fq.dtype)
-    return u, WindowState(torch.cat(finals), torch.stack(ks), torch.stack(vs), (st.count + T).clamp(max=W))
+    extra = (torch.stack(sks), torch.stack(svs), st.seen + T) if sinks else ()
+    return u, WindowState(torch.cat(finals), torch.stack(ks), torch.stack(vs), (st.count + T).clamp(max=W), *extra)
 
 
 _QUERY_BLOCK = 16  # queries per block of the banded exact part: each block computes W + Q scores
 #                   per query, W + 1 of them in the band; on CPU 16 beat 64 (about 2x) and 8 at W = 64
 
 
-def _band(q: Tensor, kc: Tensor, vc: Tensor, valid: Tensor, W: int) -> tuple[Tensor, Tensor]:
+def _band(q: Tensor, kc: Tensor, vc: Tensor, valid: Tensor, W: int,
+          sink: tuple[Tensor, Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """Exact part for T new queries over the concatenation kc (W window rows, then the T new).
 
     Queries in blocks of Q = min(T, _QUERY_BLOCK); block n's keys are concatenation rows
     nQ .. nQ+W+Q-1 (the W before the block and its own Q). Query a of a block sees key c of its
-    keys iff a < c ≤ W + a (the band) and the key row is a token. Returns num (B, H, G, T, V)
-    and den (B, H, G, T, 1), computed in q's dtype.
+    keys iff a < c ≤ W + a (the band) and the key row is a token. ``sink``: (sink_k (B, H, S, D),
+    sink_v (B, H, S, V), visible (B, T, S)), extra keys each query sees where visible. Returns
+    num (B, H, G, T, V) and den (B, H, G, T, 1), computed in q's dtype.
     """
     B, H, G, T, D = q.shape
     V = vc.shape[3]
@@ -225,75 +304,99 @@ def _band(q: Tensor, kc: Tensor, vc: Tensor, valid: Tensor, W: int) -> tuple[Ten
     c = torch.arange(W + Q, device=q.device)[None]
     band = (c > a) & (c <= a + W)  # (Q, W+Q)
     off = ~(band & valid.unfold(1, W + Q, Q)[:, None, :, None, None, :])  # (B, 1, nb, 1, Q, W+Q)
-    if torch.is_grad_enabled() and s.requires_grad:
-        s = s.masked_fill(off, float("-inf"))
-        w = (s - s.amax(-1, keepdim=True)).exp()  # (B, H, nb, G, Q, W+Q)
-    else:  # without autograd in place: the scores are the biggest temporary
-        s.masked_fill_(off, float("-inf"))
-        w = s.sub_(s.amax(-1, keepdim=True)).exp_()
+    ss = None
+    if sink is not None:  # sink scores (B, H, nb, G, Q, S): more keys of the same softmax
+        sk, sv, vis = sink
+        S = sk.shape[2]
+        if pad:
+            vis = torch.cat([vis, vis.new_zeros(B, pad, S)], dim=1)
+        ss = (qb @ sk.to(qb.dtype).mT[:, :, None]).view(B, H, nb, G, Q, S)
+        ss = ss.masked_fill(~vis.view(B, 1, nb, 1, Q, S), float("-inf"))
+    grad = torch.is_grad_enabled() and s.requires_grad
+    s = s.masked_fill(off, float("-inf")) if grad else s.masked_fill_(off, float("-inf"))
+    m = s.amax(-1, keepdim=True)  # finite: the diagonal is in the band
+    if ss is not None:
+        m = torch.maximum(m, ss.amax(-1, keepdim=True))
+    # without autograd in place: the scores are the biggest temporary
+    w = (s - m).exp() if grad else s.sub_(m).exp_()  # (B, H, nb, G, Q, W+Q)
     num = (w.view(B, H, nb, G * Q, W + Q) @ vb).view(B, H, nb, G, Q, V)
+    den = w.sum(-1)
+    if ss is not None:
+        ws = (ss - m).exp()
+        num = num + (ws.view(B, H, nb, G * Q, S) @ sv.to(vb.dtype)[:, :, None]).view(B, H, nb, G, Q, V)
+        den = den + ws.sum(-1)
     num = num.transpose(2, 3).reshape(B, H, G, P, V)[:, :, :, :T]
-    den = w.sum(-1).transpose(2, 3).reshape(B, H, G, P, 1)[:, :, :, :T]
+    den = den.transpose(2, 3).reshape(B, H, G, P, 1)[:, :, :, :T]
     return num, den
 
 
 def window_chunked(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, log_gates: Tensor, mix: Tensor,
                    factor: Tensor, feature: Feature, state: WindowState | None = None, *,
-                   window: int, chunk_size: int = 64) -> tuple[Tensor, WindowState]:
+                   window: int, sinks: int = 0, chunk_size: int = 64) -> tuple[Tensor, WindowState]:
     """Prefill / training form; equals window_reference. Any T ≥ 0; continues from ``state``
     (its window rows go in front of the new tokens). Differentiable through plain torch ops."""
-    *_, T, _, _, W = _check(q, k, v, fq, log_gates, state, window)
+    *_, T, _, _, W = _check(q, k, v, fq, log_gates, state, window, sinks)
     acc = _acc_dtype(fq)
-    st = _initial(state, k, v, log_gates, W, acc)
+    st = _initial(state, k, v, log_gates, W, acc, sinks)
     kc, vc, valid = _concat(st, k, v)
-    fk, v1 = _entering(kc, vc, valid, T, feature, acc)
+    fk, v1 = _entering(kc, vc, valid, T, feature, acc, _not_sinks(st, T, sinks) if sinks else None)
     u_lin, states = dsla_chunked(fq.to(acc), fk, v1, log_gates, mix, st.states, chunk_size=chunk_size)
+    new_sinks = _sink_rows(st, k, v) if sinks else None
     if T:
-        u = _combine(u_lin, *_band(q.to(acc), kc.to(acc), vc.to(acc), valid, W), factor)
+        sink = None if not sinks else (*new_sinks, _sinks_visible(st.seen, T, W, sinks))
+        u = _combine(u_lin, *_band(q.to(acc), kc.to(acc), vc.to(acc), valid, W, sink), factor)
     else:
         u = u_lin
-    return u.to(fq.dtype), WindowState(states, *_next_window(kc, vc, st, T))
+    return u.to(fq.dtype), WindowState(states, *_next_window(kc, vc, st, T, new_sinks))
 
 
 def window_step(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, log_gates: Tensor, mix: Tensor,
                 factor: Tensor, feature: Feature, state: WindowState | None = None, *,
-                window: int) -> tuple[Tensor, WindowState]:
+                window: int, sinks: int = 0) -> tuple[Tensor, WindowState]:
     """One decode step (T must be 1), batched over B sequences whose windows may hold different
     numbers of rows."""
-    *_, T, D, _, W = _check(q, k, v, fq, log_gates, state, window)
+    *_, T, D, _, W = _check(q, k, v, fq, log_gates, state, window, sinks)
     if T != 1:
         raise ValueError(f"window_step takes exactly one token, got T = {T}; use window_chunked for T > 1")
     acc = _acc_dtype(fq)
-    st = _initial(state, k, v, log_gates, W, acc)
+    st = _initial(state, k, v, log_gates, W, acc, sinks)
     kc, vc, valid = _concat(st, k, v)  # (B, H, W+1, ·): row 0 leaves the window, rows 1..W are it
-    fk, v1 = _entering(kc, vc, valid, 1, feature, acc)
+    fk, v1 = _entering(kc, vc, valid, 1, feature, acc, _not_sinks(st, 1, sinks) if sinks else None)
     u_lin, states = dsla_step(fq.to(acc), fk, v1, log_gates, mix, st.states)  # (B, H, G, 1, V+1)
-    s = (q[:, :, :, 0].to(acc) / math.sqrt(D)) @ kc[:, :, 1:].to(acc).mT  # (B, H, G, W)
-    s = s.masked_fill(~valid[:, None, None, 1:], float("-inf"))
+    keys, vals, ok = kc[:, :, 1:], vc[:, :, 1:], valid[:, 1:]
+    new_sinks = None
+    if sinks:  # the sinks outside the window are more keys of the same softmax
+        new_sinks = _sink_rows(st, k, v)
+        keys, vals = torch.cat([keys, new_sinks[0]], dim=2), torch.cat([vals, new_sinks[1]], dim=2)
+        ok = torch.cat([ok, _sinks_visible(st.seen, 1, W, sinks)[:, 0]], dim=1)
+    s = (q[:, :, :, 0].to(acc) / math.sqrt(D)) @ keys.to(acc).mT  # (B, H, G, W[+S])
+    s = s.masked_fill(~ok[:, None, None], float("-inf"))
     w = (s - s.amax(-1, keepdim=True)).exp()
-    num = (w @ vc[:, :, 1:].to(acc))[:, :, :, None]  # (B, H, G, 1, V)
+    num = (w @ vals.to(acc))[:, :, :, None]  # (B, H, G, 1, V)
     u = _combine(u_lin, num, w.sum(-1)[..., None, None], factor)
-    return u.to(fq.dtype), WindowState(states, *_next_window(kc, vc, st, 1))
+    return u.to(fq.dtype), WindowState(states, *_next_window(kc, vc, st, 1, new_sinks))
 
 
 def window_fold(k: Tensor, v: Tensor, log_gates: Tensor, feature: Feature,
-                state: WindowState | None = None, *, window: int, chunk_size: int = 64) -> WindowState:
+                state: WindowState | None = None, *, window: int, sinks: int = 0,
+                chunk_size: int = 64) -> WindowState:
     """The ``WindowState`` a prefill over (k, v) would leave behind (KV cache → state): the rows
-    older than the window folded into the states, the last min(W, count + T) rows kept.
+    older than the window folded into the states (but the first ``sinks`` tokens, kept), the last
+    min(W, count + T) rows kept.
 
     Raises ValueError when a result is not finite: a NaN must never be saved in a state.
     """
-    *_, T, _, _, W = _check(None, k, v, None, log_gates, state, window)
+    *_, T, _, _, W = _check(None, k, v, None, log_gates, state, window, sinks)
     acc = _acc_dtype(log_gates)
-    st = _initial(state, k, v, log_gates, W, acc)
+    st = _initial(state, k, v, log_gates, W, acc, sinks)
     kc, vc, valid = _concat(st, k, v)
-    fk, v1 = _entering(kc, vc, valid, T, feature, acc)
+    fk, v1 = _entering(kc, vc, valid, T, feature, acc, _not_sinks(st, T, sinks) if sinks else None)
     states = dsla_fold(fk, v1, log_gates, st.states, chunk_size=chunk_size)
-    wk, wv, count = _next_window(kc, vc, st, T)
-    if not (torch.isfinite(wk).all() and torch.isfinite(wv).all()):
+    out = _next_window(kc, vc, st, T, _sink_rows(st, k, v) if sinks else None)
+    if not all(torch.isfinite(t).all() for t in out[:2] + out[3:5]):
         raise ValueError("window_fold produced non-finite window rows; non-finite input(s): k or v "
-                         "(the last tokens of the cache)")
-    return WindowState(states, wk, wv, count)
+                         "(the first or last tokens of the cache)")
+    return WindowState(states, *out)
 
 
 # ---- ring-buffer windows (the serving engine's layout) ----------------------------------------
@@ -312,7 +415,8 @@ def ordered_from_ring(rows: Tensor, length: int) -> Tensor:
 
 def window_decode(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, log_gates: Tensor, mix: Tensor,
                   factor: Tensor, feature: Feature, states: Tensor, ring_k: Tensor, ring_v: Tensor,
-                  lengths: Tensor) -> tuple[Tensor, Tensor]:
+                  lengths: Tensor, sink_k: Tensor | None = None,
+                  sink_v: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """One decode step of R sequences on ring-buffer windows; equals ``window_step``.
 
     q (R, H, G, D) after RoPE; k (R, H, D) after RoPE; v (R, H, V); fq (R, H, G, K);
@@ -320,6 +424,8 @@ def window_decode(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, log_gates: Tensor
     ring_k (R, H, W, D), ring_v (R, H, W, V): the windows, token i at row i mod W; lengths (R,)
     int64: tokens each sequence has seen before this one. The token leaving the window (t - W, at
     row t mod W) enters the states, and the new key and value are written over it, in place.
+    sink_k (R, H, S, D), sink_v (R, H, S, V): with attention sinks, the first S tokens (row j is
+    token j), written in place while t < S; a sink leaving the window does not enter the states.
     Returns u (R, H, G, V+1) in fq's dtype and the new states (a new tensor). No branch depends
     on the data (masks instead), so ``torch.compile`` does not recompile per step or per length.
     """
@@ -328,20 +434,29 @@ def window_decode(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, log_gates: Tensor
         raise ValueError(f"window_decode: q (R, H, G, D), k (R, H, D), states (R, H, ...) and lengths (R,) must "
                          f"match the rings {tuple(ring_k.shape)}, got q {tuple(q.shape)}, k {tuple(k.shape)}, "
                          f"states {tuple(states.shape)}, lengths {tuple(lengths.shape)}")
-    return window_decode_math(q, k, v, fq, log_gates, mix, factor, feature, states, ring_k, ring_v, lengths)
+    if (sink_k is None) != (sink_v is None) or (sink_k is not None and (
+            sink_k.shape[:2] != (R, H) or sink_k.shape[:3] != sink_v.shape[:3] or sink_k.shape[3] != D
+            or sink_v.shape[3] != v.shape[-1])):
+        raise ValueError(f"window_decode: sink_k (R, H, S, D) and sink_v (R, H, S, V) go together and match the "
+                         f"rings {tuple(ring_k.shape)}, got {None if sink_k is None else tuple(sink_k.shape)} and "
+                         f"{None if sink_v is None else tuple(sink_v.shape)}")
+    return window_decode_math(q, k, v, fq, log_gates, mix, factor, feature, states, ring_k, ring_v, lengths,
+                              sink_k, sink_v)
 
 
 def window_decode_math(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, log_gates: Tensor, mix: Tensor,
                        factor: Tensor, feature: Feature, states: Tensor, ring_k: Tensor, ring_v: Tensor,
-                       lengths: Tensor) -> tuple[Tensor, Tensor]:
+                       lengths: Tensor, sink_k: Tensor | None = None,
+                       sink_v: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``window_decode`` without its checks (for callers that validated once, and for compiling)."""
     R, H, W, D = ring_k.shape
+    S = 0 if sink_k is None else sink_k.shape[2]
     acc = _acc_dtype(fq)
     rows = torch.arange(R, device=k.device)
     pos = lengths % W
-    # the token leaving the window enters the states (none while the window is not yet full)
+    # the token leaving the window enters the states (none while the window is not yet full, nor a sink)
     k_out, v_out = ring_k[rows, :, pos], ring_v[rows, :, pos]  # (R, H, D), (R, H, V)
-    entering = (lengths >= W).to(acc)[:, None, None]  # (R, 1, 1)
+    entering = (lengths >= W + S).to(acc)[:, None, None]  # (R, 1, 1)
     fk = feature(k_out[:, :, None])[:, :, 0].to(acc) * entering  # (R, H, K)
     v1 = torch.cat([v_out.to(acc), torch.ones_like(v_out[..., :1], dtype=acc)], dim=-1)  # (R, H, V+1)
     st = states * log_gates.to(acc).exp()[..., None]  # (R, H, S, K, V+1), contiguous like states (stored)
@@ -352,10 +467,19 @@ def window_decode_math(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, log_gates: T
     # the exact part over the window, the new token written in place of the one that left
     ring_k[rows, :, pos] = k.to(ring_k.dtype)
     ring_v[rows, :, pos] = v.to(ring_v.dtype)
-    s = (q.to(acc) / math.sqrt(D)) @ ring_k.to(acc).mT  # (R, H, G, W)
+    keys, vals = ring_k, ring_v
     valid = torch.arange(W, device=k.device)[None] <= lengths[:, None]  # (R, W): rows written so far
+    if S:  # the new token is sink `lengths` while lengths < S (else its row is rewritten unchanged)
+        at = lengths.clamp(max=S - 1)
+        is_sink = (lengths < S)[:, None, None]
+        sink_k[rows, :, at] = torch.where(is_sink, k.to(sink_k.dtype), sink_k[rows, :, at])
+        sink_v[rows, :, at] = torch.where(is_sink, v.to(sink_v.dtype), sink_v[rows, :, at])
+        keys, vals = torch.cat([ring_k, sink_k], dim=2), torch.cat([ring_v, sink_v], dim=2)
+        outside = torch.arange(S, device=k.device)[None] <= (lengths - W)[:, None]  # (R, S): sinks left the window
+        valid = torch.cat([valid, outside], dim=1)
+    s = (q.to(acc) / math.sqrt(D)) @ keys.to(acc).mT  # (R, H, G, W[+S])
     s = s.masked_fill(~valid[:, None, None], float("-inf"))
     w = (s - s.amax(-1, keepdim=True)).exp()
-    exact = torch.cat([w @ ring_v.to(acc), w.sum(-1, keepdim=True)], dim=-1)  # (R, H, G, V+1)
+    exact = torch.cat([w @ vals.to(acc), w.sum(-1, keepdim=True)], dim=-1)  # (R, H, G, V+1)
     u = u_lin + factor.to(acc)[None, :, :, None] * exact
     return u.to(fq.dtype), st

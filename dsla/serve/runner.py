@@ -114,12 +114,17 @@ class ModelRunner:
     def free(self, request_ids: Iterable[str]) -> None:
         """Drop caches (preempted, aborted or finished requests); generators survive preemption."""
         for rid in request_ids:
-            self.caches.pop(rid, None)
+            self._drop(rid)
 
     def release(self, request_id: str) -> None:
         """Forget everything about a request that has ended."""
-        self.caches.pop(request_id, None)
+        self._drop(request_id)
         self.generators.pop(request_id, None)
+
+    def _drop(self, request_id: str) -> None:
+        cache = self.caches.pop(request_id, None)
+        if cache is not None:
+            cache.release()  # its rows of shared KV batches go with it
 
     def _generator(self, req: Request) -> torch.Generator | None:
         if req.request_id not in self.generators:

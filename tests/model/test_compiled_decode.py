@@ -13,9 +13,9 @@ from dsla.model import dsla as dsla_mod
 from tests.model.test_decode import LENGTHS, make_hybrid, run_batched
 
 
-@pytest.fixture
-def hybrid(tiny_dir):
-    return make_hybrid(tiny_dir, 4)
+@pytest.fixture(params=[0, 2], ids=["window", "window-sinks"])
+def hybrid(tiny_dir, request):
+    return make_hybrid(tiny_dir, 4, request.param)  # the shipped student has sinks
 
 
 @pytest.fixture

@@ -15,16 +15,16 @@ CFG = DSLAConfig(feature_dim=8, chunk_size=8)
 LENGTHS = (13, 5, 9, 1)  # prompts of different lengths, one of a single token
 
 
-@pytest.fixture(params=[0, 4], ids=["pure", "window4"])
+@pytest.fixture(params=[(0, 0), (4, 0), (4, 2)], ids=["pure", "window4", "window4-sinks2"])
 def hybrid(tiny_dir, request):
-    return make_hybrid(tiny_dir, request.param)
+    return make_hybrid(tiny_dir, *request.param)
 
 
-def make_hybrid(tiny_dir, window: int):
-    """The tiny teacher with DSLA layers 0-2 (the given window), their parameters off their init."""
+def make_hybrid(tiny_dir, window: int, sinks: int = 0):
+    """The tiny teacher with DSLA layers 0-2 (the given window and sinks), their parameters off their init."""
     torch.manual_seed(0)
     m = load_teacher(tiny_dir)
-    m.add_dsla(range(3), dataclasses.replace(CFG, window=window))
+    m.add_dsla(range(3), dataclasses.replace(CFG, window=window, sinks=sinks))
     with torch.no_grad():  # gates and mix off their init: not a special case
         for mod in m.dsla.values():
             for p in mod.parameters():

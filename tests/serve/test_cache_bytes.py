@@ -16,26 +16,28 @@ from dsla.serve.scheduler import SchedulerConfig
 
 def tensor_bytes(runner: ModelRunner) -> int:
     """Bytes of the tensors every live cache holds, counted from the tensors themselves."""
-    total = 0
+    total, storages = 0, {}
     for cache in runner.caches.values():
         for s in cache.layers:
-            if isinstance(s, KVState):
-                total += s._kv.untyped_storage().nbytes()  # the buffer owns its storage: all of it counts
-            else:
+            kv = s if isinstance(s, KVState) else s.exact  # the exact KV groups' buffer grows like a KV layer's
+            if not isinstance(s, KVState):
                 assert isinstance(s, DSLAState)
-                total += sum(t.numel() * t.element_size() for t in (s.state, s.window_k, s.window_v) if t is not None)
-                if s.exact is not None:  # the exact KV groups' buffer grows like a KV layer's
-                    total += s.exact._kv.untyped_storage().nbytes()
-    return total
+                total += sum(t.numel() * t.element_size() for t in (s.state, s.window_k, s.window_v, s.sink_k, s.sink_v)
+                             if t is not None)
+            if kv is not None:  # all of a storage counts, once (a KVBatch's tensor holds several requests' buffers)
+                st = kv._kv.untyped_storage()
+                storages[st.data_ptr()] = st.nbytes()
+    return total + sum(storages.values())
 
 
-@pytest.mark.parametrize("exact", [(), (1,)], ids=["dsla", "exact_group"])
-def test_reported_cache_bytes_equal_the_tensors_through_a_run(serve_dir, serve_tok, exact):
+@pytest.mark.parametrize("exact,sinks", [((), 0), ((1,), 0), ((), 2)], ids=["dsla", "exact_group", "window_sinks"])
+def test_reported_cache_bytes_equal_the_tensors_through_a_run(serve_dir, serve_tok, exact, sinks):
+    from dsla.config import DSLAConfig
     from dsla.model.loading import load_teacher
 
     torch.manual_seed(0)
     model = load_teacher(serve_dir)
-    model.add_dsla(range(3))
+    model.add_dsla(range(3), DSLAConfig(window=4, sinks=sinks) if sinks else None)  # window rows and sinks counted
     for i in (1, 2):  # layer 1 is folded mid-run: its exact group's KV is kept from the teacher's cache
         model.dsla[str(i)].set_exact_groups(exact)
     # a reserve of 3 output tokens: the longer requests regrow their KV during decode

@@ -18,20 +18,22 @@ PROMPTS = [list(range(5, 5 + n)) for n in (2, 40, 9, 23)]  # 2 < W: decodes batc
 MAX_TOKENS = 10
 
 
-@pytest.fixture(params=[(), (1,)], ids=["window", "window_exact_group"])
+@pytest.fixture(params=[((), 0), ((1,), 0), ((), 2)], ids=["window", "window_exact_group", "window_sinks"])
 def model(serve_dir, request):
     """DSLA with the window on every layer; with an exact KV group in layers 0 and 1 (a KV cache
-    of that head beside the states, kept from the teacher's cache when layer 1 folds)."""
+    of that head beside the states, kept from the teacher's cache when layer 1 folds), or with
+    two attention sinks."""
     from dsla.model.loading import load_teacher
 
+    groups, sinks = request.param
     torch.manual_seed(0)
     m = load_teacher(serve_dir)
-    m.add_dsla(range(3), DSLAConfig(feature_dim=8, chunk_size=8, window=W))
+    m.add_dsla(range(3), DSLAConfig(feature_dim=8, chunk_size=8, window=W, sinks=sinks))
     with torch.no_grad():  # off the init (window_log_scale included) so nothing is a special case
         for p in m.dsla.parameters():
             p.add_(0.05 * torch.randn_like(p))
     for i in (0, 1):
-        m.dsla[str(i)].set_exact_groups(request.param)
+        m.dsla[str(i)].set_exact_groups(groups)
     return m
 
 
