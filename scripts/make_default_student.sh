@@ -34,6 +34,9 @@
 #         float32 directory as here, so a rerun matches it closely, not bit for bit.)
 #      h. $EXACT_MORE_GROUPS exact as well (no training), the best remaining groups of layers 11-20 of
 #         the order by the same probe scores: growth at 0.75 +0.123 -> +0.085 (docs/results/quality.md);
+#      i. attention sinks: the first $SINKS tokens stay exact in every converted layer (never folded into
+#         the states), then run e's recipe again, $SINKS_STEPS steps, with h's 25 groups exact: growth
+#         at 1.0 +0.222 -> +0.141, perplexity lower at every ratio (docs/results/quality.md, eleventh session);
 #   5. eval: perplexity (1024-token windows) and loss by position at ratios $RATIOS (the report the
 #      adaptive server reads), passkey at $PASSKEY_RATIOS (a second report);
 #   6. export: the compact artifact (DSLA parameters in bfloat16) + its eval report.
@@ -42,7 +45,8 @@
 # default_wide first, or step 3 runs again and step 4c refuses the old directory. From before
 # 2026-11-30, whose step 4c wrote students/default? Rename that to default_dsla8k. From before
 # 2026-11-30 03:00 UTC, whose step 4d wrote students/default? Rename that to default_all8k. From
-# before 2026-11-30 07:00 UTC, whose step 4f wrote students/default? Rename that to default_exact9.)
+# before 2026-11-30 07:00 UTC, whose step 4f wrote students/default? Rename that to default_exact9.
+# From before 2026-11-30 09:00 UTC, whose step 4h wrote students/default? Rename that to default_exact25.)
 # Usage: scripts/make_default_student.sh [extra `dsla distill` flags for every run]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -57,7 +61,8 @@ ALL8K=${ALL8K:-$HOME_DIR/students/default_all8k}  # step 4d
 ALL8K2=${ALL8K2:-$HOME_DIR/students/default_all8k2}  # step 4e
 EXACT9=${EXACT9:-$HOME_DIR/students/default_exact9}  # step 4f
 EXACT17=${EXACT17:-$HOME_DIR/students/default_exact17}  # step 4g
-OUT=${OUT:-$HOME_DIR/students/default}         # step 4h: the student shipped
+EXACT25=${EXACT25:-$HOME_DIR/students/default_exact25}  # step 4h
+OUT=${OUT:-$HOME_DIR/students/default}         # step 4i: the student shipped
 RANK=${RANK:-docs/results/quality/rank_retrieval.json}
 BASE_LAYERS=${BASE_LAYERS:-15}  # layers of the base (ratios 0.25 and 0.5), trained end to end
 LAYERS=${LAYERS:-30}       # the shipped student: all 30 layers (ratios up to 1)
@@ -80,6 +85,8 @@ EXACT_GROUPS=${EXACT_GROUPS:-3:0,7:0,7:1,15:2,18:2,20:1,20:2,23:0,23:2}  # LAYER
 EXACT_TRAINED_GROUPS=${EXACT_TRAINED_GROUPS:-$EXACT_GROUPS,3:1,20:0,17:1,24:0,24:1,2:1,4:0,8:2}  # step 4g
 EXACT_TRAIN_STEPS=${EXACT_TRAIN_STEPS:-24}
 EXACT_MORE_GROUPS=${EXACT_MORE_GROUPS:-19:0,17:2,24:2,10:1,19:2,5:1,9:2,21:2}  # step 4h
+SINKS=${SINKS:-4}  # step 4i: attention sinks (the first tokens, exact for every query)
+SINKS_STEPS=${SINKS_STEPS:-24}
 DTYPE=${DTYPE:-bfloat16}   # fast on CPUs with avx512_bf16; use float32 on AVX2-only machines
 THREADS=${THREADS:-2}
 SHIP=${SHIP:-dsla/students/default}
@@ -122,8 +129,12 @@ done
   --e2e-seq-len 8192 --e2e-windows 20 --e2e-steps "$EXACT_TRAIN_STEPS" --recompute \
   --exact-groups "$EXACT_TRAINED_GROUPS" "$@"
 "$BIN/dsla" distill --init-from "$EXACT17" --order given --layers "$ORDER" --max-layers "$LAYERS" --window "$WINDOW" \
-  --dtype "$DTYPE" --threads "$THREADS" --out "$OUT" --no-loss-delta $ALL8K_FLAGS \
+  --dtype "$DTYPE" --threads "$THREADS" --out "$EXACT25" --no-loss-delta $ALL8K_FLAGS \
   --e2e-seq-len 8192 --e2e-windows 20 --e2e-steps 0 --exact-groups "$EXACT_TRAINED_GROUPS,$EXACT_MORE_GROUPS" "$@"
+"$BIN/dsla" distill --init-from "$EXACT25" --order given --layers "$ORDER" --max-layers "$LAYERS" --window "$WINDOW" \
+  --sinks "$SINKS" --dtype "$DTYPE" --threads "$THREADS" --out "$OUT" --no-loss-delta $ALL8K_FLAGS \
+  --e2e-seq-len 8192 --e2e-windows 20 --e2e-steps "$SINKS_STEPS" --recompute \
+  --exact-groups "$EXACT_TRAINED_GROUPS,$EXACT_MORE_GROUPS" "$@"
 "$BIN/dsla" eval ppl position --student "$OUT" --ratios "$RATIOS" --dtype "$DTYPE" \
   --threads "$THREADS" --no-progress --out "$OUT/eval" --position-windows 2 --resume
 "$BIN/dsla" eval passkey --student "$OUT" --ratios "$PASSKEY_RATIOS" --dtype "$DTYPE" \
