@@ -35,6 +35,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--table", type=int, default=0, help="also print the top N ops by self CPU time")
     p.add_argument("--compile", action="store_true", help="compile the DSLA decode step (torch.compile)")
+    p.add_argument("--student", default=None,
+                   help="a student directory (e.g. dsla/students/default): its trained layers, window, sinks and "
+                        "exact KV groups, the ratio's layers taken in its order (default: fresh layers, the first ones)")
     a = p.parse_args()
     if a.batch < 1 or a.context < 1 or a.steps < 1 or not 0 <= a.ratio <= 1:
         p.error("--batch, --context and --steps must be positive and --ratio in [0, 1]")
@@ -48,9 +51,18 @@ def main() -> None:
     from dsla.paths import default_teacher_dir
 
     model = load_teacher(default_teacher_dir(), dtype=load_dtype(a.weights, torch.bfloat16))
-    layers = list(range(round(a.ratio * model.cfg.num_hidden_layers)))
-    if layers:
-        model.add_dsla(layers, DSLAConfig(window=a.window))
+    if a.student:
+        from dsla.distill.artifact import load_student
+        from dsla.plan import layers_for_ratio
+        from dsla.model.loading import teacher_hash
+
+        m = load_student(model, a.student, teacher_hash(default_teacher_dir()))
+        layers = sorted(layers_for_ratio(m["order"], model.cfg.num_hidden_layers, a.ratio, m["layers_done"]))
+        a.window = m["config"]["dsla"]["window"]
+    else:
+        layers = list(range(round(a.ratio * model.cfg.num_hidden_layers)))
+        if layers:
+            model.add_dsla(layers, DSLAConfig(window=a.window))
     quantize_model(model, a.weights, torch.bfloat16)
     if a.compile:
         from dsla.model.dsla import use_compiled_decode
@@ -84,7 +96,7 @@ def main() -> None:
     ops = sum(e.count for e in events)
     print(json.dumps({
         "cpu": cpu_model(), "threads": a.threads, "weights": a.weights,
-        "batch": a.batch, "context": a.context, "dsla_ratio": a.ratio, "dsla_layers": len(layers), "window": a.window, "compiled": a.compile,
+        "batch": a.batch, "context": a.context, "dsla_ratio": a.ratio, "dsla_layers": len(layers), "window": a.window, "compiled": a.compile, "student": a.student,
         "ms_per_step": round(ms, 2), "profiled_ms_per_step": round(total / a.steps / 1e3, 2),
         "ops_per_step": round(ops / a.steps), "share": {k: round(v / total, 3) for k, v in split.items()},
     }))

@@ -467,19 +467,25 @@ def window_decode_math(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, log_gates: T
     # the exact part over the window, the new token written in place of the one that left
     ring_k[rows, :, pos] = k.to(ring_k.dtype)
     ring_v[rows, :, pos] = v.to(ring_v.dtype)
-    keys, vals = ring_k, ring_v
     valid = torch.arange(W, device=k.device)[None] <= lengths[:, None]  # (R, W): rows written so far
+    qs = q.to(acc) / math.sqrt(D)
+    s = (qs @ ring_k.to(acc).mT).masked_fill(~valid[:, None, None], float("-inf"))  # (R, H, G, W)
+    m = s.amax(-1, keepdim=True)
     if S:  # the new token is sink `lengths` while lengths < S (else its row is rewritten unchanged)
         at = lengths.clamp(max=S - 1)
         is_sink = (lengths < S)[:, None, None]
         sink_k[rows, :, at] = torch.where(is_sink, k.to(sink_k.dtype), sink_k[rows, :, at])
         sink_v[rows, :, at] = torch.where(is_sink, v.to(sink_v.dtype), sink_v[rows, :, at])
-        keys, vals = torch.cat([ring_k, sink_k], dim=2), torch.cat([ring_v, sink_v], dim=2)
         outside = torch.arange(S, device=k.device)[None] <= (lengths - W)[:, None]  # (R, S): sinks left the window
-        valid = torch.cat([valid, outside], dim=1)
-    s = (q.to(acc) / math.sqrt(D)) @ keys.to(acc).mT  # (R, H, G, W[+S])
-    s = s.masked_fill(~valid[:, None, None], float("-inf"))
-    w = (s - s.amax(-1, keepdim=True)).exp()
-    exact = torch.cat([w @ vals.to(acc), w.sum(-1, keepdim=True)], dim=-1)  # (R, H, G, V+1)
+        # scored apart from the ring, not concatenated to it: a cat copies the whole window per step
+        # (at 8 requests it made this function ~4x slower)
+        s_sink = (qs @ sink_k.to(acc).mT).masked_fill(~outside[:, None, None], float("-inf"))  # (R, H, G, S)
+        m = torch.maximum(m, s_sink.amax(-1, keepdim=True))
+    w = (s - m).exp()
+    num, den = w @ ring_v.to(acc), w.sum(-1, keepdim=True)
+    if S:
+        w_sink = (s_sink - m).exp()
+        num, den = num + w_sink @ sink_v.to(acc), den + w_sink.sum(-1, keepdim=True)
+    exact = torch.cat([num, den], dim=-1)  # (R, H, G, V+1)
     u = u_lin + factor.to(acc)[None, :, :, None] * exact
     return u.to(fq.dtype), st

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from dsla.model.capacity import KV_GROWTH, grown_capacity
+from dsla.model.capacity import KV_GROWTH, grown_capacity, size_class
 
 
 @dataclass(frozen=True)
@@ -35,4 +35,4 @@ class CacheCost:
 
     def worst_case_bytes(self, tokens: int) -> int:
         """An upper bound on the bytes of a request that reaches ``tokens`` tokens."""
-        return self.bytes(max(self.initial_capacity, math.ceil(KV_GROWTH * tokens)))
+        return self.bytes(max(self.initial_capacity, size_class(math.ceil(KV_GROWTH * tokens))))

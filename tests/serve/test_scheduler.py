@@ -26,8 +26,8 @@ def run_step(s: Scheduler, sample: bool = True):
 
 
 def test_cost_replays_kv_growth():
-    assert COST.grow(0, 10) == 16 and COST.grow(16, 17) == 20 and COST.grow(16, 100) == 100
-    assert COST.grow(40, 41) == 50 and COST.bytes(32) == 1000 + 3200
+    assert COST.grow(0, 10) == 16 and COST.grow(16, 17) == 20 and COST.grow(16, 100) == 112
+    assert COST.grow(40, 41) == 56 and COST.bytes(32) == 1000 + 3200
     assert COST.worst_case_bytes(100) >= COST.bytes(COST.grow(COST.grow(0, 99), 100))
 
 
@@ -49,14 +49,14 @@ def test_admission_reserves_the_prompt_and_the_decode_reserve():
     s.add(a)
     s.add(b)
     out = run_step(s)  # a chunked prefill: the buffers are sized for the whole prompt at once
-    assert a.kv_capacity == 43 and out.chunks[0].num_tokens == 10
+    assert a.kv_capacity == 48 and out.chunks[0].num_tokens == 10
     for _ in range(3):
         run_step(s)
-    assert a.kv_capacity == 43  # never regrown during the prefill
+    assert a.kv_capacity == 48  # never regrown during the prefill
     s.finish(a, FinishReason.STOP)
     for _ in range(5):
         run_step(s)
-    assert b.kv_capacity == 45  # 40 prompt + 5 reserved of its 100
+    assert b.kv_capacity == 48  # 40 prompt + 5 reserved of its 100, to its size class
 
 
 def test_prefill_is_chunked_by_the_token_budget_and_decodes_come_first():
