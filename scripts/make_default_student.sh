@@ -37,6 +37,8 @@
 #      i. attention sinks: the first $SINKS tokens stay exact in every converted layer (never folded into
 #         the states), then run e's recipe again, $SINKS_STEPS steps, with h's 25 groups exact: growth
 #         at 1.0 +0.222 -> +0.141, perplexity lower at every ratio (docs/results/quality.md, eleventh session);
+#      j. i's recipe again from its result, $LONG_STEPS steps, the ratio drawn from $LONG_RATIOS only:
+#         growth at 1.0 +0.141 -> +0.097, better at every ratio (docs/results/quality.md, twelfth session);
 #   5. eval: perplexity (1024-token windows) and loss by position at ratios $RATIOS (the report the
 #      adaptive server reads), passkey at $PASSKEY_RATIOS (a second report);
 #   6. export: the compact artifact (DSLA parameters in bfloat16) + its eval report.
@@ -46,7 +48,8 @@
 # 2026-11-30, whose step 4c wrote students/default? Rename that to default_dsla8k. From before
 # 2026-11-30 03:00 UTC, whose step 4d wrote students/default? Rename that to default_all8k. From
 # before 2026-11-30 07:00 UTC, whose step 4f wrote students/default? Rename that to default_exact9.
-# From before 2026-11-30 09:00 UTC, whose step 4h wrote students/default? Rename that to default_exact25.)
+# From before 2026-11-30 09:00 UTC, whose step 4h wrote students/default? Rename that to default_exact25.
+# From before 2026-11-30 12:00 UTC, whose step 4i wrote students/default? Rename that to default_sinks.)
 # Usage: scripts/make_default_student.sh [extra `dsla distill` flags for every run]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -62,7 +65,8 @@ ALL8K2=${ALL8K2:-$HOME_DIR/students/default_all8k2}  # step 4e
 EXACT9=${EXACT9:-$HOME_DIR/students/default_exact9}  # step 4f
 EXACT17=${EXACT17:-$HOME_DIR/students/default_exact17}  # step 4g
 EXACT25=${EXACT25:-$HOME_DIR/students/default_exact25}  # step 4h
-OUT=${OUT:-$HOME_DIR/students/default}         # step 4i: the student shipped
+SINKED=${SINKED:-$HOME_DIR/students/default_sinks}  # step 4i
+OUT=${OUT:-$HOME_DIR/students/default}         # step 4j: the student shipped
 RANK=${RANK:-docs/results/quality/rank_retrieval.json}
 BASE_LAYERS=${BASE_LAYERS:-15}  # layers of the base (ratios 0.25 and 0.5), trained end to end
 LAYERS=${LAYERS:-30}       # the shipped student: all 30 layers (ratios up to 1)
@@ -87,6 +91,8 @@ EXACT_TRAIN_STEPS=${EXACT_TRAIN_STEPS:-24}
 EXACT_MORE_GROUPS=${EXACT_MORE_GROUPS:-19:0,17:2,24:2,10:1,19:2,5:1,9:2,21:2}  # step 4h
 SINKS=${SINKS:-4}  # step 4i: attention sinks (the first tokens, exact for every query)
 SINKS_STEPS=${SINKS_STEPS:-24}
+LONG_RATIOS=${LONG_RATIOS:-0.75,1}  # step 4j: the ratios drawn, the two whose growth by position was largest
+LONG_STEPS=${LONG_STEPS:-20}
 DTYPE=${DTYPE:-bfloat16}   # fast on CPUs with avx512_bf16; use float32 on AVX2-only machines
 THREADS=${THREADS:-2}
 SHIP=${SHIP:-dsla/students/default}
@@ -132,8 +138,12 @@ done
   --dtype "$DTYPE" --threads "$THREADS" --out "$EXACT25" --no-loss-delta $ALL8K_FLAGS \
   --e2e-seq-len 8192 --e2e-windows 20 --e2e-steps 0 --exact-groups "$EXACT_TRAINED_GROUPS,$EXACT_MORE_GROUPS" "$@"
 "$BIN/dsla" distill --init-from "$EXACT25" --order given --layers "$ORDER" --max-layers "$LAYERS" --window "$WINDOW" \
-  --sinks "$SINKS" --dtype "$DTYPE" --threads "$THREADS" --out "$OUT" --no-loss-delta $ALL8K_FLAGS \
+  --sinks "$SINKS" --dtype "$DTYPE" --threads "$THREADS" --out "$SINKED" --no-loss-delta $ALL8K_FLAGS \
   --e2e-seq-len 8192 --e2e-windows 20 --e2e-steps "$SINKS_STEPS" --recompute \
+  --exact-groups "$EXACT_TRAINED_GROUPS,$EXACT_MORE_GROUPS" "$@"
+"$BIN/dsla" distill --init-from "$SINKED" --order given --layers "$ORDER" --max-layers "$LAYERS" --window "$WINDOW" \
+  --sinks "$SINKS" --dtype "$DTYPE" --threads "$THREADS" --out "$OUT" --no-loss-delta $ALL8K_FLAGS \
+  --e2e-ratios "$LONG_RATIOS" --e2e-seq-len 8192 --e2e-windows 20 --e2e-steps "$LONG_STEPS" --recompute \
   --exact-groups "$EXACT_TRAINED_GROUPS,$EXACT_MORE_GROUPS" "$@"
 "$BIN/dsla" eval ppl position --student "$OUT" --ratios "$RATIOS" --dtype "$DTYPE" \
   --threads "$THREADS" --no-progress --out "$OUT/eval" --position-windows 2 --resume

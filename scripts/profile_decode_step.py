@@ -3,7 +3,8 @@
     .venv/bin/python scripts/profile_decode_step.py --weights mixed --batch 8 --context 512 --ratio 0.5 --window 64
 
 Builds `--batch` requests with a `--context`-token prefill each (random token ids; the first
-round(ratio * layers) layers run DSLA, freshly initialised: speed only), times `--steps` decode
+round(ratio * layers) layers run DSLA, freshly initialised: speed only; with `--student DIR`, that
+student's layers for the ratio in its order, with its window, sinks and exact KV groups), times `--steps` decode
 steps, then profiles `--steps` more and prints JSON: ms per step, and the profiled CPU time split
 into linear layers (oneDNN / int4 / int8 kernels), softmax attention (SDPA), the batched matmuls
 of DSLA and the exact window (bmm), and everything else (the many small ops: copies, casts,
@@ -41,6 +42,8 @@ def main() -> None:
     a = p.parse_args()
     if a.batch < 1 or a.context < 1 or a.steps < 1 or not 0 <= a.ratio <= 1:
         p.error("--batch, --context and --steps must be positive and --ratio in [0, 1]")
+    if a.student and a.window:
+        p.error(f"--window {a.window} with --student {a.student}: the student's layers have their own window")
     torch.set_num_threads(a.threads)
     from torch.profiler import ProfilerActivity, profile
 

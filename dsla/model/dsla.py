@@ -428,7 +428,7 @@ def window_decode_layer(q: Tensor, k_raw: Tensor, v: Tensor, cos: Tensor, sin: T
                         w_hist: Tensor, b_hist: Tensor, w_rec: Tensor | None, b_rec: Tensor | None,
                         mix_logits: Tensor | None, window_log_scale: Tensor, states: Tensor, ring_k: Tensor,
                         ring_v: Tensor, lengths: Tensor, eps: float, sink_k: Tensor | None = None,
-                        sink_v: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                        sink_v: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """A DSLA layer's decode step between its projections, for R requests, as one pure function
     of tensors (the module's parameters are arguments, so one ``torch.compile`` serves every
     layer): RoPE, the feature maps and gates (``feature_map``, ``log_decays``, ``state_mix``, as
@@ -471,8 +471,8 @@ _DECODE = {"compiled": False, "fn": None}
 def use_compiled_decode(on: bool) -> None:
     """Run DSLA decode steps through ``torch.compile(window_decode_layer)`` (on) or eagerly (off,
     the default). Compiling needs a C++ compiler for CPU (inductor) and takes a while on the first
-    steps (a graph for one request and one for any larger batch, per dtype and grad mode; none per
-    layer: the parameters are arguments); where it fails, decode falls back to eager with a warning."""
+    steps (a graph for one request and one for any larger batch, per dtype, grad mode and
+    sinks or none; none per layer: the parameters are arguments); where it fails, decode falls back to eager with a warning."""
     _DECODE["compiled"], _DECODE["fn"] = bool(on), None
 
 
@@ -481,10 +481,10 @@ def decode_layer_fn():
     if not _DECODE["compiled"]:
         return window_decode_layer
     if _DECODE["fn"] is None:
-        # dynamic=None: shapes are specialised, and only a size seen to change (the number of
-        # requests) turns symbolic on the recompile. dynamic=True made every size symbolic (heads,
-        # window, dims), and inductor's kernels for that were ~1.6x slower (161 vs 258 us per layer
-        # at 1 request, 489 vs 774 at 8; student shapes, 2 threads, AVX-512)
+        # dynamic=None: sizes are specialised but the number of requests, which _SafeCompiled
+        # marks dynamic. dynamic=True made every size symbolic (heads, window, dims), and
+        # inductor's kernels for that were ~1.6x slower (161 vs 258 us per layer at 1 request,
+        # 489 vs 774 at 8; student shapes, 2 threads, AVX-512)
         _DECODE["fn"] = _SafeCompiled(torch.compile(window_decode_layer, dynamic=None))
     return _DECODE["fn"]
 
@@ -494,10 +494,22 @@ class _SafeCompiled:
     before its first success, or a dynamo / inductor error on a later recompile); other errors
     (out of memory, bad input) propagate, since the step may have written the rings already."""
 
+    # the arguments of window_decode_layer with one row per request (dim 0): q, k_raw, v, cos,
+    # sin, states, ring_k, ring_v, lengths, sink_k, sink_v
+    PER_REQUEST = (0, 1, 2, 3, 4, 13, 14, 15, 16, 18, 19)
+
     def __init__(self, fn) -> None:
-        self.fn, self.succeeded = fn, False
+        self.fn, self.succeeded, self.batched = fn, False, False
 
     def __call__(self, *args):
+        if not self.batched and args[0].shape[0] >= 2 and self.fn is not window_decode_layer:
+            # the first batch of several requests compiles the graph for every batch size (no
+            # static graph for this size first, then a dynamic one at the next); one request keeps
+            # its own graph (size 1 is always specialised)
+            for i in self.PER_REQUEST:
+                if i < len(args) and isinstance(args[i], Tensor):
+                    torch._dynamo.maybe_mark_dynamic(args[i], 0)
+            self.batched = True
         try:
             out = self.fn(*args)
         except Exception as e:

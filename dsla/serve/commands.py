@@ -154,7 +154,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-waiting", type=int, default=d.max_waiting,
                    help="queued requests beyond which new ones get 503 + Retry-After")
     p.add_argument("--decode-reserve-tokens", type=int, default=d.decode_reserve_tokens,
-                   help="KV room reserved at admission for output tokens, beyond the prompt")
+                   help="KV room reserved at admission for output tokens, beyond the prompt (the total "
+                        "is rounded up to a size class, at most 25%% more, so similar requests share "
+                        "one attention call per decode step)")
     p.add_argument("--max-body-kb", type=int, default=1024, help="request bodies over this get 413")
     p.add_argument("--allowed-hosts", default=None,
                    help="comma-separated Host header names to answer ('*': any); default: the --host address "

@@ -13,9 +13,13 @@ from dsla.model import dsla as dsla_mod
 from tests.model.test_decode import LENGTHS, make_hybrid, run_batched
 
 
-@pytest.fixture(params=[0, 2], ids=["window", "window-sinks"])
+@pytest.fixture(params=[(0, False), (2, False), (2, True)], ids=["window", "window-sinks", "window-sinks-exact"])
 def hybrid(tiny_dir, request):
-    return make_hybrid(tiny_dir, 4, request.param)  # the shipped student has sinks
+    sinks, exact = request.param
+    m = make_hybrid(tiny_dir, 4, sinks)  # the shipped student has sinks and exact KV groups
+    if exact:  # its q and k come out of the compiled step's RoPE
+        m.dsla["1"].set_exact_groups([0])
+    return m
 
 
 @pytest.fixture

@@ -207,8 +207,10 @@ def test_window_is_validated():
         DSLAConfig(window=2.5)
 
 
-def test_a_non_finite_key_never_enters_a_window(tiny_dir):
-    """A key of -inf can leave u finite (its weight is 0): it must be refused before the ring is written."""
+@pytest.mark.parametrize("proj", ["k_proj", "v_proj"])
+def test_a_non_finite_key_never_enters_a_window(tiny_dir, proj):
+    """A key of -inf can leave u finite (its weight is 0): it must be refused before the ring is
+    written; so must a non-finite value (checked in the same call)."""
     import dataclasses
 
     from dsla.config import DSLAConfig
@@ -218,13 +220,13 @@ def test_a_non_finite_key_never_enters_a_window(tiny_dir):
     with torch.no_grad():
         m(torch.randint(0, 97, (6,)), [6], [cache])
         st = cache.layers[0]
-        ring = st.window_k.clone()
+        ring = st.window_k.clone(), st.window_v.clone()
         mod = m.dsla["0"]
         with torch.no_grad():
-            mod.teacher.k_proj.weight.fill_(float("-inf"))
+            getattr(mod.teacher, proj).weight.fill_(float("-inf"))
         with pytest.raises(FloatingPointError):
             m(torch.randint(0, 97, (1,)), [1], [cache])
-    assert torch.equal(st.window_k, ring) and st.length == 6
+    assert torch.equal(st.window_k, ring[0]) and torch.equal(st.window_v, ring[1]) and st.length == 6
 
 
 def test_recomputed_layers_give_the_same_loss_and_gradients(hybrid):

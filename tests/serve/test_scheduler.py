@@ -45,18 +45,18 @@ def test_kv_state_grows_as_the_cost_says():
 
 def test_admission_reserves_the_prompt_and_the_decode_reserve():
     s = Scheduler(SchedulerConfig(max_num_batched_tokens=10, max_num_seqs=4, decode_reserve_tokens=5), COST)
-    a, b = req("a", 40, max_tokens=3), req("b", 40, max_tokens=100)
+    a, b = req("a", 45, max_tokens=3), req("b", 45, max_tokens=100)
     s.add(a)
     s.add(b)
     out = run_step(s)  # a chunked prefill: the buffers are sized for the whole prompt at once
-    assert a.kv_capacity == 48 and out.chunks[0].num_tokens == 10
-    for _ in range(3):
+    assert a.kv_capacity == 48 and out.chunks[0].num_tokens == 10  # 45 + 3, a size class
+    for _ in range(4):
         run_step(s)
     assert a.kv_capacity == 48  # never regrown during the prefill
     s.finish(a, FinishReason.STOP)
     for _ in range(5):
         run_step(s)
-    assert b.kv_capacity == 48  # 40 prompt + 5 reserved of its 100, to its size class
+    assert b.kv_capacity == 56  # 45 prompt + 5 reserved of its 100 = 50, rounded up to its size class
 
 
 def test_prefill_is_chunked_by_the_token_budget_and_decodes_come_first():
