@@ -103,7 +103,9 @@ class KVBatch:
     (``KVState.reserve``) gets its own buffer again and leaves the batch. Memory is unchanged:
     each row is exactly the buffer it replaces (hence equal capacities only), and when a new
     batch replaces one, the old one's other members get their own buffers, so no stale rows stay
-    alive behind a single member's view."""
+    alive behind a single member's view. While a batch is rebuilt, one layer's old and new buffers
+    of its members coexist (at most twice that layer's KV of the group, freed before the next
+    layer): a transient the scheduler's byte budget does not count."""
 
     __slots__ = ("kv", "members")
 
