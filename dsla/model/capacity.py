@@ -4,12 +4,11 @@ accounting (pure Python: the scheduler imports no torch)."""
 from __future__ import annotations
 
 KV_GROWTH = 1.25  # a full KV buffer grows to max(needed, KV_GROWTH x its capacity), then to its class
-CLASSES_PER_OCTAVE = 4  # capacities above 8 tokens are rounded up to 2^m x {5/4, 6/4, 7/4, 2}
 
 
 def size_class(tokens: int) -> int:
-    """The smallest capacity class holding ``tokens``: four classes per doubling (1.25x apart at
-    most), so a rounded buffer wastes under a quarter of its size. Requests whose buffers share a
+    """The smallest capacity class holding ``tokens``: above 8 tokens, 2^m x {5/4, 6/4, 7/4, 2}, four
+    classes per doubling (1.25x apart at most), so a rounded buffer wastes under a quarter of its size. Requests whose buffers share a
     class share one attention call per decode step (``KVBatch``): with exact sizes, a server's
     requests, each sized for its own prompt, would almost never do."""
     if tokens <= 8:
