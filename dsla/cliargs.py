@@ -77,7 +77,7 @@ def add_weights_argument(p: argparse.ArgumentParser, default: str = "auto") -> N
 
 
 def add_compile_argument(p: argparse.ArgumentParser) -> None:
-    """``--compile-decode``: DSLA decode steps through torch.compile (dsla.model.dsla.use_compiled_decode)."""
+    """``--compile-decode``: DSLA decode steps through torch.compile (dsla.ops.compiled.use_compiled_decode)."""
     p.add_argument("--compile-decode", action="store_true",
                    help="compile the DSLA layers' decode step with torch.compile (needs a C++ compiler; the "
                         "first steps after start wait for it, then each DSLA layer's step is one fused kernel "

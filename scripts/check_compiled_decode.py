@@ -39,7 +39,7 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     from dsla.distill.artifact import load_student, read_manifest
-    from dsla.model.dsla import use_compiled_decode
+    from dsla.ops.compiled import use_compiled_decode
     from dsla.model.loading import load_teacher, teacher_hash
     from dsla.model.quant import load_dtype, quantize_model
     from dsla.model.tokenizer import Tokenizer

@@ -68,7 +68,7 @@ def main() -> None:
             model.add_dsla(layers, DSLAConfig(window=a.window))
     quantize_model(model, a.weights, torch.bfloat16)
     if a.compile:
-        from dsla.model.dsla import use_compiled_decode
+        from dsla.ops.compiled import use_compiled_decode
         use_compiled_decode(True)
     g = torch.Generator().manual_seed(0)
     caches = [model.new_cache(layers, a.context + 2 * a.steps + 8) for _ in range(a.batch)]

@@ -94,7 +94,7 @@ class DecodeSettings:
     batches: tuple[int, ...] = (1, 8)  # requests decoded together
     dsla_ratios: tuple[float, ...] = (0.0,)  # fraction of layers running DSLA (ours only)
     dsla_window: int = 0  # exact window W of the DSLA layers (DSLAConfig.window; the shipped student's for its cost)
-    compile_decode: bool = False  # DSLA decode steps through torch.compile (dsla.model.dsla.use_compiled_decode)
+    compile_decode: bool = False  # DSLA decode steps through torch.compile (dsla.ops.compiled.use_compiled_decode)
     student: str | None = None  # a student directory: its trained DSLA layers (window, exact KV groups) and its
     # conversion order instead of fresh layers converted first to last (ours only)
     weights: tuple[str, ...] = ("native",)  # linear-layer storage of ours: auto, native, packed, int8, int4, mixed
@@ -430,7 +430,7 @@ def _weight_rank(weights: str) -> int:
 def run_benchmark(teacher_dir: str | Path, s: DecodeSettings,
                   on_row: Callable[[dict[str, Any]], None] = lambda r: None) -> dict[str, Any]:
     """Every dtype in turn, with all implementations of that dtype loaded; returns the JSON document."""
-    from dsla.model.dsla import use_compiled_decode
+    from dsla.ops.compiled import use_compiled_decode
 
     use_compiled_decode(s.compile_decode)  # a process-wide switch: set per run, off again at the end
     try:

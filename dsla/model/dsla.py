@@ -38,6 +38,7 @@ from dsla.config import DSLAConfig
 from dsla.model.llama import LlamaAttention, decode_attention, split_heads, token_index, uniform_length
 from dsla.model.state import DSLAState, KVState
 from dsla.ops.attention import causal_attention
+from dsla.ops.compiled import decode_kernel
 from dsla.ops.dsla import dsla_chunked, dsla_fold, dsla_step
 from dsla.ops.rope import rope_cos_sin, rope_tables, rotate, unapply_rope
 from dsla.ops.window import WindowState, ring_from_ordered, window_chunked, window_decode_math, window_fold
@@ -465,64 +466,18 @@ def window_decode_layer(q: Tensor, k_raw: Tensor, v: Tensor, cos: Tensor, sin: T
     return o.reshape(R, -1).to(dt), st, qr, k
 
 
-_DECODE = {"compiled": False, "fn": None}
-
-
-def use_compiled_decode(on: bool) -> None:
-    """Run DSLA decode steps through ``torch.compile(window_decode_layer)`` (on) or eagerly (off,
-    the default). Compiling needs a C++ compiler for CPU (inductor) and takes a while on the first
-    steps (a graph for one request and one for any larger batch, per dtype, grad mode and
-    sinks or none; none per layer: the parameters are arguments); where it fails, decode falls back to eager with a warning."""
-    _DECODE["compiled"], _DECODE["fn"] = bool(on), None
+# the arguments of window_decode_layer with one row per request (dim 0): q, k_raw, v, cos, sin,
+# states, ring_k, ring_v, lengths, sink_k, sink_v
+_PER_REQUEST = (0, 1, 2, 3, 4, 13, 14, 15, 16, 18, 19)
 
 
 def decode_layer_fn():
-    """``window_decode_layer``, compiled or not (see ``use_compiled_decode``)."""
-    if not _DECODE["compiled"]:
-        return window_decode_layer
-    if _DECODE["fn"] is None:
-        # dynamic=None: sizes are specialised but the number of requests, which _SafeCompiled
-        # marks dynamic. dynamic=True made every size symbolic (heads, window, dims), and
-        # inductor's kernels for that were ~1.6x slower (161 vs 258 us per layer at 1 request,
-        # 489 vs 774 at 8; student shapes, 2 threads, AVX-512)
-        _DECODE["fn"] = _SafeCompiled(torch.compile(window_decode_layer, dynamic=None))
-    return _DECODE["fn"]
-
-
-class _SafeCompiled:
-    """A compiled function that falls back to eager for good when compiling fails (any error
-    before its first success, or a dynamo / inductor error on a later recompile); other errors
-    (out of memory, bad input) propagate, since the step may have written the rings already."""
-
-    # the arguments of window_decode_layer with one row per request (dim 0): q, k_raw, v, cos,
-    # sin, states, ring_k, ring_v, lengths, sink_k, sink_v
-    PER_REQUEST = (0, 1, 2, 3, 4, 13, 14, 15, 16, 18, 19)
-
-    def __init__(self, fn) -> None:
-        self.fn, self.succeeded, self.batched = fn, False, False
-
-    def __call__(self, *args):
-        if not self.batched and args[0].shape[0] >= 2 and self.fn is not window_decode_layer:
-            # the first batch of several requests compiles the graph for every batch size (no
-            # static graph for this size first, then a dynamic one at the next); one request keeps
-            # its own graph (size 1 is always specialised)
-            for i in self.PER_REQUEST:
-                if i < len(args) and isinstance(args[i], Tensor):
-                    torch._dynamo.maybe_mark_dynamic(args[i], 0)
-            self.batched = True
-        try:
-            out = self.fn(*args)
-        except Exception as e:
-            from torch._dynamo.exc import TorchDynamoException
-            if self.fn is window_decode_layer or (self.succeeded and not isinstance(e, TorchDynamoException)):
-                raise
-            import logging
-            logging.getLogger(__name__).warning("compiled DSLA decode failed (%s: %s); running eagerly",
-                                                type(e).__name__, str(e)[:200])
-            self.fn = window_decode_layer
-            return self.fn(*args)
-        self.succeeded = True
-        return out
+    """``window_decode_layer``, compiled or not (``dsla.ops.compiled.use_compiled_decode``)."""
+    # dynamic=None: sizes are specialised but the number of requests, which SafeCompiled marks
+    # dynamic. dynamic=True made every size symbolic (heads, window, dims), and inductor's kernels
+    # for that were ~1.6x slower (161 vs 258 us per layer at 1 request, 489 vs 774 at 8; student
+    # shapes, 2 threads, AVX-512)
+    return decode_kernel(window_decode_layer, window_decode_layer, dynamic=None, batch_args=_PER_REQUEST)
 
 
 class DecodeBatch:

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from dsla.config import DSLAConfig, LlamaConfig
 from dsla.model.state import DSLAState, KVBatch, KVState, LayerState, RequestCache, append_one_token
-from dsla.ops.attention import causal_attention
+from dsla.ops.attention import causal_attention, decode_attention_fn, decode_attention_sdpa
 from dsla.ops.rope import rope_cos_sin, rope_inv_freq, rope_tables, rotate
 
 
@@ -86,25 +86,41 @@ class LlamaAttention(nn.Module):
             to_batch = lambda t: t.view(t.shape[0], B, T, -1).transpose(0, 1)  # noqa: E731  (B, H, T, D)
             o = causal_attention(to_batch(q), to_batch(k), to_batch(v))  # (B, Hq, T, D)
             o = o.transpose(1, 2).reshape(B * T, -1)
+        elif states is not None and sum(L == 1 for L in seq_lens) >= 2:
+            # a step mixing prefill chunks and decodes: the decodes attend together, as in a pure
+            # decode step; the prefill chunks one by one below
+            dec = [r for r, L in enumerate(seq_lens) if L == 1]
+            rest = [r for r, L in enumerate(seq_lens) if L != 1]
+            i_dec, i_rest = token_index(seq_lens, dec, x.device), token_index(seq_lens, rest, x.device)
+            o = q.new_empty(x.shape[0], q.shape[0] * q.shape[2])
+            o[i_dec] = decode_attention(q[:, i_dec], k[:, i_dec], v[:, i_dec], [states[r] for r in dec])
+            o[i_rest] = self._one_by_one(q[:, i_rest], k[:, i_rest], v[:, i_rest], [seq_lens[r] for r in rest],
+                                         [states[r] for r in rest])
         else:
-            outs, start = [], 0
-            for r, L in enumerate(seq_lens):
-                qr, kr, vr = (t[:, start: start + L] for t in (q, k, v))
-                if states is not None:
-                    kr, vr = states[r].append(kr, vr)  # (Hkv, T, D): prefix + new
-                if L == 1 and qr.dtype != torch.float32:
-                    # Decode: a group's G query heads become G "queries" of their KV head, so SDPA
-                    # runs on the KV heads directly. On CPU, enable_gqa in bf16/fp16 falls back to a
-                    # path ~6x slower; in fp32 it is fine and splits better over threads (9 heads, not 3).
-                    Hkv = self.cfg.num_key_value_heads
-                    o_r = F.scaled_dot_product_attention(qr.view(1, Hkv, -1, qr.shape[-1]), kr[None], vr[None])
-                    outs.append(o_r.reshape(1, -1))  # (1, Hkv, G, D) -> (1, Hq*D)
-                else:
-                    o_r = causal_attention(qr[None], kr[None], vr[None])[0]  # (Hq, L, D)
-                    outs.append(o_r.transpose(0, 1).reshape(L, -1))
-                start += L
-            o = torch.cat(outs) if len(outs) > 1 else outs[0]
+            o = self._one_by_one(q, k, v, seq_lens, states)
         return self.o_proj(o)
+
+    def _one_by_one(self, q: Tensor, k: Tensor, v: Tensor, seq_lens: Sequence[int],
+                    states: Sequence[KVState] | None) -> Tensor:
+        """Attention request by request: q (Hq, N, D), k and v (Hkv, N, D) after RoPE, the N tokens
+        of ``seq_lens``'s requests in order; each request continues its state, if given. (N, Hq*D)."""
+        outs, start = [], 0
+        for r, L in enumerate(seq_lens):
+            qr, kr, vr = (t[:, start: start + L] for t in (q, k, v))
+            if states is not None:
+                kr, vr = states[r].append(kr, vr)  # (Hkv, T, D): prefix + new
+            if L == 1 and qr.dtype != torch.float32:
+                # Decode: a group's G query heads become G "queries" of their KV head, so SDPA
+                # runs on the KV heads directly. On CPU, enable_gqa in bf16/fp16 falls back to a
+                # path ~6x slower; in fp32 it is fine and splits better over threads (9 heads, not 3).
+                Hkv = self.cfg.num_key_value_heads
+                o_r = F.scaled_dot_product_attention(qr.view(1, Hkv, -1, qr.shape[-1]), kr[None], vr[None])
+                outs.append(o_r.reshape(1, -1))  # (1, Hkv, G, D) -> (1, Hq*D)
+            else:
+                o_r = causal_attention(qr[None], kr[None], vr[None])[0]  # (Hq, L, D)
+                outs.append(o_r.transpose(0, 1).reshape(L, -1))
+            start += L
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, states: Sequence[KVState]) -> Tensor:
@@ -112,14 +128,18 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, states: Sequence[KVState])
     (one copy call for all), then attend over each request's cache in place.
 
     q: (Hq, R, D) after RoPE; k, v: (Hkv, R, D). Returns (R, Hq*D). Requests whose caches have one
-    capacity share one SDPA call over their ``KVBatch`` (their buffers are rows of one tensor;
-    lengths masked): at batch 8 and 512 tokens one call took 199 us against 315 us for eight.
-    A request alone in its capacity gets its own call, on views of its cache.
+    capacity share one call over their ``KVBatch`` (their buffers are rows of one tensor; lengths
+    masked): at batch 8 and 512 tokens one SDPA call took 199 us against 315 us for eight. A
+    request alone in its capacity gets its own SDPA call, on views of its cache. With the decode
+    kernels compiled (``dsla.ops.compiled.use_compiled_decode``) on a CPU, each batch's call is
+    ``decode_attention_math`` compiled, else SDPA.
     """
     Hq, R, D = q.shape
     Hkv = k.shape[0]
     append_one_token(states, torch.stack([k, v]))  # (2, Hkv, R, D)
-    gqa = q.dtype == torch.float32  # enable_gqa is fine in fp32 and splits over 9 heads, not 3
+    kernel = decode_attention_fn() if q.device.type == "cpu" else decode_attention_sdpa
+    compiled = kernel is not decode_attention_sdpa
+    gqa = q.dtype == torch.float32 and not compiled  # enable_gqa is fine in fp32 and splits over 9 heads, not 3
     if gqa:
         qb = q.transpose(0, 1)[:, :, None]  # (R, Hq, 1, D)
     else:
@@ -130,27 +150,32 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, states: Sequence[KVState])
     for r, s in enumerate(states):
         by_capacity.setdefault(s.capacity, []).append(r)
     if len(by_capacity) == 1 and R > 1:
-        o = _attend_kv_batch(qb, states, gqa)
+        o = _attend_kv_batch(qb, states, gqa, kernel if compiled else None)
     else:
         outs: list[Tensor | None] = [None] * R
         for rows in by_capacity.values():
             if len(rows) == 1:
                 r = rows[0]
+                # SDPA even when compiled: for one request it splits its work over threads better
+                # (10.0 against 11.6 ms per teacher step at C = 512, 2 threads)
                 outs[r] = F.scaled_dot_product_attention(qb[r: r + 1], *states[r].batch_views(), enable_gqa=gqa)
             else:
-                o = _attend_kv_batch(qb[rows], [states[r] for r in rows], gqa)
+                o = _attend_kv_batch(qb[rows], [states[r] for r in rows], gqa, kernel if compiled else None)
                 for j, r in enumerate(rows):
                     outs[r] = o[j: j + 1]
         o = torch.cat(outs) if R > 1 else outs[0]
     return o.reshape(R, Hq * D)  # (R, Hkv, G, D) or (R, Hq, 1, D): head-major either way
 
 
-def _attend_kv_batch(qb: Tensor, states: Sequence[KVState], gqa: bool) -> Tensor:
-    """One SDPA call for requests of one capacity: their ``KVBatch`` up to the longest length,
-    the shorter ones' rows past their length masked. qb (R, heads, queries, D)."""
+def _attend_kv_batch(qb: Tensor, states: Sequence[KVState], gqa: bool, kernel=None) -> Tensor:
+    """One call for requests of one capacity: their ``KVBatch`` up to the longest length, the
+    shorter ones' rows past their length masked. qb (R, heads, queries, D). ``kernel``: a compiled
+    ``decode_attention_math``, else SDPA."""
     kv = KVBatch.of(states).kv
     lengths = [s.length for s in states]
     L = max(lengths)
+    if kernel is not None:
+        return kernel(qb, kv[0, :, :, :L], kv[1, :, :, :L], torch.tensor(lengths, device=qb.device))
     mask = None
     if min(lengths) != L:
         mask = (torch.arange(L, device=qb.device)[None] < torch.tensor(lengths, device=qb.device)[:, None])[:, None, None]

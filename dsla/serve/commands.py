@@ -200,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
     if quality:
         log.info("quality curve from %s: %s", report, ", ".join(f"{r:.2f}: +{q:.1%}" for r, q in quality))
     if args.compile_decode:
-        from dsla.model.dsla import use_compiled_decode
+        from dsla.ops.compiled import use_compiled_decode
         use_compiled_decode(True)
         log.info("DSLA decode steps compiled with torch.compile (the first ones wait for the compiler)")
     engine = build_engine(teacher, args.dtype, args.student, layers, args.dsla_ratio, config, args.policy,

@@ -89,6 +89,33 @@ def test_batched_decode_equals_each_request_alone_and_full_forward(hybrid, plans
             assert st.length == len(s)
 
 
+@pytest.mark.parametrize("plans", [[[]] * 4, [[1], [], [0, 1, 2], [1]]], ids=["attn", "mixed"])
+def test_a_step_of_decodes_and_prefill_chunks_equals_each_request_alone(hybrid, plans):
+    """Requests 0 and 1 prefill; then one step where 0 and 1 decode while 2 prefills its prompt and
+    3 its single token (the decodes attend together, the chunks one by one); then decodes."""
+    g = torch.Generator().manual_seed(8)
+    seqs = [torch.randint(0, 97, (n,), generator=g) for n in (10, 12, 11, 6)]
+    prompt = [5, 7, 6, 1]
+    caches = [hybrid.new_cache(p, capacity=4) for p in plans]
+    got = [[] for _ in seqs]
+    with torch.no_grad():
+        hybrid(torch.cat([seqs[0][:5], seqs[1][:7]]), [5, 7], caches[:2])
+        ids = torch.cat([seqs[0][5:6], seqs[1][7:8], seqs[2][:6], seqs[3][:1]])
+        logits = hybrid(ids, [1, 1, 6, 1], caches)
+        for r, end in enumerate((0, 1, 7, 8)):
+            got[r].append(logits[end])
+        pos = [6, 8, 6, 1]
+        for _ in range(3):
+            logits = hybrid(torch.stack([s[p] for s, p in zip(seqs, pos)]), [1] * 4, caches)
+            for r in range(4):
+                got[r].append(logits[r])
+            pos = [p + 1 for p in pos]
+    for r, (s, p) in enumerate(zip(seqs, plans)):
+        first = prompt[r] if r >= 2 else prompt[r] + 1  # 0 and 1 decoded their token in the mixed step
+        ref = run_alone(hybrid, s[: first + 3], p, prefill=first)
+        torch.testing.assert_close(torch.stack(got[r]), ref, rtol=1e-5, atol=1e-5)
+
+
 def test_batched_decode_in_bf16_matches_fp32_tokens(tiny_dir):
     torch.manual_seed(0)
     m32 = load_teacher(tiny_dir)

@@ -1,0 +1,82 @@
+"""The process-wide switch for compiled decode kernels (``--compile-decode``), and the wrapper that
+runs a ``torch.compile``d function but falls back to its eager form for good when compiling fails.
+
+Two decode kernels use it: the DSLA layer's step (``dsla.model.dsla.window_decode_layer``) and the
+softmax attention of a decode step over cached keys (``dsla.ops.attention.decode_attention_math``).
+Compiling needs a C++ compiler for CPU (inductor) and takes a while on the first steps after the
+switch is turned on; where it fails, decoding goes on eagerly with a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+_STATE: dict = {"on": False, "fns": {}}
+
+
+def use_compiled_decode(on: bool) -> None:
+    """Compile the decode kernels (on) or run them eagerly (off, the default). Turning it on or
+    off drops the kernels compiled so far."""
+    _STATE["on"] = bool(on)
+    _STATE["fns"].clear()
+
+
+def compiled_decode_on() -> bool:
+    return _STATE["on"]
+
+
+def decode_kernel(compiled_form: Callable, eager_form: Callable, *, dynamic: bool | None,
+                  batch_args: tuple[int, ...] = ()) -> Callable:
+    """``eager_form`` while the switch is off; else one ``SafeCompiled`` of ``compiled_form``
+    (built on first use, kept until the switch changes) that falls back to ``eager_form``."""
+    if not _STATE["on"]:
+        return eager_form
+    fn = _STATE["fns"].get(compiled_form)
+    if fn is None:
+        fn = _STATE["fns"][compiled_form] = SafeCompiled(
+            torch.compile(compiled_form, dynamic=dynamic), eager_form, compiled_form.__name__, batch_args)
+    return fn
+
+
+class SafeCompiled:
+    """A compiled function that falls back to ``eager`` for good when compiling fails (any error
+    before its first success, or a dynamo / inductor error on a later recompile); other errors
+    (out of memory, bad input) propagate, since the call may have written its outputs already.
+
+    ``batch_args``: the arguments whose dim 0 is the number of requests. The first call with two
+    or more requests marks that dim dynamic, so one graph serves every batch size (no static graph
+    for this size first, then a dynamic one at the next); one request keeps its own graph (size 1
+    is always specialised)."""
+
+    def __init__(self, fn: Callable, eager: Callable, name: str, batch_args: tuple[int, ...] = ()) -> None:
+        self.fn, self.eager, self.name, self.batch_args = fn, eager, name, batch_args
+        self.succeeded, self.batched = False, not batch_args
+
+    @property
+    def compiled(self) -> bool:
+        """False once it has fallen back to eager."""
+        return self.fn is not self.eager
+
+    def __call__(self, *args):
+        if not self.batched and self.compiled and args[0].shape[0] >= 2:
+            for i in self.batch_args:
+                if i < len(args) and isinstance(args[i], Tensor):
+                    torch._dynamo.maybe_mark_dynamic(args[i], 0)
+            self.batched = True
+        try:
+            out = self.fn(*args)
+        except Exception as e:
+            from torch._dynamo.exc import TorchDynamoException
+            if not self.compiled or (self.succeeded and not isinstance(e, TorchDynamoException)):
+                raise
+            log.warning("compiled %s failed (%s: %s); running eagerly", self.name, type(e).__name__, str(e)[:200])
+            self.fn = self.eager
+            return self.fn(*args)
+        self.succeeded = True
+        return out
