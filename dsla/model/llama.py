@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from dsla.config import DSLAConfig, LlamaConfig
 from dsla.model.state import DSLAState, KVBatch, KVState, LayerState, RequestCache, append_one_token
-from dsla.ops.attention import causal_attention, decode_attention_fn, decode_attention_sdpa
+from dsla.ops.attention import causal_attention
 from dsla.ops.rope import rope_cos_sin, rope_inv_freq, rope_tables, rotate
 
 
@@ -128,18 +128,14 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, states: Sequence[KVState])
     (one copy call for all), then attend over each request's cache in place.
 
     q: (Hq, R, D) after RoPE; k, v: (Hkv, R, D). Returns (R, Hq*D). Requests whose caches have one
-    capacity share one call over their ``KVBatch`` (their buffers are rows of one tensor; lengths
-    masked): at batch 8 and 512 tokens one SDPA call took 199 us against 315 us for eight. A
-    request alone in its capacity gets its own SDPA call, on views of its cache. With the decode
-    kernels compiled (``dsla.ops.compiled.use_compiled_decode``) on a CPU, each batch's call is
-    ``decode_attention_math`` compiled, else SDPA.
+    capacity share one SDPA call over their ``KVBatch`` (their buffers are rows of one tensor;
+    lengths masked): at batch 8 and 512 tokens one call took 199 us against 315 us for eight.
+    A request alone in its capacity gets its own call, on views of its cache.
     """
     Hq, R, D = q.shape
     Hkv = k.shape[0]
     append_one_token(states, torch.stack([k, v]))  # (2, Hkv, R, D)
-    kernel = decode_attention_fn() if q.device.type == "cpu" else decode_attention_sdpa
-    compiled = kernel is not decode_attention_sdpa
-    gqa = q.dtype == torch.float32 and not compiled  # enable_gqa is fine in fp32 and splits over 9 heads, not 3
+    gqa = q.dtype == torch.float32  # enable_gqa is fine in fp32 and splits over 9 heads, not 3
     if gqa:
         qb = q.transpose(0, 1)[:, :, None]  # (R, Hq, 1, D)
     else:
@@ -150,32 +146,27 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, states: Sequence[KVState])
     for r, s in enumerate(states):
         by_capacity.setdefault(s.capacity, []).append(r)
     if len(by_capacity) == 1 and R > 1:
-        o = _attend_kv_batch(qb, states, gqa, kernel if compiled else None)
+        o = _attend_kv_batch(qb, states, gqa)
     else:
         outs: list[Tensor | None] = [None] * R
         for rows in by_capacity.values():
             if len(rows) == 1:
                 r = rows[0]
-                # SDPA even when compiled: for one request it splits its work over threads better
-                # (10.0 against 11.6 ms per teacher step at C = 512, 2 threads)
                 outs[r] = F.scaled_dot_product_attention(qb[r: r + 1], *states[r].batch_views(), enable_gqa=gqa)
             else:
-                o = _attend_kv_batch(qb[rows], [states[r] for r in rows], gqa, kernel if compiled else None)
+                o = _attend_kv_batch(qb[rows], [states[r] for r in rows], gqa)
                 for j, r in enumerate(rows):
                     outs[r] = o[j: j + 1]
         o = torch.cat(outs) if R > 1 else outs[0]
     return o.reshape(R, Hq * D)  # (R, Hkv, G, D) or (R, Hq, 1, D): head-major either way
 
 
-def _attend_kv_batch(qb: Tensor, states: Sequence[KVState], gqa: bool, kernel=None) -> Tensor:
-    """One call for requests of one capacity: their ``KVBatch`` up to the longest length, the
-    shorter ones' rows past their length masked. qb (R, heads, queries, D). ``kernel``: a compiled
-    ``decode_attention_math``, else SDPA."""
+def _attend_kv_batch(qb: Tensor, states: Sequence[KVState], gqa: bool) -> Tensor:
+    """One SDPA call for requests of one capacity: their ``KVBatch`` up to the longest length,
+    the shorter ones' rows past their length masked. qb (R, heads, queries, D)."""
     kv = KVBatch.of(states).kv
     lengths = [s.length for s in states]
     L = max(lengths)
-    if kernel is not None:
-        return kernel(qb, kv[0, :, :, :L], kv[1, :, :, :L], torch.tensor(lengths, device=qb.device))
     mask = None
     if min(lengths) != L:
         mask = (torch.arange(L, device=qb.device)[None] < torch.tensor(lengths, device=qb.device)[:, None])[:, None, None]

@@ -1,9 +1,7 @@
 """The process-wide switch for compiled decode kernels (``--compile-decode``), and the wrapper that
 runs a ``torch.compile``d function but falls back to its eager form for good when compiling fails.
 
-Two decode kernels use it: the DSLA layer's step (``dsla.model.dsla.window_decode_layer``) and the
-softmax attention of a decode step over cached keys (``dsla.ops.attention.decode_attention_math``).
-Compiling needs a C++ compiler for CPU (inductor) and takes a while on the first steps after the
+The DSLA layer's decode step (``dsla.model.dsla.window_decode_layer``) uses it. Compiling needs a C++ compiler for CPU (inductor) and takes a while on the first steps after the
 switch is turned on; where it fails, decoding goes on eagerly with a warning.
 """
 
