@@ -90,6 +90,24 @@ def test_chunked_matches_reference(case, init_state):
         close(s.k, x[1][:, :, T - W:], 0)
 
 
+@pytest.mark.parametrize("sinks", [0, 2])
+@pytest.mark.parametrize("T", [37, 64, 81])
+def test_the_exact_part_in_query_segments_is_the_same(T, sinks, monkeypatch):
+    """Queries in segments of 32 (two blocks of 16; T = 37 and 81 leave a short, padded last
+    segment): equal to one segment for all T (the same blocks: equal up to the matmuls' summation
+    order) and to the reference."""
+    import dsla.ops.window as window_mod
+    B, H, G, D, K, V, S, W, C = 2, 2, 3, 8, 6, 5, 2, 8, 16
+    x, P, st = make_inputs(B, T, H, G, D, K, V, S, W, init_state=not sinks)
+    u_one, s_one = window_chunked(*x, phi_of(P), st, window=W, sinks=sinks, chunk_size=C)
+    monkeypatch.setattr(window_mod, "_BAND_SEGMENT", 32)
+    u_seg, s_seg = window_chunked(*x, phi_of(P), st, window=W, sinks=sinks, chunk_size=C)
+    close(u_seg, u_one, 1e-13)
+    close_state(s_seg, s_one, 0)
+    u_ref, _ = window_reference(*x, phi_of(P), st, window=W, sinks=sinks)
+    close(u_seg, u_ref)
+
+
 @pytest.mark.parametrize("case", CASES[:4], ids=case_id)
 def test_steps_and_fold_match_reference(case):
     B, T, H, G, D, K, V, S, W, C = case
