@@ -477,7 +477,7 @@ def decode_layer_fn():
     # dynamic. dynamic=True made every size symbolic (heads, window, dims), and inductor's kernels
     # for that were ~1.6x slower (161 vs 258 us per layer at 1 request, 489 vs 774 at 8; student
     # shapes, 2 threads, AVX-512)
-    return decode_kernel(window_decode_layer, window_decode_layer, dynamic=None, batch_args=_PER_REQUEST)
+    return decode_kernel(window_decode_layer, dynamic=None, batch_args=_PER_REQUEST)
 
 
 class DecodeBatch:

@@ -1,8 +1,9 @@
 """The process-wide switch for compiled decode kernels (``--compile-decode``), and the wrapper that
 runs a ``torch.compile``d function but falls back to its eager form for good when compiling fails.
 
-The DSLA layer's decode step (``dsla.model.dsla.window_decode_layer``) uses it. Compiling needs a C++ compiler for CPU (inductor) and takes a while on the first steps after the
-switch is turned on; where it fails, decoding goes on eagerly with a warning.
+The DSLA layer's decode step (``dsla.model.dsla.window_decode_layer``) uses it. Compiling needs a
+C++ compiler for CPU (inductor) and takes a while on the first steps after the switch is turned on;
+where it fails, decoding goes on eagerly with a warning.
 """
 
 from __future__ import annotations
@@ -25,21 +26,15 @@ def use_compiled_decode(on: bool) -> None:
     _STATE["fns"].clear()
 
 
-def compiled_decode_on() -> bool:
-    return _STATE["on"]
-
-
-def decode_kernel(compiled_form: Callable, eager_form: Callable, *, dynamic: bool | None,
-                  batch_args: tuple[int, ...] = ()) -> Callable:
-    """``eager_form`` while the switch is off; else one ``SafeCompiled`` of ``compiled_form``
-    (built on first use, kept until the switch changes) that falls back to ``eager_form``."""
+def decode_kernel(fn: Callable, *, dynamic: bool | None, batch_args: tuple[int, ...] = ()) -> Callable:
+    """``fn`` while the switch is off; else one ``SafeCompiled`` of it (built on first use, kept
+    until the switch changes) that falls back to ``fn`` itself."""
     if not _STATE["on"]:
-        return eager_form
-    fn = _STATE["fns"].get(compiled_form)
-    if fn is None:
-        fn = _STATE["fns"][compiled_form] = SafeCompiled(
-            torch.compile(compiled_form, dynamic=dynamic), eager_form, compiled_form.__name__, batch_args)
-    return fn
+        return fn
+    compiled = _STATE["fns"].get(fn)
+    if compiled is None:
+        compiled = _STATE["fns"][fn] = SafeCompiled(torch.compile(fn, dynamic=dynamic), fn, fn.__name__, batch_args)
+    return compiled
 
 
 class SafeCompiled:

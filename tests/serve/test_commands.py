@@ -112,3 +112,20 @@ def test_dtype_auto_resolves_at_parse_time(monkeypatch, flags, want):
     assert build_parser().parse_args(["eval"]).dtype == "float32"  # the others keep float32 by default
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--dtype", "float16"])
+
+
+def test_call_in_thread_returns_the_value_from_another_thread_and_reraises():
+    """``dsla serve`` loads the model through it, so the loading thread's OpenMP team exits with it."""
+    import threading
+
+    from dsla.serve.commands import call_in_thread
+
+    main = threading.get_ident()
+    value, ident = call_in_thread(lambda a, b=0: (a + b, threading.get_ident()), 2, b=3)
+    assert value == 5 and ident != main
+
+    def boom():
+        raise ValueError("--teacher 'x' is not a prepared teacher: run `dsla prepare`")
+
+    with pytest.raises(ValueError, match="not a prepared teacher"):
+        call_in_thread(boom)
