@@ -102,8 +102,9 @@ class LlamaAttention(nn.Module):
 
     def _one_by_one(self, q: Tensor, k: Tensor, v: Tensor, seq_lens: Sequence[int],
                     states: Sequence[KVState] | None) -> Tensor:
-        """Attention request by request: q (Hq, N, D), k and v (Hkv, N, D) after RoPE, the N tokens
-        of ``seq_lens``'s requests in order; each request continues its state, if given. (N, Hq*D)."""
+        """Attention request by request: q (Hq, N, D) and k (Hkv, N, D) after RoPE, v (Hkv, N, D);
+        the N tokens of ``seq_lens``'s requests in order; each request continues its state, if
+        given. Returns (N, Hq*D)."""
         outs, start = [], 0
         for r, L in enumerate(seq_lens):
             qr, kr, vr = (t[:, start: start + L] for t in (q, k, v))

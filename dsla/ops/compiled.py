@@ -28,7 +28,8 @@ def use_compiled_decode(on: bool) -> None:
 
 def decode_kernel(fn: Callable, *, dynamic: bool | None, batch_args: tuple[int, ...] = ()) -> Callable:
     """``fn`` while the switch is off; else one ``SafeCompiled`` of it (built on first use, kept
-    until the switch changes) that falls back to ``fn`` itself."""
+    until the switch changes) that falls back to ``fn`` itself. The first call's ``dynamic`` and
+    ``batch_args`` are the ones used: pass the same ones every time."""
     if not _STATE["on"]:
         return fn
     compiled = _STATE["fns"].get(fn)

@@ -282,7 +282,8 @@ _QUERY_BLOCK = 16  # queries per block of the banded exact part: each block comp
 
 _BAND_SEGMENT = 512  # queries per call of _band_segment: its scores stay cache-sized. At T = 8192,
 #                     W = 512 (2-core AVX-512 CPU) one call for all took 264-267 ms per layer, 512-query
-#                     segments 127-132 ms, with bit-identical results (whole blocks either way)
+#                     segments 127-132 ms; the same blocks, so equal up to the matmuls' summation order
+assert _BAND_SEGMENT % _QUERY_BLOCK == 0, "segments must hold whole query blocks"
 
 
 def _band(q: Tensor, kc: Tensor, vc: Tensor, valid: Tensor, W: int,

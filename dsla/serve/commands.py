@@ -247,7 +247,8 @@ def call_in_thread(fn, *args, **kwargs):
         except BaseException as e:  # re-raised in the caller's thread
             out["error"] = e
 
-    t = threading.Thread(target=target, name=f"dsla-{getattr(fn, '__name__', 'call')}")
+    # a daemon: Ctrl-C during the load ends the process on every Python version
+    t = threading.Thread(target=target, name=f"dsla-{getattr(fn, '__name__', 'call')}", daemon=True)
     t.start()
     t.join()
     if "error" in out:

@@ -89,25 +89,34 @@ def test_batched_decode_equals_each_request_alone_and_full_forward(hybrid, plans
             assert st.length == len(s)
 
 
-@pytest.mark.parametrize("plans", [[[]] * 4, [[1], [], [0, 1, 2], [1]]], ids=["attn", "mixed"])
-def test_a_step_of_decodes_and_prefill_chunks_equals_each_request_alone(hybrid, plans):
-    """Requests 0 and 1 prefill; then one step where 0 and 1 decode while 2 prefills its prompt and
-    3 its single token (the decodes attend together, the chunks one by one); then decodes."""
+@pytest.mark.parametrize("plans", [[[]] * 5, [[1], [], [1], [1], [1]]], ids=["attn", "mixed"])
+def test_a_step_of_decodes_and_prefill_chunks_equals_each_request_alone(hybrid, plans, monkeypatch):
+    """Requests 0 and 1 prefill; then one step where 0 and 1 decode while 2 and 4 prefill their
+    prompts and 3 its single token (the decodes attend together, the chunks one by one); then
+    decodes. With "mixed", layers 0 and 2 see that step in attention for 4 requests and layer 1
+    splits it between attention and DSLA."""
+    from dsla.model.llama import LlamaAttention
     g = torch.Generator().manual_seed(8)
-    seqs = [torch.randint(0, 97, (n,), generator=g) for n in (10, 12, 11, 6)]
-    prompt = [5, 7, 6, 1]
+    seqs = [torch.randint(0, 97, (n,), generator=g) for n in (10, 12, 11, 6, 9)]
+    prompt = [5, 7, 6, 1, 4]
     caches = [hybrid.new_cache(p, capacity=4) for p in plans]
     got = [[] for _ in seqs]
+    seen = []  # the seq_lens of attention layers' mixed steps
+    one_by_one = LlamaAttention._one_by_one
+    monkeypatch.setattr(LlamaAttention, "_one_by_one", lambda self, q, k, v, lens, st: (
+        seen.append(list(lens)), one_by_one(self, q, k, v, lens, st))[1])
     with torch.no_grad():
         hybrid(torch.cat([seqs[0][:5], seqs[1][:7]]), [5, 7], caches[:2])
-        ids = torch.cat([seqs[0][5:6], seqs[1][7:8], seqs[2][:6], seqs[3][:1]])
-        logits = hybrid(ids, [1, 1, 6, 1], caches)
-        for r, end in enumerate((0, 1, 7, 8)):
+        ids = torch.cat([seqs[0][5:6], seqs[1][7:8], seqs[2][:6], seqs[3][:1], seqs[4][:4]])
+        seen.clear()
+        logits = hybrid(ids, [1, 1, 6, 1, 4], caches)
+        assert [6, 4] in seen  # the decodes went together, the two prefill chunks one by one
+        for r, end in enumerate((0, 1, 7, 8, 12)):
             got[r].append(logits[end])
-        pos = [6, 8, 6, 1]
+        pos = [6, 8, 6, 1, 4]
         for _ in range(3):
-            logits = hybrid(torch.stack([s[p] for s, p in zip(seqs, pos)]), [1] * 4, caches)
-            for r in range(4):
+            logits = hybrid(torch.stack([s[p] for s, p in zip(seqs, pos)]), [1] * 5, caches)
+            for r in range(5):
                 got[r].append(logits[r])
             pos = [p + 1 for p in pos]
     for r, (s, p) in enumerate(zip(seqs, plans)):
