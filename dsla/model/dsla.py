@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,21 @@ from dsla.ops.compiled import decode_kernel
 from dsla.ops.dsla import dsla_chunked, dsla_fold, dsla_step
 from dsla.ops.rope import rope_cos_sin, rope_tables, rotate, unapply_rope
 from dsla.ops.window import WindowState, ring_from_ordered, window_chunked, window_decode_math, window_fold
+
+
+class HeadParams(NamedTuple):
+    """A DSLA layer's per-head maps as tensors (``DSLAAttention.head_params``): the feature maps'
+    and gates' weights (H, D, ·) and biases (H, 1, ·) per KV head, the state mix and window scale
+    (H*G,) per query head; None where the layer has no such map."""
+
+    w_fq: Tensor
+    w_fk: Tensor
+    w_hist: Tensor
+    b_hist: Tensor
+    w_rec: Tensor | None
+    b_rec: Tensor | None
+    mix_logits: Tensor | None
+    window_log_scale: Tensor | None
 
 
 class HeadwiseLinear(nn.Module):
@@ -97,22 +112,56 @@ class DSLAAttention(nn.Module):
         if bad:
             raise ValueError(f"exact KV groups {bad} are out of range: the layer has {H} KV heads (0..{H - 1})")
         self.exact_groups = gs
-        self._exact_index: dict[torch.device, tuple[Tensor, Tensor]] = {}
+        # the KV heads that run DSLA: the states, windows and per-head maps cover these only
+        self.dsla_groups = tuple(h for h in range(H) if h not in gs)
+        self._head_index: dict[tuple[tuple[int, ...], torch.device], tuple[Tensor, Tensor]] = {}
+        self._params_cache: tuple[tuple, HeadParams] | None = None
+
+    def _heads(self, groups: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor]:
+        """Indices of these KV heads and of their query heads (head-major), built once per device."""
+        key = (groups, device)
+        if key not in self._head_index:
+            G = self.lcfg.group_size
+            kh = torch.tensor(groups, device=device, dtype=torch.long)
+            self._head_index[key] = kh, (kh[:, None] * G + torch.arange(G, device=device)).flatten()
+        return self._head_index[key]
 
     def _exact_heads(self, device: torch.device) -> tuple[Tensor, Tensor]:
-        """Indices of the exact groups' KV heads and of their query heads (head-major), built once
-        per device."""
-        if device not in self._exact_index:
-            G = self.lcfg.group_size
-            kh = torch.tensor(self.exact_groups, device=device)
-            self._exact_index[device] = kh, (kh[:, None] * G + torch.arange(G, device=device)).flatten()
-        return self._exact_index[device]
+        """Indices of the exact groups' KV heads and of their query heads."""
+        return self._heads(self.exact_groups, device)
+
+    def _dsla_heads(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Indices of the DSLA heads (the KV heads not exact) and of their query heads."""
+        return self._heads(self.dsla_groups, device)
+
+    def head_params(self) -> HeadParams:
+        """The per-head maps of the DSLA heads: the parameters as they are without exact groups,
+        else their rows of those heads (an exact group's maps are never used, so its heads get no
+        states and no work). Cached outside autograd while the parameters are unchanged."""
+        rec = self.recency_gate if self.cfg.num_states == 2 else None
+        full = HeadParams(self.feature_q.weight, self.feature_k.weight, self.history_gate.weight,
+                          self.history_gate.bias, None if rec is None else rec.weight, None if rec is None else rec.bias,
+                          self.mix_logits if rec is not None else None,
+                          self.window_log_scale if self.cfg.window else None)
+        if not self.exact_groups:
+            return full
+        grad = torch.is_grad_enabled()
+        key = tuple((t.data_ptr(), t._version) for t in full if t is not None)
+        if not grad and self._params_cache is not None and self._params_cache[0] == key:
+            return self._params_cache[1]
+        kd, qd = self._dsla_heads(full.w_fq.device)
+        per_query = {"mix_logits", "window_log_scale"}  # (Hq,) parameters; the others (H, ...)
+        p = HeadParams(*(None if t is None else t.index_select(0, qd if name in per_query else kd)
+                         for name, t in zip(HeadParams._fields, full)))
+        if not grad:
+            self._params_cache = (key, p)
+        return p
 
     @property
     def state_shape(self) -> tuple[int, int, int, int]:
-        """(H, S, K, V+1) of one request's state."""
+        """(H, S, K, V+1) of one request's state, H the DSLA heads (the exact groups have none)."""
         lc = self.lcfg
-        return lc.num_key_value_heads, self.cfg.num_states, 2 * self.cfg.feature_dim, lc.head_dim + 1
+        return len(self.dsla_groups), self.cfg.num_states, 2 * self.cfg.feature_dim, lc.head_dim + 1
 
     def new_state(self, device: torch.device | str = "cpu", capacity: int = 64) -> DSLAState:
         """A zero state; with a window, its W rows of k and v (model dtype) allocated up front;
@@ -123,42 +172,36 @@ class DSLAAttention(nn.Module):
         W = self.cfg.window
         if not W:
             return DSLAState(st, exact=exact)
-        rows = lambda n: torch.zeros(lc.num_key_value_heads, n, lc.head_dim, dtype=dtype, device=device)  # noqa: E731
+        rows = lambda n: torch.zeros(len(self.dsla_groups), n, lc.head_dim, dtype=dtype, device=device)  # noqa: E731
         S = self.cfg.sinks
         return DSLAState(st, 0, rows(W), rows(W), exact=exact, sink_k=rows(S) if S else None,
                          sink_v=rows(S) if S else None)
 
     # ---- the pieces that depend on k alone (and so can be recomputed from a KV cache) ----------
+    # These take and give the DSLA heads only (``dsla_groups``, H of them; all KV heads without
+    # exact groups).
     def key_side(self, k_raw: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """phi(k) (H, N, K), values with a ones column (H, N, V+1), log decays (H, S, N, K) fp32."""
         v1 = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
-        return self.feature(k, self.feature_k), v1, self.log_gates(k_raw)
+        return feature_map(k, self.head_params().w_fk), v1, self.log_gates(k_raw)
 
     def log_gates(self, k_raw: Tensor) -> Tensor:
         """Log decays (H, S, N, K) float32 from the keys before RoPE (H, N, D)."""
-        rec = self.recency_gate if self.cfg.num_states == 2 else None
-        return log_decays(k_raw.float(), self.history_gate.weight, self.history_gate.bias,
-                          None if rec is None else rec.weight, None if rec is None else rec.bias)
+        p = self.head_params()
+        return log_decays(k_raw.float(), p.w_hist, p.b_hist, p.w_rec, p.b_rec)
 
     def key_feature(self, k: Tensor) -> Tensor:
         """phi of keys laid out (B, H, N, D) -> (B, H, N, K): the window ops' ``feature``."""
-        return self.feature(k.transpose(0, 1), self.feature_k).transpose(0, 1)
-
-    @staticmethod
-    def feature(x: Tensor, proj: HeadwiseLinear) -> Tensor:
-        """``feature_map`` with a feature projection's weight: (H, ..., D) -> (H, ..., 2F)."""
-        return feature_map(x, proj.weight)
+        return feature_map(k.transpose(0, 1), self.head_params().w_fk).transpose(0, 1)
 
     def mix(self) -> Tensor:
-        """(Hkv, G, S) weights of the states in the output: gamma, 1 - gamma per query head."""
-        lc = self.lcfg
-        return state_mix(self.mix_logits if self.cfg.num_states == 2 else None, lc.num_key_value_heads,
-                         lc.group_size, self.feature_q.weight.device)
+        """(H, G, S) weights of the states in the output: gamma, 1 - gamma per query head."""
+        return state_mix(self.head_params().mix_logits, len(self.dsla_groups), self.lcfg.group_size,
+                         self.feature_q.weight.device)
 
     def window_factor(self) -> Tensor:
-        """(Hkv, G) weight f = exp(window_log_scale) of the exact window per query head."""
-        lc = self.lcfg
-        return self.window_log_scale.float().exp().view(lc.num_key_value_heads, lc.group_size)
+        """(H, G) weight f = exp(window_log_scale) of the exact window per query head."""
+        return self.head_params().window_log_scale.float().exp().view(len(self.dsla_groups), self.lcfg.group_size)
 
     # ---- forward ------------------------------------------------------------------------------
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, seq_lens: Sequence[int],
@@ -181,20 +224,30 @@ class DSLAAttention(nn.Module):
         Returns (Hq, N, D).
         """
         lc, cfg = self.lcfg, self.cfg
-        H, G, V = lc.num_key_value_heads, lc.group_size, lc.head_dim
-        fq = self.feature(q.view(H, G, -1, V), self.feature_q)  # (H, G, N, K)
+        H, G, V = len(self.dsla_groups), lc.group_size, lc.head_dim
+        qd, kd_raw, kd, vd = q, k_raw, k, v
+        if self.exact_groups:  # the DSLA part runs on the other heads only
+            kh, qh = self._dsla_heads(q.device)
+            qd, kd_raw, kd, vd = q.index_select(0, qh), k_raw.index_select(0, kh), k.index_select(0, kh), \
+                v.index_select(0, kh)
+        if not H:  # every KV group exact: no DSLA part, the states only count the tokens
+            for st, L in zip(states or (), seq_lens):
+                st.length += L
+            return self._attend_exact(q.new_zeros(0, q.shape[1], V), q, k, v, seq_lens, states)
+        fq = feature_map(qd.view(H, G, -1, V), self.head_params().w_fq)  # (H, G, N, K)
         if cfg.window:
-            u = self._attend_window(q.view(H, G, -1, V), k_raw, k, v, fq, seq_lens, states)
+            u = self._attend_window(qd.view(H, G, -1, V), kd_raw, kd, vd, fq, seq_lens, states)
         else:
-            u = self._attend_dsla(fq, k_raw, k, v, seq_lens, states)  # (H, G, N, V+1)
+            u = self._attend_dsla(fq, kd_raw, kd, vd, seq_lens, states)  # (H, G, N, V+1)
         o = u[..., :V] / (u[..., V:].float() + cfg.eps).to(u.dtype)  # (H, G, N, V)
-        o = o.reshape(lc.num_attention_heads, -1, V)  # (Hq, N, V)
+        o = o.reshape(H * G, -1, V)  # (H*G, N, V)
         return self._attend_exact(o, q, k, v, seq_lens, states) if self.exact_groups else o
 
     def _attend_exact(self, o: Tensor, q: Tensor, k: Tensor, v: Tensor, seq_lens: Sequence[int],
                       states: Sequence[DSLAState] | None) -> Tensor:
-        """``o`` (Hq, N, V) with the exact groups' query heads replaced by softmax attention over
-        each request's tokens (and, with states, its cached ones: the tokens are appended)."""
+        """All heads (Hq, N, V): the DSLA heads' outputs ``o`` (their query heads, in order) and
+        the exact groups' softmax attention over each request's tokens (and, with states, its
+        cached ones: the tokens are appended)."""
         kh, qh = self._exact_heads(q.device)
         qe, ke, ve = q.index_select(0, qh), k.index_select(0, kh), v.index_select(0, kh)
         T = uniform_length(seq_lens, states)
@@ -212,7 +265,8 @@ class DSLAAttention(nn.Module):
                 outs.append(causal_attention(qr[None], kr[None], vr[None])[0])  # (nG, L, D)
                 start += L
             e = torch.cat(outs, dim=1)
-        return o.index_copy(0, qh, e.to(o.dtype))  # out of place: autograd sees both parts
+        out = o.new_zeros(q.shape[0], *o.shape[1:])  # out of place: autograd sees both parts
+        return out.index_copy(0, self._dsla_heads(q.device)[1], o).index_copy(0, qh, e.to(o.dtype))
 
     def _attend_dsla(self, fq: Tensor, k_raw: Tensor, k: Tensor, v: Tensor, seq_lens: Sequence[int],
                      states: Sequence[DSLAState] | None) -> Tensor:
@@ -308,7 +362,38 @@ class DSLAAttention(nn.Module):
         are stored."""
         k_raw, v = self.teacher.k_proj(x), self.teacher.v_proj(x)
         check_finite(k_raw, v)  # before the ring is written: a key of -inf could hide behind w = 0
-        lengths = torch.tensor([s.length for s in states], device=x.device)
+        q = self.q_proj(x)
+        if not self.exact_groups:
+            o = self._decode_dsla(q, k_raw, v, cos, sin, states)
+            return self.o_proj(o)
+        # the DSLA heads through the step, the exact groups' heads by softmax over each request's
+        # cached KV of those heads; each part's query heads then go to their places in o
+        lc, R, D = self.lcfg, x.shape[0], self.lcfg.head_dim
+        heads = lambda t, n, idx: t.view(R, n, D).index_select(1, idx)  # noqa: E731  (R, len(idx), D)
+        kd, qd = self._dsla_heads(x.device)
+        kh, qh = self._exact_heads(x.device)
+        o = q.new_empty(R, lc.num_attention_heads, D)
+        if len(kd):
+            od = self._decode_dsla(heads(q, lc.num_attention_heads, qd).reshape(R, -1),
+                                   heads(k_raw, lc.num_key_value_heads, kd).reshape(R, -1),
+                                   heads(v, lc.num_key_value_heads, kd).reshape(R, -1), cos, sin, states)
+            o.index_copy_(1, qd, od.view(R, -1, D))
+        else:
+            for s in states:
+                s.length += 1
+        tables = rope_tables(cos, sin, q.dtype)
+        qe = rotate(heads(q, lc.num_attention_heads, qh).transpose(0, 1), *tables)  # (nG, R, D)
+        ke = rotate(heads(k_raw, lc.num_key_value_heads, kh).transpose(0, 1), *tables)  # (n, R, D)
+        ve = heads(v, lc.num_key_value_heads, kh).transpose(0, 1)
+        e = decode_attention(qe, ke, ve, [s.exact for s in states])  # (R, nG*D)
+        o.index_copy_(1, qh, e.view(R, -1, D))
+        return self.o_proj(o.view(R, -1))
+
+    def _decode_dsla(self, q: Tensor, k_raw: Tensor, v: Tensor, cos: Tensor, sin: Tensor,
+                     states: Sequence[DSLAState]) -> Tensor:
+        """The DSLA heads' part of a decode step: q (R, H*G*D), k_raw / v (R, H*D) of those heads
+        from the projections; returns their o (R, H*G*D), the states advanced by one token."""
+        lengths = torch.tensor([s.length for s in states], device=q.device)
         batch = DecodeBatch.of(states)
         s0 = batch.states if batch else torch.stack([s.state for s in states])  # (R, H, S, K, V+1)
         rk = batch.k if batch else torch.stack([s.window_k for s in states])  # (R, H, W, D)
@@ -317,27 +402,13 @@ class DSLAAttention(nn.Module):
         if self.cfg.sinks:  # (R, H, S, D)
             sk = batch.sk if batch else torch.stack([s.sink_k for s in states])
             sv = batch.sv if batch else torch.stack([s.sink_v for s in states])
-        rec = self.recency_gate if self.cfg.num_states == 2 else None
-        q = self.q_proj(x)
-        o, s1, qr, kr = decode_layer_fn()(
-            q, k_raw, v, cos, sin,
-            self.feature_q.weight, self.feature_k.weight, self.history_gate.weight, self.history_gate.bias,
-            None if rec is None else rec.weight, None if rec is None else rec.bias,
-            self.mix_logits if rec is not None else None, self.window_log_scale, s0, rk, rv, lengths, self.cfg.eps,
-            sk, sv)
+        p = self.head_params()
+        o, s1 = decode_layer_fn()(q, k_raw, v, cos, sin, p.w_fq, p.w_fk, p.w_hist, p.b_hist, p.w_rec, p.b_rec,
+                                  p.mix_logits, p.window_log_scale, s0, rk, rv, lengths, self.cfg.eps, sk, sv)
         check_finite(o)  # NaN / inf in the states reach o; then they are not stored (the ring row is:
         # the engine fails the step's requests, so their caches are dropped)
         DecodeBatch(s1, rk, rv, sk, sv).assign(states)
-        if self.exact_groups:  # their heads of o: softmax over each request's cached KV of those heads
-            lc, R = self.lcfg, o.shape[0]
-            kh, qh = self._exact_heads(x.device)
-            # q and k as the step rotated them (R, H, G, D), (R, H, D): the heads of the exact groups
-            qe = qr.reshape(R, lc.num_attention_heads, -1).index_select(1, qh).transpose(0, 1)  # (nG, R, D)
-            ke = kr.index_select(1, kh).transpose(0, 1)  # (n, R, D)
-            ve = v.view(R, lc.num_key_value_heads, -1).index_select(1, kh).transpose(0, 1)
-            e = decode_attention(qe, ke, ve, [s.exact for s in states])  # (R, nG*D)
-            o = o.view(R, lc.num_attention_heads, -1).index_copy(1, qh, e.view(R, len(qh), -1))
-            o = o.view(R, -1)
+        return o
         return self.o_proj(o)
 
     def _run_requests(self, fq: Tensor, fk: Tensor, v1: Tensor, g: Tensor, mix: Tensor,
@@ -386,16 +457,23 @@ class DSLAAttention(nn.Module):
         if T == 0:
             return self.new_state(kv.k.device)  # fold replaces its exact groups' buffer
         cos, sin = rope_cos_sin(torch.arange(T, device=kv.k.device), inv_freq)
-        k = kv.k
+        k, v = kv.k, kv.v  # (Hkv, T, D)
+        if self.exact_groups:  # the DSLA heads' rows
+            kd = self._dsla_heads(k.device)[0]
+            k, v = k.index_select(0, kd), v.index_select(0, kd)
+        if not self.dsla_groups:
+            st = self.new_state(kv.k.device)
+            st.length = T
+            return st
         with torch.no_grad():
             if self.cfg.window:  # tokens older than the window into the states, the last W rows kept
-                ws = window_fold(k[None], kv.v[None], self.log_gates(unapply_rope(k, cos, sin))[None],
+                ws = window_fold(k[None], v[None], self.log_gates(unapply_rope(k, cos, sin))[None],
                                  self.key_feature, None, window=self.cfg.window, sinks=self.cfg.sinks,
                                  chunk_size=self.cfg.chunk_size)
                 sinks = {} if not self.cfg.sinks else {"sink_k": ws.sink_k[0], "sink_v": ws.sink_v[0]}
                 return DSLAState(ws.states[0], T, ring_from_ordered(ws.k[0], T), ring_from_ordered(ws.v[0], T),
                                  **sinks)
-            fk, v1, g = self.key_side(unapply_rope(k, cos, sin), k, kv.v)
+            fk, v1, g = self.key_side(unapply_rope(k, cos, sin), k, v)
             s = dsla_fold(fk[None], v1[None], g[None], None, chunk_size=self.cfg.chunk_size)
         return DSLAState(s[0], length=T)
 
@@ -429,7 +507,7 @@ def window_decode_layer(q: Tensor, k_raw: Tensor, v: Tensor, cos: Tensor, sin: T
                         w_hist: Tensor, b_hist: Tensor, w_rec: Tensor | None, b_rec: Tensor | None,
                         mix_logits: Tensor | None, window_log_scale: Tensor, states: Tensor, ring_k: Tensor,
                         ring_v: Tensor, lengths: Tensor, eps: float, sink_k: Tensor | None = None,
-                        sink_v: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                        sink_v: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """A DSLA layer's decode step between its projections, for R requests, as one pure function
     of tensors (the module's parameters are arguments, so one ``torch.compile`` serves every
     layer): RoPE, the feature maps and gates (``feature_map``, ``log_decays``, ``state_mix``, as
@@ -437,8 +515,8 @@ def window_decode_layer(q: Tensor, k_raw: Tensor, v: Tensor, cos: Tensor, sin: T
 
     q (R, Hq*D), k_raw / v (R, Hkv*D) straight from q_proj / k_proj / v_proj; cos, sin (R, D);
     states, rings, lengths and sinks as ``window_decode`` takes them (rings and sinks are written in place).
-    Returns o (R, Hq*D) in q's dtype, ready for o_proj, the new states, and q and k after RoPE,
-    (R, H, G, D) and (R, H, D) (the exact KV groups' heads attend with them).
+    The heads are those of the weights (a layer with exact KV groups passes its DSLA heads' rows).
+    Returns o (R, Hq*D) in q's dtype, ready for o_proj, and the new states.
     """
     R = q.shape[0]
     H, D, _ = w_fq.shape
@@ -463,7 +541,7 @@ def window_decode_layer(q: Tensor, k_raw: Tensor, v: Tensor, cos: Tensor, sin: T
                                lambda t: phi(t, w_fk), states, ring_k, ring_v, lengths, sink_k, sink_v)
     V = u.shape[-1] - 1
     o = u[..., :V] / (u[..., V:].float() + eps).to(u.dtype)  # (R, H, G, V)
-    return o.reshape(R, -1).to(dt), st, qr, k
+    return o.reshape(R, -1).to(dt), st
 
 
 # the arguments of window_decode_layer with one row per request (dim 0): q, k_raw, v, cos, sin,

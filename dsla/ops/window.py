@@ -330,7 +330,16 @@ def _band_segment(q: Tensor, kc: Tensor, vc: Tensor, valid: Tensor, W: int,
     qb = q.view(B, H, G, nb, Q, D).transpose(2, 3).reshape(B, H, nb, G * Q, D) / math.sqrt(D)
     kb = kc.unfold(2, W + Q, Q)  # (B, H, nb, D, W+Q)
     vb = vc.unfold(2, W + Q, Q).transpose(-1, -2)  # (B, H, nb, W+Q, V)
-    s = (qb @ kb).view(B, H, nb, G, Q, W + Q)  # scores
+    grad = torch.is_grad_enabled() and (qb.requires_grad or kb.requires_grad or vb.requires_grad)
+    if grad:
+        s = qb @ kb
+    else:  # per sequence and head: bmm takes the overlapping unfold views as they are (a batched
+        # matmul over (B, H, nb) would first copy them, each key once per block)
+        s = qb.new_empty(B, H, nb, G * Q, W + Q)
+        for b in range(B):
+            for h in range(H):
+                torch.bmm(qb[b, h], kb[b, h], out=s[b, h])
+    s = s.view(B, H, nb, G, Q, W + Q)  # scores
     a = torch.arange(Q, device=q.device)[:, None]
     c = torch.arange(W + Q, device=q.device)[None]
     band = (c > a) & (c <= a + W)  # (Q, W+Q)
@@ -343,14 +352,20 @@ def _band_segment(q: Tensor, kc: Tensor, vc: Tensor, valid: Tensor, W: int,
             vis = torch.cat([vis, vis.new_zeros(B, pad, S)], dim=1)
         ss = (qb @ sk.to(qb.dtype).mT[:, :, None]).view(B, H, nb, G, Q, S)
         ss = ss.masked_fill(~vis.view(B, 1, nb, 1, Q, S), float("-inf"))
-    grad = torch.is_grad_enabled() and s.requires_grad
     s = s.masked_fill(off, float("-inf")) if grad else s.masked_fill_(off, float("-inf"))
     m = s.amax(-1, keepdim=True)  # finite: the diagonal is in the band
     if ss is not None:
         m = torch.maximum(m, ss.amax(-1, keepdim=True))
     # without autograd in place: the scores are the biggest temporary
     w = (s - m).exp() if grad else s.sub_(m).exp_()  # (B, H, nb, G, Q, W+Q)
-    num = (w.view(B, H, nb, G * Q, W + Q) @ vb).view(B, H, nb, G, Q, V)
+    if grad:
+        num = w.view(B, H, nb, G * Q, W + Q) @ vb
+    else:
+        num = w.new_empty(B, H, nb, G * Q, V)
+        for b in range(B):
+            for h in range(H):
+                torch.bmm(w[b, h].view(nb, G * Q, W + Q), vb[b, h], out=num[b, h])
+    num = num.view(B, H, nb, G, Q, V)
     den = w.sum(-1)
     if ss is not None:
         ws = (ss - m).exp()
