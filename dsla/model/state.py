@@ -127,14 +127,19 @@ class KVBatch:
                 m._set_buffer(m._kv.clone())
 
     @staticmethod
-    def of(states: Sequence[KVState]) -> KVBatch:
-        """The batch whose rows these states are, in this order; a new one (one copy) if there
-        is none. The states must share one capacity."""
+    def current(states: Sequence[KVState]) -> KVBatch | None:
+        """The batch whose rows these states are, exactly and in this order, or None."""
         first = states[0].batch
         if first is not None and len(first[0].members) == len(states) and \
                 all(s.batch is not None and s.batch[0] is first[0] and s.batch[1] == r for r, s in enumerate(states)):
             return first[0]
-        return KVBatch(states)
+        return None
+
+    @staticmethod
+    def of(states: Sequence[KVState]) -> KVBatch:
+        """The batch whose rows these states are, in this order; a new one (one copy) if there
+        is none. The states must share one capacity."""
+        return KVBatch.current(states) or KVBatch(states)
 
 
 def append_one_token(states: Sequence[KVState], kv: Tensor) -> None:
@@ -144,7 +149,14 @@ def append_one_token(states: Sequence[KVState], kv: Tensor) -> None:
     for s in states:
         if s.length == s.capacity:
             s.reserve(s.length + 1)
-    torch._foreach_copy_([s._kv.select(2, s.length) for s in states], kv.unbind(2))
+    batch = KVBatch.current(states)
+    if batch is not None:  # rows of one tensor: one indexed write (R slice views cost more than the copy)
+        R = len(states)
+        rows = torch.arange(R, device=kv.device)
+        pos = torch.tensor([s.length for s in states], device=kv.device)
+        batch.kv.permute(1, 3, 0, 2, 4).index_put_((rows, pos), kv.permute(2, 0, 1, 3))  # (R, cap, 2, H, D)[r, len]
+    else:
+        torch._foreach_copy_([s._kv.select(2, s.length) for s in states], kv.unbind(2))
     for s in states:
         s.length += 1
 
