@@ -2,6 +2,7 @@
 layers for a ratio, timed, then run again under torch.profiler with the DSLA layer's parts marked.
 
     python scripts/profile_prefill.py --tokens 8192 --ratio 1 --student dsla/students/default
+    python scripts/profile_prefill.py --tokens 4096 --ratio 1 --chunk 512   # as the server prefills
 
 Prints one JSON line: tokens/s of the timed run and the seconds inside each marked part (the
 exact KV groups' causal attention, the window's banded exact part, the chunked dual states, ...),
@@ -50,9 +51,12 @@ def main() -> None:
     p.add_argument("--weights", default="mixed", help="--weights preset (native, packed, int8, int4, mixed)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--table", type=int, default=0, help="also print the top N ops by self CPU time")
+    p.add_argument("--chunk", type=int, default=0,
+                   help="prefill in chunks of this many tokens through the cache, as a server step of "
+                        "--max-num-batched-tokens does (default 0: one call)")
     a = p.parse_args()
-    if a.tokens < 1 or not 0 <= a.ratio <= 1:
-        p.error(f"--tokens {a.tokens} must be positive and --ratio {a.ratio} in [0, 1]")
+    if a.tokens < 1 or not 0 <= a.ratio <= 1 or a.chunk < 0:
+        p.error(f"--tokens {a.tokens} must be positive, --ratio {a.ratio} in [0, 1] and --chunk {a.chunk} ≥ 0")
     torch.set_num_threads(a.threads)
     from torch.profiler import ProfilerActivity, profile
 
@@ -69,10 +73,13 @@ def main() -> None:
     quantize_model(model, a.weights, torch.bfloat16)
     mark(PARTS)
     ids = torch.randint(0, 1000, (a.tokens,), generator=torch.Generator().manual_seed(0))
-    last = torch.tensor([a.tokens - 1])
+    step = a.chunk or a.tokens
 
     def prefill() -> None:
-        model(ids, [a.tokens], [model.new_cache(layers, a.tokens + 8)], logits_for=last)
+        cache = model.new_cache(layers, a.tokens + 8)
+        for t0 in range(0, a.tokens, step):
+            n = min(step, a.tokens - t0)
+            model(ids[t0: t0 + n], [n], [cache], logits_for=torch.tensor([n - 1]))
 
     with torch.inference_mode():
         prefill()  # warm-up
@@ -84,7 +91,7 @@ def main() -> None:
     events = prof.key_averages()
     parts = {e.key.removeprefix("part:"): round(e.cpu_time_total / 1e6, 3) for e in events if e.key.startswith("part:")}
     print(json.dumps({"cpu": cpu_model(), "threads": a.threads, "weights": a.weights, "tokens": a.tokens,
-                      "dsla_ratio": a.ratio, "dsla_layers": len(layers), "student": a.student, "seconds": round(s, 2),
+                      "chunk": a.chunk, "dsla_ratio": a.ratio, "dsla_layers": len(layers), "student": a.student, "seconds": round(s, 2),
                       "tokens_per_s": round(a.tokens / s, 1), "part_seconds_profiled": parts}))
     if a.table:
         print(events.table(sort_by="self_cpu_time_total", row_limit=a.table))

@@ -134,6 +134,15 @@ class DSLAAttention(nn.Module):
         """Indices of the DSLA heads (the KV heads not exact) and of their query heads."""
         return self._heads(self.dsla_groups, device)
 
+    def _rows(self, t: Tensor) -> Tensor:
+        """The DSLA heads' rows (dim 0) of a state tensor that has a row per KV head."""
+        return t if not self.exact_groups else t.index_select(0, self._dsla_heads(t.device)[0])
+
+    def _merged(self, full: Tensor, rows: Tensor) -> Tensor:
+        """``full`` (a row per KV head) with the DSLA heads' rows replaced by ``rows``, out of place
+        (``rows`` itself without exact groups)."""
+        return rows if not self.exact_groups else full.index_copy(0, self._dsla_heads(full.device)[0], rows)
+
     def head_params(self) -> HeadParams:
         """The per-head maps of the DSLA heads: the parameters as they are without exact groups,
         else their rows of those heads (an exact group's maps are never used, so its heads get no
@@ -159,9 +168,10 @@ class DSLAAttention(nn.Module):
 
     @property
     def state_shape(self) -> tuple[int, int, int, int]:
-        """(H, S, K, V+1) of one request's state, H the DSLA heads (the exact groups have none)."""
+        """(H, S, K, V+1) of one request's state, H every KV head (an exact group's rows stay unused:
+        see ``attend``)."""
         lc = self.lcfg
-        return len(self.dsla_groups), self.cfg.num_states, 2 * self.cfg.feature_dim, lc.head_dim + 1
+        return lc.num_key_value_heads, self.cfg.num_states, 2 * self.cfg.feature_dim, lc.head_dim + 1
 
     def new_state(self, device: torch.device | str = "cpu", capacity: int = 64) -> DSLAState:
         """A zero state; with a window, its W rows of k and v (model dtype) allocated up front;
@@ -172,7 +182,7 @@ class DSLAAttention(nn.Module):
         W = self.cfg.window
         if not W:
             return DSLAState(st, exact=exact)
-        rows = lambda n: torch.zeros(len(self.dsla_groups), n, lc.head_dim, dtype=dtype, device=device)  # noqa: E731
+        rows = lambda n: torch.zeros(lc.num_key_value_heads, n, lc.head_dim, dtype=dtype, device=device)  # noqa: E731
         S = self.cfg.sinks
         return DSLAState(st, 0, rows(W), rows(W), exact=exact, sink_k=rows(S) if S else None,
                          sink_v=rows(S) if S else None)
@@ -319,9 +329,9 @@ class DSLAAttention(nn.Module):
             s0 = None
             if states is not None:
                 st = states[r]
-                sinks = () if not self.cfg.sinks else (st.sink_k[None], st.sink_v[None],
+                sinks = () if not self.cfg.sinks else (self._rows(st.sink_k)[None], self._rows(st.sink_v)[None],
                                                         torch.tensor([st.length], device=q.device))
-                s0 = WindowState(st.state[None], *(t[None] for t in st.ordered_window()),
+                s0 = WindowState(self._rows(st.state)[None], *(self._rows(t)[None] for t in st.ordered_window()),
                                  torch.tensor([st.window_count], device=q.device), *sinks)
             ur, s1 = window_chunked(q[:, :, None, sl].permute(2, 0, 1, 3, 4), k[None, :, sl], v[None, :, sl],
                                     fq[:, :, None, sl].permute(2, 0, 1, 3, 4), g[None, :, :, sl],
@@ -331,11 +341,12 @@ class DSLAAttention(nn.Module):
             if states is None:
                 continue
             check_finite(s1.states, k[:, sl], v[:, sl])  # rows already in a window were checked when they came
-            st.state, st.length = s1.states[0], st.length + seq_lens[r]
-            st.set_ordered_window(s1.k[0], s1.v[0])  # the rows stay in their preallocated buffers
+            st.state, st.length = self._merged(st.state, s1.states[0]), st.length + seq_lens[r]
+            heads = self._dsla_heads(q.device)[0] if self.exact_groups else None
+            st.set_ordered_window(s1.k[0], s1.v[0], heads)  # the rows stay in their preallocated buffers
             if self.cfg.sinks:
-                st.sink_k.copy_(s1.sink_k[0])
-                st.sink_v.copy_(s1.sink_v[0])
+                st.sink_k.copy_(self._merged(st.sink_k, s1.sink_k[0]))
+                st.sink_v.copy_(self._merged(st.sink_v, s1.sink_v[0]))
         return u
 
     def _split_decodes(self, x: Tensor, cos: Tensor, sin: Tensor, seq_lens: Sequence[int],
@@ -362,38 +373,7 @@ class DSLAAttention(nn.Module):
         are stored."""
         k_raw, v = self.teacher.k_proj(x), self.teacher.v_proj(x)
         check_finite(k_raw, v)  # before the ring is written: a key of -inf could hide behind w = 0
-        q = self.q_proj(x)
-        if not self.exact_groups:
-            o = self._decode_dsla(q, k_raw, v, cos, sin, states)
-            return self.o_proj(o)
-        # the DSLA heads through the step, the exact groups' heads by softmax over each request's
-        # cached KV of those heads; each part's query heads then go to their places in o
-        lc, R, D = self.lcfg, x.shape[0], self.lcfg.head_dim
-        heads = lambda t, n, idx: t.view(R, n, D).index_select(1, idx)  # noqa: E731  (R, len(idx), D)
-        kd, qd = self._dsla_heads(x.device)
-        kh, qh = self._exact_heads(x.device)
-        o = q.new_empty(R, lc.num_attention_heads, D)
-        if len(kd):
-            od = self._decode_dsla(heads(q, lc.num_attention_heads, qd).reshape(R, -1),
-                                   heads(k_raw, lc.num_key_value_heads, kd).reshape(R, -1),
-                                   heads(v, lc.num_key_value_heads, kd).reshape(R, -1), cos, sin, states)
-            o.index_copy_(1, qd, od.view(R, -1, D))
-        else:
-            for s in states:
-                s.length += 1
-        tables = rope_tables(cos, sin, q.dtype)
-        qe = rotate(heads(q, lc.num_attention_heads, qh).transpose(0, 1), *tables)  # (nG, R, D)
-        ke = rotate(heads(k_raw, lc.num_key_value_heads, kh).transpose(0, 1), *tables)  # (n, R, D)
-        ve = heads(v, lc.num_key_value_heads, kh).transpose(0, 1)
-        e = decode_attention(qe, ke, ve, [s.exact for s in states])  # (R, nG*D)
-        o.index_copy_(1, qh, e.view(R, -1, D))
-        return self.o_proj(o.view(R, -1))
-
-    def _decode_dsla(self, q: Tensor, k_raw: Tensor, v: Tensor, cos: Tensor, sin: Tensor,
-                     states: Sequence[DSLAState]) -> Tensor:
-        """The DSLA heads' part of a decode step: q (R, H*G*D), k_raw / v (R, H*D) of those heads
-        from the projections; returns their o (R, H*G*D), the states advanced by one token."""
-        lengths = torch.tensor([s.length for s in states], device=q.device)
+        lengths = torch.tensor([s.length for s in states], device=x.device)
         batch = DecodeBatch.of(states)
         s0 = batch.states if batch else torch.stack([s.state for s in states])  # (R, H, S, K, V+1)
         rk = batch.k if batch else torch.stack([s.window_k for s in states])  # (R, H, W, D)
@@ -402,13 +382,27 @@ class DSLAAttention(nn.Module):
         if self.cfg.sinks:  # (R, H, S, D)
             sk = batch.sk if batch else torch.stack([s.sink_k for s in states])
             sv = batch.sv if batch else torch.stack([s.sink_v for s in states])
-        p = self.head_params()
-        o, s1 = decode_layer_fn()(q, k_raw, v, cos, sin, p.w_fq, p.w_fk, p.w_hist, p.b_hist, p.w_rec, p.b_rec,
-                                  p.mix_logits, p.window_log_scale, s0, rk, rv, lengths, self.cfg.eps, sk, sv)
+        rec = self.recency_gate if self.cfg.num_states == 2 else None
+        q = self.q_proj(x)
+        o, s1, qr, kr = decode_layer_fn()(
+            q, k_raw, v, cos, sin,
+            self.feature_q.weight, self.feature_k.weight, self.history_gate.weight, self.history_gate.bias,
+            None if rec is None else rec.weight, None if rec is None else rec.bias,
+            self.mix_logits if rec is not None else None, self.window_log_scale, s0, rk, rv, lengths, self.cfg.eps,
+            sk, sv)
         check_finite(o)  # NaN / inf in the states reach o; then they are not stored (the ring row is:
         # the engine fails the step's requests, so their caches are dropped)
         DecodeBatch(s1, rk, rv, sk, sv).assign(states)
-        return o
+        if self.exact_groups:  # their heads of o: softmax over each request's cached KV of those heads
+            lc, R = self.lcfg, o.shape[0]
+            kh, qh = self._exact_heads(x.device)
+            # q and k as the step rotated them (R, H, G, D), (R, H, D): the heads of the exact groups
+            qe = qr.reshape(R, lc.num_attention_heads, -1).index_select(1, qh).transpose(0, 1)  # (nG, R, D)
+            ke = kr.index_select(1, kh).transpose(0, 1)  # (n, R, D)
+            ve = v.view(R, lc.num_key_value_heads, -1).index_select(1, kh).transpose(0, 1)
+            e = decode_attention(qe, ke, ve, [s.exact for s in states])  # (R, nG*D)
+            o = o.view(R, lc.num_attention_heads, -1).index_copy(1, qh, e.view(R, len(qh), -1))
+            o = o.view(R, -1)
         return self.o_proj(o)
 
     def _run_requests(self, fq: Tensor, fk: Tensor, v1: Tensor, g: Tensor, mix: Tensor,
@@ -420,7 +414,7 @@ class DSLAAttention(nn.Module):
         decode = [r for r, L in enumerate(seq_lens) if L == 1 and states is not None]
         if decode:
             idx = torch.tensor([starts[r] for r in decode], device=fq.device)
-            s0 = torch.stack([states[r].state for r in decode])  # (R, H, S, K, V+1)
+            s0 = torch.stack([self._rows(states[r].state) for r in decode])  # (R, H, S, K, V+1)
             ur, s1 = dsla_step(fq[:, :, idx].permute(2, 0, 1, 3)[:, :, :, None],  # (R, H, G, 1, K)
                                fk[:, idx].transpose(0, 1)[:, :, None],  # (R, H, 1, K)
                                v1[:, idx].transpose(0, 1)[:, :, None],
@@ -428,18 +422,18 @@ class DSLAAttention(nn.Module):
             check_finite(s1)
             u[:, :, idx] = ur[:, :, :, 0].permute(1, 2, 0, 3)
             for j, r in enumerate(decode):
-                states[r].state, states[r].length = s1[j], states[r].length + 1
+                states[r].state, states[r].length = self._merged(states[r].state, s1[j]), states[r].length + 1
         for r, L in enumerate(seq_lens):
             if r in decode:
                 continue
             sl = slice(starts[r], starts[r + 1])
-            s0 = None if states is None else states[r].state[None]
+            s0 = None if states is None else self._rows(states[r].state)[None]
             ur, s1 = dsla_chunked(fq[None, :, :, sl], fk[None, :, sl], v1[None, :, sl], g[None, :, :, sl],
                                   mix, s0, chunk_size=self.cfg.chunk_size)
             u[:, :, sl] = ur[0]
             if states is not None:
                 check_finite(s1)
-                states[r].state, states[r].length = s1[0], states[r].length + L
+                states[r].state, states[r].length = self._merged(states[r].state, s1[0]), states[r].length + L
         return u
 
     def fold(self, kv: KVState, inv_freq: Tensor) -> DSLAState:
@@ -461,21 +455,24 @@ class DSLAAttention(nn.Module):
         if self.exact_groups:  # the DSLA heads' rows
             kd = self._dsla_heads(k.device)[0]
             k, v = k.index_select(0, kd), v.index_select(0, kd)
+        out = self.new_state(kv.k.device)  # zeros: an exact group's rows stay so
+        out.length = T
         if not self.dsla_groups:
-            st = self.new_state(kv.k.device)
-            st.length = T
-            return st
+            return out
         with torch.no_grad():
             if self.cfg.window:  # tokens older than the window into the states, the last W rows kept
                 ws = window_fold(k[None], v[None], self.log_gates(unapply_rope(k, cos, sin))[None],
                                  self.key_feature, None, window=self.cfg.window, sinks=self.cfg.sinks,
                                  chunk_size=self.cfg.chunk_size)
-                sinks = {} if not self.cfg.sinks else {"sink_k": ws.sink_k[0], "sink_v": ws.sink_v[0]}
-                return DSLAState(ws.states[0], T, ring_from_ordered(ws.k[0], T), ring_from_ordered(ws.v[0], T),
-                                 **sinks)
+                out.state = self._merged(out.state, ws.states[0])
+                for full, rows in [(out.window_k, ring_from_ordered(ws.k[0], T)), (out.window_v, ring_from_ordered(ws.v[0], T))] \
+                        + ([(out.sink_k, ws.sink_k[0]), (out.sink_v, ws.sink_v[0])] if self.cfg.sinks else []):
+                    full.copy_(self._merged(full, rows))
+                return out
             fk, v1, g = self.key_side(unapply_rope(k, cos, sin), k, v)
             s = dsla_fold(fk[None], v1[None], g[None], None, chunk_size=self.cfg.chunk_size)
-        return DSLAState(s[0], length=T)
+        out.state = self._merged(out.state, s[0])
+        return out
 
 
 # ---- the layer's maps as functions of their weights (shared with window_decode_layer) ---------
@@ -507,7 +504,7 @@ def window_decode_layer(q: Tensor, k_raw: Tensor, v: Tensor, cos: Tensor, sin: T
                         w_hist: Tensor, b_hist: Tensor, w_rec: Tensor | None, b_rec: Tensor | None,
                         mix_logits: Tensor | None, window_log_scale: Tensor, states: Tensor, ring_k: Tensor,
                         ring_v: Tensor, lengths: Tensor, eps: float, sink_k: Tensor | None = None,
-                        sink_v: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                        sink_v: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """A DSLA layer's decode step between its projections, for R requests, as one pure function
     of tensors (the module's parameters are arguments, so one ``torch.compile`` serves every
     layer): RoPE, the feature maps and gates (``feature_map``, ``log_decays``, ``state_mix``, as
@@ -515,8 +512,8 @@ def window_decode_layer(q: Tensor, k_raw: Tensor, v: Tensor, cos: Tensor, sin: T
 
     q (R, Hq*D), k_raw / v (R, Hkv*D) straight from q_proj / k_proj / v_proj; cos, sin (R, D);
     states, rings, lengths and sinks as ``window_decode`` takes them (rings and sinks are written in place).
-    The heads are those of the weights (a layer with exact KV groups passes its DSLA heads' rows).
-    Returns o (R, Hq*D) in q's dtype, ready for o_proj, and the new states.
+    Returns o (R, Hq*D) in q's dtype, ready for o_proj, the new states, and q and k after RoPE,
+    (R, H, G, D) and (R, H, D) (the exact KV groups' heads attend with them).
     """
     R = q.shape[0]
     H, D, _ = w_fq.shape
@@ -541,7 +538,7 @@ def window_decode_layer(q: Tensor, k_raw: Tensor, v: Tensor, cos: Tensor, sin: T
                                lambda t: phi(t, w_fk), states, ring_k, ring_v, lengths, sink_k, sink_v)
     V = u.shape[-1] - 1
     o = u[..., :V] / (u[..., V:].float() + eps).to(u.dtype)  # (R, H, G, V)
-    return o.reshape(R, -1).to(dt), st
+    return o.reshape(R, -1).to(dt), st, qr, k
 
 
 # the arguments of window_decode_layer with one row per request (dim 0): q, k_raw, v, cos, sin,

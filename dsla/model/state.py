@@ -216,11 +216,13 @@ class DSLAState:
         from dsla.ops.window import ordered_from_ring
         return ordered_from_ring(self.window_k, self.length), ordered_from_ring(self.window_v, self.length)
 
-    def set_ordered_window(self, k: Tensor, v: Tensor) -> None:
-        """Store right-aligned rows (oldest first) for the current ``length``, in the ring layout."""
+    def set_ordered_window(self, k: Tensor, v: Tensor, heads: Tensor | None = None) -> None:
+        """Store right-aligned rows (oldest first) for the current ``length``, in the ring layout;
+        with ``heads`` (indices), ``k`` and ``v`` are those heads' rows only."""
         from dsla.ops.window import ring_from_ordered
-        self.window_k.copy_(ring_from_ordered(k, self.length))
-        self.window_v.copy_(ring_from_ordered(v, self.length))
+        for ring, rows in ((self.window_k, k), (self.window_v, v)):
+            rows = ring_from_ordered(rows, self.length)
+            ring.copy_(rows) if heads is None else ring.index_copy_(0, heads, rows)
 
     def clone(self) -> DSLAState:
         """An independent copy (for forking a request's cache)."""
