@@ -555,6 +555,22 @@ def decode_layer_fn():
     return decode_kernel(window_decode_layer, dynamic=None, batch_args=_PER_REQUEST)
 
 
+def warm_up_decode(model) -> None:
+    """Run a DSLA layer's decode step on zero states for 1, then 2 requests (``model`` a
+    ``HybridLM`` with DSLA modules), so that with ``use_compiled_decode(True)`` the compiler's wait
+    (the graph for one request and the one for any number) happens now, not at the first
+    conversion under load. Nothing of the model changes; the states are thrown away."""
+    mod = next((m for m in model.dsla.values() if m.cfg.window), None)
+    if mod is None:  # the compiled step serves window layers only
+        return
+    dtype, device = mod.feature_q.weight.dtype, mod.feature_q.weight.device
+    with torch.inference_mode():
+        for R in (1, 2):
+            cos, sin = rope_cos_sin(torch.zeros(R, dtype=torch.long, device=device), model.inv_freq)
+            mod(torch.zeros(R, mod.lcfg.hidden_size, dtype=dtype, device=device), cos, sin, [1] * R,
+                [mod.new_state(device) for _ in range(R)])
+
+
 class DecodeBatch:
     """The states and windows of R requests after a decode step, as (R, ...) tensors whose rows
     the requests hold (``DSLAState.batch`` points here). Rebuilding the stack every step copied

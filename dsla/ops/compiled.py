@@ -26,6 +26,11 @@ def use_compiled_decode(on: bool) -> None:
     _STATE["fns"].clear()
 
 
+def compiled_decode_on() -> bool:
+    """Whether the switch is on."""
+    return _STATE["on"]
+
+
 def decode_kernel(fn: Callable, *, dynamic: bool | None, batch_args: tuple[int, ...] = ()) -> Callable:
     """``fn`` while the switch is off; else one ``SafeCompiled`` of it (built on first use, kept
     until the switch changes) that falls back to ``fn`` itself. The first call's ``dynamic`` and

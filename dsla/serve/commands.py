@@ -93,6 +93,14 @@ def build_engine(teacher: str | Path, dtype: str = "float32", student: str | Pat
                                 order, quality)
     quantize_model(model, preset, target)  # after every DSLA module is attached
     log.info("weights: %s (--weights %s: %s)", preset, weights, reason)
+    from dsla.model.dsla import warm_up_decode
+    from dsla.ops.compiled import compiled_decode_on
+    if compiled_decode_on() and model.dsla_layers():
+        import time
+        t0 = time.perf_counter()
+        warm_up_decode(model)
+        log.info("compiled the DSLA decode step before serving in %.1f s (the first time on a machine, about "
+                 "a minute on 2 cores; later starts reuse torch's compile cache)", time.perf_counter() - t0)
     runner = ModelRunner(model, plan)
     engine = Engine(runner, Tokenizer(teacher), config or SchedulerConfig(), controller=controller, order=order)
     engine.metrics.set_info(dtype=dtype, weights=preset)
@@ -202,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
     if args.compile_decode:
         from dsla.ops.compiled import use_compiled_decode
         use_compiled_decode(True)
-        log.info("DSLA decode steps compiled with torch.compile (the first ones wait for the compiler)")
+        log.info("DSLA decode steps compiled with torch.compile (compiled at start, before serving)")
     engine = call_in_thread(build_engine, teacher, args.dtype, args.student, layers, args.dsla_ratio, config,
                             args.policy, policy_config, quality, args.weights)
     name = args.served_model_name or teacher.name

@@ -80,3 +80,27 @@ def test_a_failing_compile_falls_back_to_eager_with_a_warning(hybrid, restore_ea
     assert not dsla_mod.decode_layer_fn().compiled
     for a, b in zip(out, eager):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_warm_up_compiles_before_the_first_decode(hybrid, restore_eager):
+    """``warm_up_decode`` (``dsla serve --compile-decode`` calls it before serving) builds the graph
+    for one request and the one for any number, so decoding afterwards compiles nothing new, and
+    gives the eager results."""
+    if compile_works():
+        pytest.skip(compile_works())
+    from torch._dynamo.utils import counters
+
+    seqs, plans, prefills = _seqs_plans(hybrid)
+    eager, _ = run_batched(hybrid, seqs, plans, prefills)
+    torch._dynamo.reset()  # no graph from an earlier test: only the warm-up's may exist
+    compiled.use_compiled_decode(True)
+    before = {k: v.clone() for k, v in hybrid.state_dict().items()}
+    dsla_mod.warm_up_decode(hybrid)
+    assert all(torch.equal(v, before[k]) for k, v in hybrid.state_dict().items())
+    graphs = counters["stats"]["unique_graphs"]
+    with torch.inference_mode():  # as the server's steps run (dsla.serve.runner)
+        comp, _ = run_batched(hybrid, seqs, plans, prefills)
+    assert counters["stats"]["unique_graphs"] == graphs, "decoding after the warm-up compiled a new graph"
+    assert dsla_mod.decode_layer_fn().compiled
+    for a, b in zip(comp, eager):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
