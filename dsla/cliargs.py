@@ -79,9 +79,10 @@ def add_weights_argument(p: argparse.ArgumentParser, default: str = "auto") -> N
 def add_compile_argument(p: argparse.ArgumentParser) -> None:
     """``--compile-decode``: DSLA decode steps through torch.compile (dsla.ops.compiled.use_compiled_decode)."""
     p.add_argument("--compile-decode", action="store_true",
-                   help="compile the DSLA layers' decode step with torch.compile (needs a C++ compiler; the "
-                        "first steps after start wait for it, then each DSLA layer's step is one fused kernel "
-                        "set: ~1.3x faster all-DSLA decode on a 2-core CPU; falls back to eager if it fails)")
+                   help="compile the DSLA layers' decode step with torch.compile (needs a C++ compiler; `dsla "
+                        "serve` compiles it before serving, about a minute the first time on 2 cores, seconds "
+                        "once cached; then each DSLA layer's step is one fused kernel set: ~1.3x faster "
+                        "all-DSLA decode on a 2-core CPU; falls back to eager if it fails)")
 
 
 def _parse_floats(text: str) -> tuple[float, ...]:

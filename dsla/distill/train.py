@@ -155,8 +155,9 @@ def train_attention_stage(model: HybridLM, layer: int, io: dict[str, Tensor], cf
                 group["lr"] = lr * sched(len(losses))
             loss = stage1_loss(mod, attend_batch(mod, io, idx), io, idx, cfg.train_projections)
             opt.zero_grad()
-            loss.backward()
-            opt.step()
+            if loss.requires_grad:  # not when every KV group is exact and q/o are not trained: nothing to learn
+                loss.backward()
+                opt.step()
             losses.append(loss.item())
             if on_step:
                 on_step(losses[-1])
@@ -184,8 +185,9 @@ def train_layer_kl_stage(model: HybridLM, layer: int, windows: Tensor, dsla_laye
         student_logp = F.log_softmax(model(w, dsla_layers=dsla_layers).float(), -1)
         loss = F.kl_div(student_logp, teacher_logp, log_target=True, reduction="none").sum(-1).mean()
         opt.zero_grad()
-        loss.backward()
-        opt.step()
+        if loss.requires_grad:  # as in train_attention_stage
+            loss.backward()
+            opt.step()
         losses.append(loss.item())
         if on_step:
             on_step(losses[-1])

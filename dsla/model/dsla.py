@@ -154,8 +154,8 @@ class DSLAAttention(nn.Module):
                           self.window_log_scale if self.cfg.window else None)
         if not self.exact_groups:
             return full
-        grad = torch.is_grad_enabled()
-        key = tuple((t.data_ptr(), t._version) for t in full if t is not None)
+        grad = torch.is_grad_enabled() or any(t.is_inference() for t in full if t is not None)  # no _version
+        key = None if grad else tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in full if t is not None)
         if not grad and self._params_cache is not None and self._params_cache[0] == key:
             return self._params_cache[1]
         kd, qd = self._dsla_heads(full.w_fq.device)
@@ -237,6 +237,8 @@ class DSLAAttention(nn.Module):
         H, G, V = len(self.dsla_groups), lc.group_size, lc.head_dim
         qd, kd_raw, kd, vd = q, k_raw, k, v
         if self.exact_groups:  # the DSLA part runs on the other heads only
+            if states is not None:  # the DSLA part checks its heads' k / v before storing; these go to caches too
+                check_finite(k, v)
             kh, qh = self._dsla_heads(q.device)
             qd, kd_raw, kd, vd = q.index_select(0, qh), k_raw.index_select(0, kh), k.index_select(0, kh), \
                 v.index_select(0, kh)
@@ -555,20 +557,23 @@ def decode_layer_fn():
     return decode_kernel(window_decode_layer, dynamic=None, batch_args=_PER_REQUEST)
 
 
-def warm_up_decode(model) -> None:
+def warm_up_decode(model) -> bool:
     """Run a DSLA layer's decode step on zero states for 1, then 2 requests (``model`` a
     ``HybridLM`` with DSLA modules), so that with ``use_compiled_decode(True)`` the compiler's wait
     (the graph for one request and the one for any number) happens now, not at the first
-    conversion under load. Nothing of the model changes; the states are thrown away."""
+    conversion under load. Nothing of the model changes; the states are thrown away. Returns
+    whether the step is now compiled (False: the switch is off, no layer has a window, or
+    compiling failed and the step runs eagerly)."""
     mod = next((m for m in model.dsla.values() if m.cfg.window), None)
     if mod is None:  # the compiled step serves window layers only
-        return
+        return False
     dtype, device = mod.feature_q.weight.dtype, mod.feature_q.weight.device
     with torch.inference_mode():
         for R in (1, 2):
             cos, sin = rope_cos_sin(torch.zeros(R, dtype=torch.long, device=device), model.inv_freq)
             mod(torch.zeros(R, mod.lcfg.hidden_size, dtype=dtype, device=device), cos, sin, [1] * R,
                 [mod.new_state(device) for _ in range(R)])
+    return getattr(decode_layer_fn(), "compiled", False)
 
 
 class DecodeBatch:

@@ -98,9 +98,9 @@ def build_engine(teacher: str | Path, dtype: str = "float32", student: str | Pat
     if compiled_decode_on() and model.dsla_layers():
         import time
         t0 = time.perf_counter()
-        warm_up_decode(model)
-        log.info("compiled the DSLA decode step before serving in %.1f s (the first time on a machine, about "
-                 "a minute on 2 cores; later starts reuse torch's compile cache)", time.perf_counter() - t0)
+        if warm_up_decode(model):
+            log.info("compiled the DSLA decode step before serving in %.1f s (the first time on a machine, about "
+                     "a minute on 2 cores; later starts reuse torch's compile cache)", time.perf_counter() - t0)
     runner = ModelRunner(model, plan)
     engine = Engine(runner, Tokenizer(teacher), config or SchedulerConfig(), controller=controller, order=order)
     engine.metrics.set_info(dtype=dtype, weights=preset)

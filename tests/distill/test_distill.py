@@ -266,6 +266,11 @@ def test_exact_groups_train_load_and_export(tiny_dir, tmp_path):
         run(tiny_dir, tmp_path / "v", tiny_cfg(**given, exact_groups="0:1"), init_from=tmp_path / "s")
     model, m2 = run(tiny_dir, tmp_path / "w", tiny_cfg(**given, exact_groups="2:1,0:1"), init_from=tmp_path / "s")
     assert m2["config"]["exact_groups"] == "0:1,2:1" and model.dsla["0"].exact_groups == (1,), order
+    # every group of a layer exact and q/o not trained: that layer has nothing to learn, and the run
+    # goes through (its loss has no gradient; it ran DSLA on those heads before, for nothing)
+    model, m3 = run(tiny_dir, tmp_path / "x", tiny_cfg(exact_groups="2:0,2:1", train_projections=False,
+                                                       e2e_steps=0))
+    assert model.dsla["2"].dsla_groups == () and 2 in m3["layers_done"]
 
 
 def test_decode_bench_measures_a_student(tiny_dir, tmp_path, monkeypatch):
