@@ -16,7 +16,10 @@ token enters the states only when it leaves the window, sharing the normaliser:
 
 Exact KV groups (``exact_groups``, DuoAttention-style, empty by default): the query heads of
 those KV heads keep the teacher's softmax attention over every earlier token, so a request holds
-a KV cache of those heads only (``DSLAState.exact``) beside the states of the others.
+a KV cache of those heads only (``DSLAState.exact``) beside the states of the others. Prefill and
+fold run DSLA on the other heads only (``dsla_groups``); the states keep a row per KV head (an
+exact group's rows unused), so the compiled decode step, which runs every head and then replaces
+the exact groups' outputs, is one graph for every layer.
 
 Foldable by construction: k_t and v_t are the teacher's own k_proj / v_proj outputs (shared, not
 copied) with the same RoPE, and the gates and phi(k) depend on k alone, so the states can be
@@ -112,7 +115,8 @@ class DSLAAttention(nn.Module):
         if bad:
             raise ValueError(f"exact KV groups {bad} are out of range: the layer has {H} KV heads (0..{H - 1})")
         self.exact_groups = gs
-        # the KV heads that run DSLA: the states, windows and per-head maps cover these only
+        # the KV heads that run DSLA in prefill and fold (``head_params`` are theirs); the states keep a
+        # row for every KV head, so the decode step is one compiled graph whatever the layer's groups
         self.dsla_groups = tuple(h for h in range(H) if h not in gs)
         self._head_index: dict[tuple[tuple[int, ...], torch.device], tuple[Tensor, Tensor]] = {}
         self._params_cache: tuple[tuple, HeadParams] | None = None
@@ -145,8 +149,8 @@ class DSLAAttention(nn.Module):
 
     def head_params(self) -> HeadParams:
         """The per-head maps of the DSLA heads: the parameters as they are without exact groups,
-        else their rows of those heads (an exact group's maps are never used, so its heads get no
-        states and no work). Cached outside autograd while the parameters are unchanged."""
+        else their rows of those heads (an exact group's maps are never used, so prefill and fold
+        skip its heads). Cached outside autograd while the parameters are unchanged."""
         rec = self.recency_gate if self.cfg.num_states == 2 else None
         full = HeadParams(self.feature_q.weight, self.feature_k.weight, self.history_gate.weight,
                           self.history_gate.bias, None if rec is None else rec.weight, None if rec is None else rec.bias,
