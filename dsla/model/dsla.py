@@ -147,6 +147,10 @@ class DSLAAttention(nn.Module):
         (``rows`` itself without exact groups)."""
         return rows if not self.exact_groups else full.index_copy(0, self._dsla_heads(full.device)[0], rows)
 
+    def _put_rows(self, full: Tensor, rows: Tensor) -> None:
+        """Write the DSLA heads' rows of ``full`` (a row per KV head) in place."""
+        full.copy_(rows) if not self.exact_groups else full.index_copy_(0, self._dsla_heads(full.device)[0], rows)
+
     def head_params(self) -> HeadParams:
         """The per-head maps of the DSLA heads: the parameters as they are without exact groups,
         else their rows of those heads (an exact group's maps are never used, so prefill and fold
@@ -351,8 +355,8 @@ class DSLAAttention(nn.Module):
             heads = self._dsla_heads(q.device)[0] if self.exact_groups else None
             st.set_ordered_window(s1.k[0], s1.v[0], heads)  # the rows stay in their preallocated buffers
             if self.cfg.sinks:
-                st.sink_k.copy_(self._merged(st.sink_k, s1.sink_k[0]))
-                st.sink_v.copy_(self._merged(st.sink_v, s1.sink_v[0]))
+                self._put_rows(st.sink_k, s1.sink_k[0])
+                self._put_rows(st.sink_v, s1.sink_v[0])
         return u
 
     def _split_decodes(self, x: Tensor, cos: Tensor, sin: Tensor, seq_lens: Sequence[int],
@@ -470,14 +474,14 @@ class DSLAAttention(nn.Module):
                 ws = window_fold(k[None], v[None], self.log_gates(unapply_rope(k, cos, sin))[None],
                                  self.key_feature, None, window=self.cfg.window, sinks=self.cfg.sinks,
                                  chunk_size=self.cfg.chunk_size)
-                out.state = self._merged(out.state, ws.states[0])
+                self._put_rows(out.state, ws.states[0])
                 for full, rows in [(out.window_k, ring_from_ordered(ws.k[0], T)), (out.window_v, ring_from_ordered(ws.v[0], T))] \
                         + ([(out.sink_k, ws.sink_k[0]), (out.sink_v, ws.sink_v[0])] if self.cfg.sinks else []):
-                    full.copy_(self._merged(full, rows))
+                    self._put_rows(full, rows)
                 return out
             fk, v1, g = self.key_side(unapply_rope(k, cos, sin), k, v)
             s = dsla_fold(fk[None], v1[None], g[None], None, chunk_size=self.cfg.chunk_size)
-        out.state = self._merged(out.state, s[0])
+        self._put_rows(out.state, s[0])
         return out
 
 

@@ -2,8 +2,9 @@
 runs a ``torch.compile``d function but falls back to its eager form for good when compiling fails.
 
 The DSLA layer's decode step (``dsla.model.dsla.window_decode_layer``) uses it. Compiling needs a
-C++ compiler for CPU (inductor) and takes a while on the first steps after the switch is turned on;
-where it fails, decoding goes on eagerly with a warning.
+C++ compiler for CPU (inductor) and takes a while on the first steps after the switch is turned on
+(``dsla serve`` takes that wait before serving: ``dsla.model.dsla.warm_up_decode``); where it
+fails, decoding goes on eagerly with a warning.
 """
 
 from __future__ import annotations

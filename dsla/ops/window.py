@@ -331,15 +331,7 @@ def _band_segment(q: Tensor, kc: Tensor, vc: Tensor, valid: Tensor, W: int,
     kb = kc.unfold(2, W + Q, Q)  # (B, H, nb, D, W+Q)
     vb = vc.unfold(2, W + Q, Q).transpose(-1, -2)  # (B, H, nb, W+Q, V)
     grad = torch.is_grad_enabled() and (qb.requires_grad or kb.requires_grad or vb.requires_grad)
-    if grad:
-        s = qb @ kb
-    else:  # per sequence and head: bmm takes the overlapping unfold views as they are (a batched
-        # matmul over (B, H, nb) would first copy them, each key once per block)
-        s = qb.new_empty(B, H, nb, G * Q, W + Q)
-        for b in range(B):
-            for h in range(H):
-                torch.bmm(qb[b, h], kb[b, h], out=s[b, h])
-    s = s.view(B, H, nb, G, Q, W + Q)  # scores
+    s = _block_matmul(qb, kb, grad).view(B, H, nb, G, Q, W + Q)  # scores
     a = torch.arange(Q, device=q.device)[:, None]
     c = torch.arange(W + Q, device=q.device)[None]
     band = (c > a) & (c <= a + W)  # (Q, W+Q)
@@ -358,14 +350,7 @@ def _band_segment(q: Tensor, kc: Tensor, vc: Tensor, valid: Tensor, W: int,
         m = torch.maximum(m, ss.amax(-1, keepdim=True))
     # without autograd in place: the scores are the biggest temporary
     w = (s - m).exp() if grad else s.sub_(m).exp_()  # (B, H, nb, G, Q, W+Q)
-    if grad:
-        num = w.view(B, H, nb, G * Q, W + Q) @ vb
-    else:
-        num = w.new_empty(B, H, nb, G * Q, V)
-        for b in range(B):
-            for h in range(H):
-                torch.bmm(w[b, h].view(nb, G * Q, W + Q), vb[b, h], out=num[b, h])
-    num = num.view(B, H, nb, G, Q, V)
+    num = _block_matmul(w.view(B, H, nb, G * Q, W + Q), vb, grad).view(B, H, nb, G, Q, V)
     den = w.sum(-1)
     if ss is not None:
         ws = (ss - m).exp()
@@ -374,6 +359,19 @@ def _band_segment(q: Tensor, kc: Tensor, vc: Tensor, valid: Tensor, W: int,
     num = num.transpose(2, 3).reshape(B, H, G, P, V)[:, :, :, :T]
     den = den.transpose(2, 3).reshape(B, H, G, P, 1)[:, :, :, :T]
     return num, den
+
+
+def _block_matmul(a: Tensor, b: Tensor, grad: bool) -> Tensor:
+    """a @ b for (B, H, nb, ·, ·) operands whose b holds overlapping ``unfold`` views. Without
+    autograd, one ``bmm`` per sequence and head takes the views as they are; a matmul batched over
+    (B, H, nb) would first copy them, each key once per block."""
+    if grad:
+        return a @ b
+    out = a.new_empty(*a.shape[:-1], b.shape[-1])
+    for i in range(a.shape[0]):
+        for h in range(a.shape[1]):
+            torch.bmm(a[i, h], b[i, h], out=out[i, h])
+    return out
 
 
 def window_chunked(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, log_gates: Tensor, mix: Tensor,
