@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from dsla.config import DSLAConfig, LlamaConfig
 from dsla.model.state import DSLAState, KVBatch, KVState, LayerState, RequestCache, append_one_token
 from dsla.ops.attention import causal_attention
+from dsla.ops.cpu_kernels import decode_attention_cpu, decode_attention_kernel, kernel_fits, kv_meta
 from dsla.ops.rope import rope_cos_sin, rope_inv_freq, rope_tables, rotate
 
 
@@ -110,7 +111,10 @@ class LlamaAttention(nn.Module):
             qr, kr, vr = (t[:, start: start + L] for t in (q, k, v))
             if states is not None:
                 kr, vr = states[r].append(kr, vr)  # (Hkv, T, D): prefix + new
-            if L == 1 and qr.dtype != torch.float32:
+            lib = decode_attention_kernel() if L == 1 and states is not None and kernel_fits(qr, kr.dtype) else None
+            if lib is not None:
+                outs.append(decode_attention_cpu(lib, qr, kv_meta(states[r: r + 1]), self.cfg.num_key_value_heads))
+            elif L == 1 and qr.dtype != torch.float32:
                 # Decode: a group's G query heads become G "queries" of their KV head, so SDPA
                 # runs on the KV heads directly. On CPU, enable_gqa in bf16/fp16 falls back to a
                 # path ~6x slower; in fp32 it is fine and splits better over threads (9 heads, not 3).
@@ -128,13 +132,24 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, states: Sequence[KVState])
     """One decode step of R requests: append each request's new key and value to its KVState
     (one copy call for all), then attend over each request's cache in place.
 
-    q: (Hq, R, D) after RoPE; k, v: (Hkv, R, D). Returns (R, Hq*D). Requests whose caches have one
-    capacity share one SDPA call over their ``KVBatch`` (their buffers are rows of one tensor;
-    lengths masked): at batch 8 and 512 tokens one call took 199 us against 315 us for eight.
-    A request alone in its capacity gets its own call, on views of its cache.
+    q: (Hq, R, D) after RoPE; k, v: (Hkv, R, D). Returns (R, Hq*D). On the CPU, one call of our
+    kernel (``dsla.ops.cpu_kernels``) reads every request's cache where it is. Without it (not
+    built, turned off, another device or dtype): requests whose caches have one capacity share one
+    SDPA call over their ``KVBatch`` (their buffers are rows of one tensor; lengths masked): at
+    batch 8 and 512 tokens one call took 199 us against 315 us for eight. A request alone in its
+    capacity gets its own call, on views of its cache.
     """
     Hq, R, D = q.shape
     Hkv = k.shape[0]
+    lib = decode_attention_kernel() if kernel_fits(q, states[0].dtype) else None
+    if lib is not None:  # our CPU kernel: appends and attends with each cache where it is
+        for s in states:
+            if s.length == s.capacity:
+                s.reserve(s.length + 1)
+        o = decode_attention_cpu(lib, q, kv_meta(states), Hkv, new_kv=(k, v))
+        for s in states:
+            s.length += 1
+        return o
     append_one_token(states, torch.stack([k, v]))  # (2, Hkv, R, D)
     gqa = q.dtype == torch.float32  # enable_gqa is fine in fp32 and splits over 9 heads, not 3
     if gqa:

@@ -41,10 +41,16 @@ class KVState:
         # (1, H, capacity, D) views: a request's keys and values as a batch of one, built once
         # so a decode step only narrows them (per-request work is the decode path's overhead)
         self._k1, self._v1 = kv[0:1], kv[1:2]
+        # addresses for dsla.ops.cpu_kernels' decode attention (k, v, head stride in elements)
+        self._meta = (kv.data_ptr(), kv[1].data_ptr(), kv.stride(1))
 
     @property
     def capacity(self) -> int:
         return self._kv.shape[2]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._kv.dtype
 
     @property
     def k(self) -> Tensor:
@@ -75,6 +81,11 @@ class KVState:
     def batch_views(self) -> tuple[Tensor, Tensor]:
         """Keys and values so far as a batch of one, (1, H, T, D) each (views, no copy)."""
         return self._k1.narrow(2, 0, self.length), self._v1.narrow(2, 0, self.length)
+
+    def kernel_meta(self) -> tuple[int, int, int, int, int]:
+        """(k address, v address, head stride in elements, length, capacity): this cache for
+        ``dsla.ops.cpu_kernels.decode_attention_cpu``."""
+        return (*self._meta, self.length, self._kv.shape[2])
 
     @property
     def nbytes(self) -> int:

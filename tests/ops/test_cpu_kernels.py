@@ -1,0 +1,162 @@
+"""Our CPU decode-attention kernel (dsla/ops/csrc/decode_attention.cpp) against the definition."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from dsla.model.llama import decode_attention
+from dsla.model.state import KVBatch, KVState
+from dsla.ops import cpu_kernels
+from dsla.ops.cpu_kernels import decode_attention_cpu, kv_meta
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                                reason="no C++ compiler: the kernel cannot be built here (SDPA serves)")
+
+
+@pytest.fixture(scope="module")
+def lib():
+    lib = cpu_kernels.decode_attention_kernel()
+    assert lib is not None, "the kernel did not build on a machine with a C++ compiler"
+    return lib
+
+
+def make_states(lengths, H, D, dtype, capacities=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    states = []
+    for i, n in enumerate(lengths):
+        s = KVState(H, D, dtype, capacity=capacities[i] if capacities else n + 3)
+        s.append(torch.randn(H, n, D, generator=g).to(dtype), torch.randn(H, n, D, generator=g).to(dtype))
+        states.append(s)
+    return states
+
+
+def definition(q, states, H):
+    """Each request alone, in float64: softmax(q k^T / sqrt(D)) v over its cache."""
+    Hq, R, D = q.shape
+    G = Hq // H
+    outs = []
+    for r, s in enumerate(states):
+        qr = q[:, r].double().view(H, G, D)
+        w = torch.softmax(qr @ s.k.double().transpose(1, 2) / D ** 0.5, dim=-1)
+        outs.append((w @ s.v.double()).reshape(-1))
+    return torch.stack(outs)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("H,G,D", [(3, 3, 64), (2, 1, 32), (1, 4, 128), (2, 8, 64)])
+def test_kernel_matches_the_definition(lib, dtype, tol, H, G, D):
+    # lengths across the kernel's 128-token pieces (1, one piece, a piece and a bit, several)
+    lengths = [1, 7, 128, 129, 300]
+    states = make_states(lengths, H, D, dtype, capacities=[4, 20, 128, 160, 512])
+    q = torch.randn(H * G, len(lengths), D).to(dtype)
+    out = decode_attention_cpu(lib, q, kv_meta(states), H)
+    assert out.shape == (len(lengths), H * G * D) and out.dtype == dtype
+    torch.testing.assert_close(out.double(), definition(q, states, H), atol=tol, rtol=tol)
+
+
+def test_kernel_appends_the_new_token_first(lib):
+    H, G, D = 3, 3, 64
+    states = make_states([1, 127, 128, 200], H, D, torch.bfloat16, capacities=[2, 128, 256, 201])
+    k_all, v_all = torch.randn(2, H, 9, D).to(torch.bfloat16)
+    k, v = k_all[:, 3:7], v_all[:, 1:5]  # (H, 4, D), strided
+    q = torch.randn(H * G, 4, D).to(torch.bfloat16)
+    out = decode_attention_cpu(lib, q, kv_meta(states), H, new_kv=(k, v))
+    for r, s in enumerate(states):
+        s.length += 1
+        torch.testing.assert_close(s.k[:, -1], k[:, r])
+        torch.testing.assert_close(s.v[:, -1], v[:, r])
+    torch.testing.assert_close(out.double(), definition(q, states, H), atol=2e-2, rtol=2e-2)
+
+
+def test_kernel_reads_kv_batch_rows_and_strided_queries(lib):
+    H, G, D = 3, 3, 64
+    states = make_states([5, 40, 17], H, D, torch.bfloat16, capacities=[64, 64, 64])
+    KVBatch(states)  # the buffers become rows of one tensor
+    q_all = torch.randn(H * G, 7, D).to(torch.bfloat16)
+    q = q_all[:, 2:5]  # not contiguous: the row stride is 7 * D
+    out = decode_attention_cpu(lib, q, kv_meta(states), H)
+    torch.testing.assert_close(out.double(), definition(q, states, H), atol=2e-2, rtol=2e-2)
+
+
+def test_one_thread_and_two_agree(lib):
+    H, G, D = 3, 3, 64
+    states = make_states([300, 2, 77], H, D, torch.float32)
+    q = torch.randn(H * G, 3, D)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = decode_attention_cpu(lib, q, kv_meta(states), H)
+        torch.set_num_threads(2)
+        two = decode_attention_cpu(lib, q, kv_meta(states), H)
+    finally:
+        torch.set_num_threads(n)
+    torch.testing.assert_close(one, two, atol=1e-6, rtol=1e-6)
+
+
+def test_decode_attention_uses_the_kernel_and_agrees_with_sdpa(lib, monkeypatch):
+    H, G, D, R = 3, 3, 64, 4
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(n, R, D, generator=g).to(torch.bfloat16) for n in (H * G, H, H))
+    outs = {}
+    for mode in ("auto", "off"):
+        monkeypatch.setitem(cpu_kernels._STATE, "mode", mode)
+        calls = []
+        real = cpu_kernels.decode_attention_cpu
+        monkeypatch.setattr("dsla.model.llama.decode_attention_cpu", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+        states = make_states([3, 50, 9, 200], H, D, torch.bfloat16, seed=2)
+        outs[mode] = decode_attention(q, k, v, states)
+        assert bool(calls) == (mode == "auto")
+        assert [s.length for s in states] == [4, 51, 10, 201]  # the new token was appended either way
+    torch.testing.assert_close(outs["auto"].float(), outs["off"].float(), atol=2e-2, rtol=2e-2)
+
+
+def test_bad_calls_name_the_problem(lib):
+    states = make_states([4], 1, 48, torch.float32)
+    with pytest.raises(ValueError, match="head dim"):
+        decode_attention_cpu(lib, torch.randn(1, 1, 48), kv_meta(states), 1)
+    states = make_states([4], 2, 64, torch.float32)
+    with pytest.raises(ValueError, match="do not match"):
+        decode_attention_cpu(lib, torch.randn(3, 1, 64), kv_meta(states), 2)  # 3 query heads, 2 KV heads
+    states[0].length = 0
+    with pytest.raises(ValueError, match="no tokens"):
+        decode_attention_cpu(lib, torch.randn(2, 1, 64), kv_meta(states), 2)
+    states = make_states([5], 2, 64, torch.float32, capacities=[5])  # full
+    with pytest.raises(ValueError, match="no room"):
+        decode_attention_cpu(lib, torch.randn(2, 1, 64), kv_meta(states), 2,
+                             new_kv=(torch.randn(2, 1, 64), torch.randn(2, 1, 64)))
+    with pytest.raises(ValueError, match="new keys"):
+        decode_attention_cpu(lib, torch.randn(2, 1, 64), kv_meta(states), 2,
+                             new_kv=(torch.randn(2, 2, 64), torch.randn(2, 1, 64)))
+    with pytest.raises(ValueError, match="'auto' or 'off'"):
+        cpu_kernels.use_decode_kernel("fast")
+
+
+def test_kernel_shares_torch_openmp_runtime(lib):
+    """A second OpenMP runtime would keep its own spinning threads beside torch's (on two cores,
+    every parallel op then waits for a wake-up: speed.md 0f)."""
+    with open("/proc/self/maps") as f:
+        gomp = {line.split()[-1] for line in f if "libgomp" in line}
+    assert len(gomp) == 1, gomp
+
+
+def test_loading_the_kernel_keeps_subnormals(lib):
+    """Linking with -ffast-math would flush subnormals to zero in the whole process (crtfastmath)."""
+    tiny = torch.tensor([1e-40], dtype=torch.float32)
+    assert tiny.item() != 0.0 and (tiny * 0.5).item() != 0.0
+
+
+def test_build_is_cached_and_a_missing_compiler_falls_back(lib, tmp_path, monkeypatch):
+    first = cpu_kernels.build(tmp_path)
+    assert first.is_file() and cpu_kernels.build(tmp_path) == first
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary file left behind
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with pytest.raises(RuntimeError, match="does not run"):
+        cpu_kernels.build(tmp_path / "other")
+    monkeypatch.setattr(cpu_kernels, "_STATE", {"mode": "auto", "lib": None, "tried": False})
+    assert cpu_kernels.decode_attention_kernel() is None  # a warning, then SDPA
+    states = make_states([3], 3, 64, torch.float32)
+    q, k, v = torch.randn(9, 1, 64), torch.randn(3, 1, 64), torch.randn(3, 1, 64)
+    assert decode_attention(q, k, v, states).shape == (1, 9 * 64)
