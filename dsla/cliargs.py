@@ -78,16 +78,16 @@ def add_weights_argument(p: argparse.ArgumentParser, default: str = "auto") -> N
 
 def add_compile_argument(p: argparse.ArgumentParser) -> None:
     """``--compile-decode``: DSLA decode steps through torch.compile (dsla.ops.compiled.use_compiled_decode);
-    ``--decode-attention``: our CPU kernel or SDPA (dsla.ops.cpu_kernels.use_decode_kernel)."""
+    ``--cpu-kernels``: our C++ CPU kernels or torch's ops only (dsla.ops.cpu_kernels.use_cpu_kernels)."""
     p.add_argument("--compile-decode", action="store_true",
                    help="compile the DSLA layers' decode step with torch.compile (needs a C++ compiler; `dsla "
                         "serve` compiles it before serving, about a minute the first time on 2 cores, seconds "
                         "once cached; then each DSLA layer's step is one fused kernel set: ~1.3x faster "
                         "all-DSLA decode on a 2-core CPU; falls back to eager if it fails)")
-    p.add_argument("--decode-attention", choices=("auto", "sdpa"), default="auto",
-                   help="softmax attention of decode steps: auto (our CPU kernel, dsla/ops/csrc, built with the "
-                        "machine's C++ compiler on first use; SDPA where it does not build or apply) or sdpa "
-                        "(torch's, always; default: auto)")
+    p.add_argument("--cpu-kernels", choices=("auto", "off"), default="auto",
+                   help="auto: our C++ CPU kernels (dsla/ops/csrc: decode attention; RMSNorm, RoPE and SiLU*up "
+                        "in bfloat16), built with the machine's C++ compiler on first use, torch's ops where they "
+                        "do not build or apply; off: torch's ops (SDPA) only (default: auto)")
 
 
 def _parse_floats(text: str) -> tuple[float, ...]:

@@ -6,6 +6,8 @@ meets them (each layer's cache in turn, so K and V come from memory, not from ca
 SmolLM2-135M shapes: 3 KV heads, 3 query heads each, head dim 64, bf16 caches of capacity
 --capacity, request lengths drawn in [tokens/2, tokens] (one at tokens), masked past each length.
 Prints one JSON line: microseconds per layer for each formulation, over --rounds rounds, interleaved.
+`kernel` is ours (dsla.ops.cpu_kernels: every request's cache read where it is, no mask), on the same
+caches laid out as KVBatch rows.
 """
 
 from __future__ import annotations
@@ -59,8 +61,22 @@ def main() -> None:
         return F.scaled_dot_product_attention(q.reshape(R, 9, 1, 64).float(), kv[0, :, :, :L].float(),
                                               kv[1, :, :, :L].float(), attn_mask=keep, enable_gqa=True)
 
+    from dsla.ops.cpu_kernels import decode_attention_cpu, cpu_kernels_lib
+    lib = cpu_kernels_lib()
+    if lib is None:
+        raise SystemExit("our decode-attention kernel did not build here (see the warning above)")
+    metas = {}
+    for kv in kvs:  # (k address, v address, head stride, length, capacity) of each request's row
+        base, es = kv.data_ptr(), kv.element_size()
+        rows = [(base + r * kv.stride(1) * es, base + (kv.stride(0) + r * kv.stride(1)) * es, kv.stride(2),
+                 int(lengths[r]), a.capacity) for r in range(R)]
+        metas[id(kv)] = torch.tensor(rows, dtype=torch.int64)
+
+    def kernel(q, kv):  # q (R, Hkv, G, D) -> the kernel's (Hq, R, D) view
+        return decode_attention_cpu(lib, q.permute(1, 2, 0, 3).reshape(9, R, 64), metas[id(kv)], 3).view(R, 3, 3, 64)
+
     fns = {"sdpa_masked": sdpa, "sdpa_no_mask": sdpa_no_mask, "matmul_softmax_bf16": math_bf16,
-           "matmul_softmax_fp32": math_fp32, "sdpa_fp32_gqa": sdpa_fp32_gqa}
+           "matmul_softmax_fp32": math_fp32, "sdpa_fp32_gqa": sdpa_fp32_gqa, "kernel": kernel}
     ref = sdpa(qs[0], kvs[0]).float()
     for name, fn in fns.items():  # the same result, up to bf16 rounding (no-mask sees masked keys)
         if name != "sdpa_no_mask":

@@ -95,7 +95,7 @@ class DecodeSettings:
     dsla_ratios: tuple[float, ...] = (0.0,)  # fraction of layers running DSLA (ours only)
     dsla_window: int = 0  # exact window W of the DSLA layers (DSLAConfig.window; the shipped student's for its cost)
     compile_decode: bool = False  # DSLA decode steps through torch.compile (dsla.ops.compiled.use_compiled_decode)
-    decode_attention: str = "auto"  # auto: our CPU kernel where it builds; sdpa (dsla.ops.cpu_kernels.use_decode_kernel)
+    cpu_kernels: str = "auto"  # auto: our C++ CPU kernels where they build; off: torch's ops (dsla.ops.cpu_kernels)
     student: str | None = None  # a student directory: its trained DSLA layers (window, exact KV groups) and its
     # conversion order instead of fresh layers converted first to last (ours only)
     weights: tuple[str, ...] = ("native",)  # linear-layer storage of ours: auto, native, packed, int8, int4, mixed
@@ -433,16 +433,16 @@ def run_benchmark(teacher_dir: str | Path, s: DecodeSettings,
     """Every dtype in turn, with all implementations of that dtype loaded; returns the JSON document."""
     from dsla.ops.compiled import use_compiled_decode
 
-    from dsla.ops.cpu_kernels import decode_attention_kernel, use_decode_kernel
+    from dsla.ops.cpu_kernels import cpu_kernels_lib, use_cpu_kernels
 
     use_compiled_decode(s.compile_decode)  # process-wide switches: set per run, back to the defaults at the end
-    use_decode_kernel("off" if s.decode_attention == "sdpa" else "auto")
-    decode_attention_kernel()  # built (the first time on a machine) before anything is timed
+    use_cpu_kernels(s.cpu_kernels)
+    cpu_kernels_lib()  # built (the first time on a machine) before anything is timed
     try:
         return _run_benchmark(teacher_dir, s, on_row)
     finally:
         use_compiled_decode(False)
-        use_decode_kernel("auto")
+        use_cpu_kernels("auto")
 
 
 def _run_benchmark(teacher_dir: str | Path, s: DecodeSettings, on_row: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
@@ -588,7 +588,7 @@ def settings_from_args(args: argparse.Namespace) -> DecodeSettings:
     kw: dict[str, Any] = {"impls": tuple(parse_list(args.impl)), "seed": args.seed,
                           "dsla_ratios": tuple(parse_list(args.dsla_ratios, float)),
                           "weights": tuple(parse_list(args.weights_list)), "dsla_window": args.dsla_window,
-                          "compile_decode": args.compile_decode, "decode_attention": args.decode_attention,
+                          "compile_decode": args.compile_decode, "cpu_kernels": args.cpu_kernels,
                           "student": str(args.student) if args.student else None}
     if args.dtype or args.dtype_list:
         kw["dtypes"] = tuple(parse_list(args.dtype or args.dtype_list))

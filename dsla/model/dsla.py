@@ -381,7 +381,7 @@ class DSLAAttention(nn.Module):
         they are: no stacking copy, and the window rows are written in place. Non-finite k / v
         are refused before the rows are written, non-finite states (they reach o) before they
         are stored."""
-        k_raw, v = self.teacher.k_proj(x), self.teacher.v_proj(x)
+        k_raw, v = self.teacher.kv(x)
         check_finite(k_raw, v)  # before the ring is written: a key of -inf could hide behind w = 0
         lengths = torch.tensor([s.length for s in states], device=x.device)
         batch = DecodeBatch.of(states)

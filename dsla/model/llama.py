@@ -22,7 +22,8 @@ from torch import Tensor, nn
 from dsla.config import DSLAConfig, LlamaConfig
 from dsla.model.state import DSLAState, KVBatch, KVState, LayerState, RequestCache, append_one_token
 from dsla.ops.attention import causal_attention
-from dsla.ops.cpu_kernels import decode_attention_cpu, decode_attention_kernel, kernel_fits, kv_meta
+from dsla.ops import cpu_kernels
+from dsla.ops.cpu_kernels import decode_attention_cpu, cpu_kernels_lib, kernel_fits, kv_meta
 from dsla.ops.rope import rope_cos_sin, rope_inv_freq, rope_tables, rotate
 
 
@@ -35,6 +36,9 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # HF Llama's order: normalise in float32, round to x's dtype, then scale (torch's fused
         # rms_norm without a weight gives the same bits as the spelled-out float32 formula).
+        fused = cpu_kernels.rms_norm(x, self.weight, self.eps)  # the same, in one call (None: not here)
+        if fused is not None:
+            return fused
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
 
 
@@ -66,9 +70,19 @@ class LlamaAttention(nn.Module):
                    rope: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Keys before RoPE, keys after RoPE, values; each (Hkv, N, D). Shared with DSLA.
         ``rope``: ``rope_tables(cos, sin, x.dtype)`` when the caller already built them."""
-        k_raw = split_heads(self.k_proj(x), self.cfg.num_key_value_heads)
-        v = split_heads(self.v_proj(x), self.cfg.num_key_value_heads)
+        k2, v2 = self.kv(x)
+        k_raw = split_heads(k2, self.cfg.num_key_value_heads)
+        v = split_heads(v2, self.cfg.num_key_value_heads)
         return k_raw, rotate(k_raw, *(rope or rope_tables(cos, sin, x.dtype))), v
+
+    def kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """k (before RoPE) and v, (N, Hkv*D) each: one call of ``kv_proj`` where ``quantize_model``
+        fused k_proj and v_proj into it (then views of its output), else the two projections."""
+        if hasattr(self, "kv_proj"):
+            kv = self.kv_proj(x)
+            n = kv.shape[-1] // 2
+            return kv[..., :n], kv[..., n:]
+        return self.k_proj(x), self.v_proj(x)
 
     def new_state(self, dtype: torch.dtype, device: torch.device, capacity: int = 64) -> KVState:
         return KVState(self.cfg.num_key_value_heads, self.cfg.head_dim, dtype, device, capacity)
@@ -111,7 +125,7 @@ class LlamaAttention(nn.Module):
             qr, kr, vr = (t[:, start: start + L] for t in (q, k, v))
             if states is not None:
                 kr, vr = states[r].append(kr, vr)  # (Hkv, T, D): prefix + new
-            lib = decode_attention_kernel() if L == 1 and states is not None and kernel_fits(qr, kr.dtype) else None
+            lib = cpu_kernels_lib() if L == 1 and states is not None and kernel_fits(qr, kr.dtype) else None
             if lib is not None:
                 outs.append(decode_attention_cpu(lib, qr, kv_meta(states[r: r + 1]), self.cfg.num_key_value_heads))
             elif L == 1 and qr.dtype != torch.float32:
@@ -141,7 +155,7 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, states: Sequence[KVState])
     """
     Hq, R, D = q.shape
     Hkv = k.shape[0]
-    lib = decode_attention_kernel() if kernel_fits(q, states[0].dtype) else None
+    lib = cpu_kernels_lib() if kernel_fits(q, states[0].dtype) else None
     if lib is not None:  # our CPU kernel: appends and attends with each cache where it is
         for s in states:
             if s.length == s.capacity:
@@ -197,6 +211,10 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
+        if hasattr(self, "gate_up_proj"):  # gate_proj and up_proj fused by quantize_model: one call
+            gu = self.gate_up_proj(x)
+            n = gu.shape[-1] // 2
+            return self.down_proj(F.silu(gu[..., :n]) * gu[..., n:])
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 

@@ -304,8 +304,11 @@ def quantize_model(model: nn.Module, preset: str, dtype: torch.dtype | None = No
     with torch.no_grad():
         if plan.teacher != "native":
             for block in model.model.layers:
-                for parent, names in ((block.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
-                                      (block.mlp, ("gate_proj", "up_proj", "down_proj"))):
+                # k and v, gate and up: one linear each (their outputs side by side; every output row
+                # is quantised on its own, so the values are those of the separate linears)
+                _fuse(block.self_attn, ("k_proj", "v_proj"), "kv_proj", plan.teacher, dtype, plan.dense_above)
+                _fuse(block.mlp, ("gate_proj", "up_proj"), "gate_up_proj", plan.teacher, dtype, plan.dense_above)
+                for parent, names in ((block.self_attn, ("q_proj", "o_proj")), (block.mlp, ("down_proj",))):
                     for name in names:
                         _replace(parent, name, plan.teacher, dtype, plan.dense_above)
         if plan.lm_head != "native" and model.weights == "native":  # a second call: already replaced
@@ -321,6 +324,18 @@ def quantize_model(model: nn.Module, preset: str, dtype: torch.dtype | None = No
     model.weights = preset
     log.info("weights %s: teacher linears %s, lm_head %s, DSLA q/o %s", preset, plan.teacher, plan.lm_head, plan.dsla)
     return plan
+
+
+def _fuse(parent: nn.Module, names: tuple[str, str], fused: str, kind: str, dtype: torch.dtype,
+          dense_above: int | None) -> None:
+    """Replace two linears of one input by one quantised linear of both outputs, in order
+    (``LlamaAttention.kv``, ``LlamaMLP.forward`` split it back)."""
+    if hasattr(parent, fused):  # a second call
+        return
+    a, b = (getattr(parent, n) for n in names)
+    setattr(parent, fused, quantized_linear(torch.cat([a.weight, b.weight]), kind, dtype, dense_above))
+    for n in names:
+        delattr(parent, n)
 
 
 def _replace(parent: nn.Module, name: str, kind: str, dtype: torch.dtype, dense_above: int | None) -> None:

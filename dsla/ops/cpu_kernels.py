@@ -1,20 +1,23 @@
-"""Our own CPU kernel for decode attention over many requests, built on first use.
+"""Our own C++ CPU kernels, built on first use: decode attention, and a decoder layer's small steps.
 
-A decode step of R requests attends one query token per request over that request's cache. With
-torch's SDPA each (request, KV head) is a 3-row matmul and per-piece overhead dominates: 48
-requests x 192 tokens took ~0.9 ms per layer, half of a saturated step (docs/results/speed.md 0g).
-``csrc/decode_attention.cpp`` does the same arithmetic in float32 with one loop over the keys per
-piece, the pieces spread over torch's OpenMP threads, and reads each request's cache where it is
-(any capacity, any row of a ``KVBatch``), so no batch has to be built or masked.
+**Decode attention** (``csrc/decode_attention.cpp``). A decode step of R requests attends one query
+token per request over that request's cache. With torch's SDPA each (request, KV head) is a 3-row
+matmul and per-piece overhead dominates: 48 requests x 192 tokens took ~0.9 ms per layer, half of
+a saturated step (docs/results/speed.md 0g). The kernel appends the step's key and value and does
+the same arithmetic in float32 with one pass over the keys per piece of <= 128 tokens, the pieces
+spread over torch's OpenMP threads, reading each request's cache where it is (any capacity, any
+row of a ``KVBatch``), so no batch has to be built or masked.
 
-It is compiled with the machine's C++ compiler (``g++ -O3 -march=native``: AVX-512 or AVX2, as the
-CPU has) into ``$DSLA_HOME/kernels/`` the first time it is used (about a second), keyed by the
-source, the flags, the compiler and the CPU, and loaded with ctypes; it links the OpenMP runtime
-torch has already loaded, so it shares torch's threads. Where there is no compiler, or the build
-fails, ``decode_attention_kernel`` returns None (one warning) and the caller uses SDPA.
+**Glue** (``csrc/glue.cpp``, bfloat16). RMSNorm with its weight and RoPE on a head-major view,
+each one call in place of several torch ops, rounded where torch's ops round (the same bits).
 
-``use_decode_kernel("off")`` (``dsla serve --decode-attention sdpa``, or ``DSLA_DECODE_KERNEL=0``)
-turns it off for the process.
+Both are compiled with the machine's C++ compiler (``g++ -O3 -march=native``: AVX-512 or AVX2, as
+the CPU has) into one library in ``$DSLA_HOME/kernels/`` the first time they are used (a few
+seconds), keyed by the sources, the flags, the compiler and the CPU, and loaded with ctypes; the
+library links the OpenMP runtime torch has already loaded, so it shares torch's threads. Where
+there is no compiler, or the build fails, ``cpu_kernels_lib`` returns None (one warning) and the
+callers run torch's ops. ``use_cpu_kernels("off")`` (``dsla serve --cpu-kernels off``, or
+``DSLA_CPU_KERNELS=0``) turns them off for the process.
 """
 
 from __future__ import annotations
@@ -37,30 +40,32 @@ from dsla.paths import dsla_home
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).resolve().parent / "csrc" / "decode_attention.cpp"
+CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCES = (CSRC / "decode_attention.cpp", CSRC / "glue.cpp")
 # Compiled with -ffast-math (vectorised exp, reassociated sums), linked without it: linking with it
 # adds crtfastmath.o, which flushes subnormals to zero for the whole process when the library loads.
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-std=c++17")
 LINK_FLAGS = ("-shared", "-fopenmp")
 HEAD_DIMS = (32, 64, 128)
 _DTYPES = {torch.bfloat16: "bf16", torch.float32: "f32"}
+_DTYPE_CODE = {torch.bfloat16: 0, torch.float32: 1}
 _ERRORS = {2: "a request has no tokens", 3: "query heads per KV head not in 1..8",
            4: f"head dim not in {HEAD_DIMS}", 5: "a cache has no room for the new token"}
 
 _STATE: dict = {"mode": None, "lib": None, "tried": False}
 
 
-def use_decode_kernel(mode: str) -> None:
-    """``"auto"`` (the default: the kernel where it builds and the call fits it, else SDPA) or
-    ``"off"`` (SDPA always)."""
+def use_cpu_kernels(mode: str) -> None:
+    """``"auto"`` (the default: our kernels where they build and the call fits them, else torch's
+    ops) or ``"off"`` (torch's ops, SDPA for attention, always)."""
     if mode not in ("auto", "off"):
-        raise ValueError(f"decode attention kernel mode must be 'auto' or 'off', got {mode!r}")
+        raise ValueError(f"CPU kernels mode must be 'auto' or 'off', got {mode!r}")
     _STATE["mode"] = mode
 
 
 def _mode() -> str:
     if _STATE["mode"] is None:
-        env = os.environ.get("DSLA_DECODE_KERNEL", "1").strip().lower()
+        env = os.environ.get("DSLA_CPU_KERNELS", "1").strip().lower()
         _STATE["mode"] = "off" if env in ("0", "off", "false", "no") else "auto"
     return _STATE["mode"]
 
@@ -81,7 +86,7 @@ def _compiler() -> str | None:
 
 
 def build(directory: Path | None = None) -> Path:
-    """Compile the kernel (if this source, compiler and CPU have no build yet) and return the
+    """Compile the kernels (if these sources, compiler and CPU have no build yet) and return the
     library's path. Raises ``RuntimeError`` with the compiler's output when it fails."""
     cxx = _compiler()
     if cxx is None:
@@ -90,23 +95,25 @@ def build(directory: Path | None = None) -> Path:
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
         raise RuntimeError(f"the C++ compiler {cxx} does not run: {e}") from e
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS + LINK_FLAGS), version, _cpu_flags()]).encode())
+    text = "\0".join(src.read_text() for src in SOURCES)
+    key = hashlib.sha256("\0".join([text, " ".join(FLAGS + LINK_FLAGS), version, _cpu_flags()]).encode())
     directory = directory or dsla_home() / "kernels"
-    lib = directory / f"decode_attention-{key.hexdigest()[:16]}.so"
+    lib = directory / f"dsla_kernels-{key.hexdigest()[:16]}.so"
     if lib.is_file():
         return lib
     directory.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".build-", suffix=".so")
     os.close(fd)
+    objs = [f"{tmp[:-3]}-{src.stem}.o" for src in SOURCES]
     try:
-        obj = tmp[:-3] + ".o"
-        for cmd in ([cxx, *FLAGS, "-c", "-o", obj, str(SOURCE)], [cxx, *LINK_FLAGS, "-o", tmp, obj]):
+        cmds = [[cxx, *FLAGS, "-c", "-o", obj, str(src)] for src, obj in zip(SOURCES, objs)]
+        for cmd in cmds + [[cxx, *LINK_FLAGS, "-o", tmp, *objs]]:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
             if done.returncode != 0:
-                raise RuntimeError(f"building {SOURCE.name} failed: {' '.join(cmd)}\n{done.stderr[-4000:]}")
+                raise RuntimeError(f"building our CPU kernels failed: {' '.join(cmd)}\n{done.stderr[-4000:]}")
         os.replace(tmp, lib)  # another process building the same key writes the same bytes
     finally:
-        for path in (tmp, tmp[:-3] + ".o"):
+        for path in (tmp, *objs):
             if os.path.exists(path):
                 os.unlink(path)
     return lib
@@ -129,15 +136,20 @@ def _load() -> ctypes.CDLL | None:
             lib = ctypes.CDLL(str(build()))
             lib.dsla_decode_attention.argtypes = [ctypes.POINTER(_Args), ctypes.c_int]
             lib.dsla_decode_attention.restype = ctypes.c_int
+            i64, i32, p = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+            lib.dsla_rms_norm.argtypes = [p, p, p, i64, i64, ctypes.c_float, i32, i32]
+            lib.dsla_rope.argtypes = [p, p, p, p, i64, i64, i64, i64, i64, i64, i64, i32, i32]
+            for fn in (lib.dsla_rms_norm, lib.dsla_rope):
+                fn.restype = None
             _STATE["lib"] = lib
         except (RuntimeError, OSError) as e:
-            log.warning("decode attention runs on SDPA: our CPU kernel is unavailable (%s)", e)
+            log.warning("torch's ops (SDPA for decode attention) serve: our CPU kernels are unavailable (%s)", e)
     return _STATE["lib"]
 
 
-def decode_attention_kernel() -> ctypes.CDLL | None:
+def cpu_kernels_lib() -> ctypes.CDLL | None:
     """The loaded kernel library, building it on first use; None when it is turned off or does
-    not build (then the caller uses SDPA)."""
+    not build (then the callers run torch's ops)."""
     return None if _mode() == "off" else _load()
 
 
@@ -189,4 +201,44 @@ def decode_attention_cpu(lib: ctypes.CDLL, q: Tensor, meta: Tensor, num_kv_heads
     if rc:
         raise ValueError(f"decode attention kernel: {_ERRORS.get(rc, f'error {rc}')} "
                          f"(q {tuple(q.shape)}, lengths {meta[:, 3].tolist()}, capacities {meta[:, 4].tolist()})")
+    return out
+
+
+# The fused glue of a decoder layer (csrc/glue.cpp), for bfloat16. Each returns None where it does
+# not apply (kernels off or not built, another device or dtype, a gradient wanted, inside
+# torch.compile, an odd layout): the caller then runs its torch form, which rounds at the same points.
+
+def _glue(x: Tensor) -> ctypes.CDLL | None:
+    # bfloat16 only: there each rounding matches torch's ops; in float32 a sum in another order or a
+    # fused multiply-add changes last bits, and float32 runs on torch's ops
+    if x.device.type != "cpu" or x.dtype != torch.bfloat16 or (x.requires_grad and torch.is_grad_enabled()) \
+            or torch.compiler.is_compiling():  # inside a torch.compile'd function: its own kernels
+        return None
+    return cpu_kernels_lib()
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor | None:
+    """``weight * rms_norm(x.float()).to(x.dtype)`` over the last dim of a contiguous x."""
+    lib = _glue(x)
+    if lib is None or weight.dtype != x.dtype or not (x.is_contiguous() and weight.is_contiguous()):
+        return None
+    out = torch.empty_like(x)
+    dim = x.shape[-1]
+    lib.dsla_rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // dim, dim, eps,
+                      _DTYPE_CODE[x.dtype], torch.get_num_threads())
+    return out
+
+
+def rope(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor | None:
+    """``x * cos + x.roll(D // 2, -1) * signed_sin`` for x (H, N, D) (any head and token strides,
+    D contiguous) and contiguous (N, D) tables of x's dtype; the result has x's layout."""
+    lib = _glue(x)
+    if lib is None or x.dim() != 3 or x.stride(2) != 1 or cos.dtype != x.dtype or signed_sin.dtype != x.dtype \
+            or cos.shape != x.shape[1:] or signed_sin.shape != x.shape[1:] \
+            or not (cos.is_contiguous() and signed_sin.is_contiguous()):
+        return None
+    out = torch.empty_like(x)  # the same strides as x (dense)
+    H, N, D = x.shape
+    lib.dsla_rope(x.data_ptr(), cos.data_ptr(), signed_sin.data_ptr(), out.data_ptr(), H, N, D, x.stride(0),
+                  x.stride(1), out.stride(0), out.stride(1), _DTYPE_CODE[x.dtype], torch.get_num_threads())
     return out

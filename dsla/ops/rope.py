@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from dsla.config import RopeScaling
+from dsla.ops import cpu_kernels
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> Tensor:
@@ -33,14 +34,26 @@ def rope_cos_sin(positions: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
     return emb.cos(), emb.sin()
 
 
+# the last call of rope_tables: (cos, sin, dtype, tables). A forward pass gives every layer the same
+# cos and sin objects, so the tables are built once per pass instead of once per layer (5 ops each).
+_LAST_TABLES: list = [None]
+
+
 def rope_tables(cos: Tensor, sin: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """cos, and sin with its first half negated, in ``dtype``: the tables of ``rotate``. Build them
-    once per layer and rotate both q and k with them."""
-    cos, sin = cos.to(dtype), sin.to(dtype)
-    half = sin.shape[-1] // 2
-    if 2 * half != sin.shape[-1]:
-        raise ValueError(f"RoPE needs an even head_dim, not {sin.shape[-1]}")
-    return cos, torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+    """cos, and sin with its first half negated, in ``dtype``: the tables of ``rotate``. Built once
+    for the same ``cos`` and ``sin`` objects (the last call's are kept)."""
+    compiling = torch.compiler.is_compiling()  # a compiled graph must not guard on the memo
+    last = None if compiling else _LAST_TABLES[0]
+    if last is not None and last[0] is cos and last[1] is sin and last[2] == dtype:
+        return last[3]
+    c, s = cos.to(dtype), sin.to(dtype)
+    half = s.shape[-1] // 2
+    if 2 * half != s.shape[-1]:
+        raise ValueError(f"RoPE needs an even head_dim, not {s.shape[-1]}")
+    tables = (c, torch.cat([-s[..., :half], s[..., half:]], dim=-1))
+    if not compiling:
+        _LAST_TABLES[0] = (cos, sin, dtype, tables)
+    return tables
 
 
 def rotate(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
@@ -49,6 +62,9 @@ def rotate(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
     The rotated halves [-x2, x1] times sin equal the rolled halves [x2, x1] times sin with its first
     half negated (a negation is exact), so no slice, negation or concatenation of x is needed.
     """
+    fused = cpu_kernels.rope(x, cos, signed_sin) if x.dim() == 3 else None  # one call (None: not here)
+    if fused is not None:
+        return fused
     return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
 
 

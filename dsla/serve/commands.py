@@ -101,12 +101,12 @@ def build_engine(teacher: str | Path, dtype: str = "float32", student: str | Pat
         if warm_up_decode(model):
             log.info("compiled the DSLA decode step before serving in %.1f s (the first time on a machine, about "
                      "a minute on 2 cores; later starts reuse torch's compile cache)", time.perf_counter() - t0)
-    from dsla.ops.cpu_kernels import decode_attention_kernel
-    attention = "kernel" if decode_attention_kernel() is not None else "sdpa"  # built now, not under load
-    log.info("decode attention: %s", "our CPU kernel (dsla.ops.cpu_kernels)" if attention == "kernel" else "SDPA")
+    from dsla.ops.cpu_kernels import cpu_kernels_lib
+    kernels = "on" if cpu_kernels_lib() is not None else "off"  # built now, not under load
+    log.info("our CPU kernels (dsla.ops.cpu_kernels): %s", kernels)
     runner = ModelRunner(model, plan)
     engine = Engine(runner, Tokenizer(teacher), config or SchedulerConfig(), controller=controller, order=order)
-    engine.metrics.set_info(dtype=dtype, weights=preset, decode_attention=attention)
+    engine.metrics.set_info(dtype=dtype, weights=preset, cpu_kernels=kernels)
     return engine
 
 
@@ -210,8 +210,8 @@ def run(args: argparse.Namespace) -> int:
         policy_config = dataclasses.replace(policy_config, quality_budget=None)
     if quality:
         log.info("quality curve from %s: %s", report, ", ".join(f"{r:.2f}: +{q:.1%}" for r, q in quality))
-    from dsla.ops.cpu_kernels import use_decode_kernel
-    use_decode_kernel("off" if args.decode_attention == "sdpa" else "auto")
+    from dsla.ops.cpu_kernels import use_cpu_kernels
+    use_cpu_kernels(args.cpu_kernels)
     if args.compile_decode:
         from dsla.ops.compiled import use_compiled_decode
         use_compiled_decode(True)

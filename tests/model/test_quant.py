@@ -87,7 +87,7 @@ def test_quantized_hybrid_logits_close_to_native(tiny_dir, preset):
         m.add_dsla([1], DSLAConfig(feature_dim=8, chunk_size=8))
     plan = quant.quantize_model(qmodel, preset)
     assert qmodel.weights == preset and plan == quant.WEIGHT_PRESETS[preset]
-    assert isinstance(qmodel.model.layers[0].mlp.up_proj, quant.Int4Linear if preset == "int4" else quant.Int8Linear)
+    assert isinstance(qmodel.model.layers[0].mlp.gate_up_proj, quant.Int4Linear if preset == "int4" else quant.Int8Linear)
     assert isinstance(qmodel.dsla["1"].q_proj, quant.Int8Linear)
     ids = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
@@ -181,7 +181,7 @@ def test_mixed_preset_quantises_like_int4_and_keeps_dense_weights(tmp_path):
     m = load_teacher(tmp_path, dtype=torch.float32)
     plan = quant.quantize_model(m, "mixed", torch.bfloat16)
     assert plan.dense_above == quant.MIXED_MAX_ROWS and m.weights == "mixed"
-    mod = m.model.layers[0].mlp.up_proj
+    mod = m.model.layers[0].mlp.gate_up_proj
     assert isinstance(mod, quant.Int4Linear) and isinstance(m.lm_head, quant.Int8Linear)
     assert isinstance(mod.dense, quant.PackedLinear) and mod.dense.packed.dtype == torch.bfloat16
     ids = torch.randint(0, 97, (1, 3 * quant.MIXED_MAX_ROWS), generator=torch.Generator().manual_seed(7))

@@ -1,4 +1,5 @@
-"""Our CPU decode-attention kernel (dsla/ops/csrc/decode_attention.cpp) against the definition."""
+"""Our C++ CPU kernels (dsla/ops/csrc): decode attention against its definition, the bfloat16 glue
+(RMSNorm, RoPE) bit for bit against the torch forms it replaces."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dsla.model.llama import decode_attention
 from dsla.model.state import KVBatch, KVState
@@ -18,7 +20,7 @@ pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c+
 
 @pytest.fixture(scope="module")
 def lib():
-    lib = cpu_kernels.decode_attention_kernel()
+    lib = cpu_kernels.cpu_kernels_lib()
     assert lib is not None, "the kernel did not build on a machine with a C++ compiler"
     return lib
 
@@ -131,7 +133,7 @@ def test_bad_calls_name_the_problem(lib):
         decode_attention_cpu(lib, torch.randn(2, 1, 64), kv_meta(states), 2,
                              new_kv=(torch.randn(2, 2, 64), torch.randn(2, 1, 64)))
     with pytest.raises(ValueError, match="'auto' or 'off'"):
-        cpu_kernels.use_decode_kernel("fast")
+        cpu_kernels.use_cpu_kernels("fast")
 
 
 def test_kernel_shares_torch_openmp_runtime(lib):
@@ -156,7 +158,65 @@ def test_build_is_cached_and_a_missing_compiler_falls_back(lib, tmp_path, monkey
     with pytest.raises(RuntimeError, match="does not run"):
         cpu_kernels.build(tmp_path / "other")
     monkeypatch.setattr(cpu_kernels, "_STATE", {"mode": "auto", "lib": None, "tried": False})
-    assert cpu_kernels.decode_attention_kernel() is None  # a warning, then SDPA
+    assert cpu_kernels.cpu_kernels_lib() is None  # a warning, then SDPA
     states = make_states([3], 3, 64, torch.float32)
     q, k, v = torch.randn(9, 1, 64), torch.randn(3, 1, 64), torch.randn(3, 1, 64)
     assert decode_attention(q, k, v, states).shape == (1, 9 * 64)
+
+
+@pytest.mark.parametrize("rows", [1, 24, 300])
+def test_glue_is_bitwise_torchs_ops_in_bf16(lib, rows):
+    from dsla.model.llama import RMSNorm
+    from dsla.ops.rope import rope_cos_sin, rope_inv_freq, rope_tables
+
+    g = torch.Generator().manual_seed(rows)
+    bf = torch.bfloat16
+    x = (torch.randn(rows, 576, generator=g) * 3).to(bf)
+    w = (torch.rand(576, generator=g) + 0.5).to(bf)
+    want = w * F.rms_norm(x.float(), (576,), None, 1e-5).to(bf)  # RMSNorm's torch form
+    assert torch.equal(cpu_kernels.rms_norm(x, w, 1e-5), want)
+    norm = RMSNorm(576, 1e-5).to(bf)
+    norm.weight.data.copy_(w)
+    with torch.no_grad():
+        assert torch.equal(norm(x), want)
+    q = (torch.randn(rows, 9 * 64, generator=g) * 3).to(bf).view(rows, 9, 64).transpose(0, 1)  # (H, N, D) view
+    cos, ssin = rope_tables(*rope_cos_sin(torch.arange(rows) + 1000, rope_inv_freq(64, 10000.0)), bf)
+    out = cpu_kernels.rope(q, cos, ssin)
+    assert torch.equal(out, q * cos + q.roll(32, -1) * ssin) and out.stride() == q.stride()
+
+
+def test_glue_steps_aside_where_it_does_not_apply(lib):
+    x = torch.randn(4, 64)
+    assert cpu_kernels.rms_norm(x, torch.ones(64), 1e-5) is None  # float32: torch's ops
+    xb = x.to(torch.bfloat16).requires_grad_()
+    assert cpu_kernels.rms_norm(xb, torch.ones(64, dtype=torch.bfloat16), 1e-5) is None  # a gradient wanted
+    with torch.no_grad():
+        assert cpu_kernels.rms_norm(xb, torch.ones(64, dtype=torch.bfloat16), 1e-5) is not None
+        assert cpu_kernels.rms_norm(xb.t(), torch.ones(4, dtype=torch.bfloat16), 1e-5) is None  # not contiguous
+        q = torch.ones(2, 3, 64, dtype=torch.bfloat16)
+        assert cpu_kernels.rope(q, torch.ones(3, 64), torch.ones(3, 64)) is None  # float32 tables
+
+
+def test_quantised_model_fuses_kv_and_gate_up_with_the_same_logits(tmp_path):
+    from dsla.model import quant
+    from dsla.model.loading import load_teacher
+    from tests.conftest import make_tiny_hf_dir
+
+    if not quant.native_bf16_flags() or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("no native bf16 here: the packed bf16 path is not used")
+    make_tiny_hf_dir(tmp_path, hidden_size=64, intermediate_size=128, head_dim=32, num_attention_heads=4,
+                     num_key_value_heads=2)
+    fused = load_teacher(tmp_path, dtype=torch.bfloat16)
+    quant.quantize_model(fused, "packed", torch.bfloat16)
+    attn, mlp = fused.model.layers[0].self_attn, fused.model.layers[0].mlp
+    assert hasattr(attn, "kv_proj") and not hasattr(attn, "k_proj") and not hasattr(mlp, "up_proj")
+    ref = load_teacher(tmp_path, dtype=torch.bfloat16)
+    ids = torch.randint(0, 97, (12,), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        # the same linears unfused (each packed on its own): logits within bf16 rounding of the unfused model
+        torch.testing.assert_close(fused(ids).float(), ref(ids).float(), atol=0.05, rtol=0.05)
+        caches = [fused.new_cache([], 32) for _ in range(2)]
+        fused(ids[:10], [5, 5], caches)
+        step = fused(ids[10:12], [1, 1], caches)  # decode: the fused kv feeds the attention kernel strided
+        full = fused(torch.cat([ids[:5], ids[10:11]]), [6], None)[-1]
+    torch.testing.assert_close(step[0].float(), full.float(), atol=0.05, rtol=0.05)

@@ -90,9 +90,9 @@ def test_build_engine_quantised_weights_are_reported(serve_dir):
     engine = build_engine(serve_dir, dtype="bfloat16", dsla_layers=[2], weights="int8")
     model = engine.runner.model
     assert model.weights == "int8" and isinstance(model.dsla["2"].q_proj, Int8Linear)
-    attention = "kernel" if shutil.which("g++") or shutil.which("c++") else "sdpa"  # dsla.ops.cpu_kernels
-    assert engine.metrics.snapshot()["model_info"] == {"dtype": "bfloat16", "weights": "int8", "decode_attention": attention}
-    assert f'dsla_model_info{{decode_attention="{attention}",dtype="bfloat16",weights="int8"}} 1' in engine.metrics.render()
+    kernels = "on" if shutil.which("g++") or shutil.which("c++") else "off"  # dsla.ops.cpu_kernels
+    assert engine.metrics.snapshot()["model_info"] == {"dtype": "bfloat16", "weights": "int8", "cpu_kernels": kernels}
+    assert f'dsla_model_info{{cpu_kernels="{kernels}",dtype="bfloat16",weights="int8"}} 1' in engine.metrics.render()
     # auto keeps float32 native (the quantised kernels are slow with float32 activations)
     assert build_engine(serve_dir, weights="auto").metrics.snapshot()["model_info"]["weights"] == "native"
     with pytest.raises(ValueError, match="needs --dtype bfloat16"):
