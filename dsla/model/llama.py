@@ -158,7 +158,7 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, states: Sequence[KVState])
     lib = cpu_kernels_lib() if kernel_fits(q, states[0].dtype) else None
     if lib is not None:  # our CPU kernel: appends and attends with each cache where it is
         for s in states:
-            if s.length == s.capacity:
+            if s.length == s._capacity:
                 s.reserve(s.length + 1)
         o = decode_attention_cpu(lib, q, kv_meta(states), Hkv, new_kv=(k, v))
         for s in states:

@@ -36,6 +36,7 @@ class KVState:
 
     def _set_buffer(self, kv: Tensor, batch: tuple[KVBatch, int] | None = None) -> None:
         self._kv = kv  # (2, H, capacity, D): K then V
+        self._capacity = kv.shape[2]  # read per request and layer in every decode step: kept, not looked up
         self.batch = batch  # (KVBatch, row) when the buffer is that batch's row (see KVBatch)
         self._k, self._v = kv.unbind(0)  # (H, capacity, D) views
         # (1, H, capacity, D) views: a request's keys and values as a batch of one, built once
@@ -46,7 +47,7 @@ class KVState:
 
     @property
     def capacity(self) -> int:
-        return self._kv.shape[2]
+        return self._capacity
 
     @property
     def dtype(self) -> torch.dtype:
@@ -85,7 +86,7 @@ class KVState:
     def kernel_meta(self) -> tuple[int, int, int, int, int]:
         """(k address, v address, head stride in elements, length, capacity): this cache for
         ``dsla.ops.cpu_kernels.decode_attention_cpu``."""
-        return (*self._meta, self.length, self._kv.shape[2])
+        return (*self._meta, self.length, self._capacity)
 
     @property
     def nbytes(self) -> int:
