@@ -42,8 +42,9 @@ class KVState:
         # (1, H, capacity, D) views: a request's keys and values as a batch of one, built once
         # so a decode step only narrows them (per-request work is the decode path's overhead)
         self._k1, self._v1 = kv[0:1], kv[1:2]
-        # addresses for dsla.ops.cpu_kernels' decode attention (k, v, head stride in elements)
-        self._meta = (kv.data_ptr(), kv[1].data_ptr(), kv.stride(1))
+        # for dsla.ops.cpu_kernels' decode attention: v's offset from k in bytes, the head stride in
+        # elements (offsets, not addresses: a copy of this state, deepcopy included, has its own buffer)
+        self._v_offset, self._head_stride = kv.stride(0) * kv.element_size(), kv.stride(1)
 
     @property
     def capacity(self) -> int:
@@ -86,7 +87,8 @@ class KVState:
     def kernel_meta(self) -> tuple[int, int, int, int, int]:
         """(k address, v address, head stride in elements, length, capacity): this cache for
         ``dsla.ops.cpu_kernels.decode_attention_cpu``."""
-        return (*self._meta, self.length, self._capacity)
+        k = self._kv.data_ptr()
+        return k, k + self._v_offset, self._head_stride, self.length, self._capacity
 
     @property
     def nbytes(self) -> int:

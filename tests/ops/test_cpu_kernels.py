@@ -220,3 +220,33 @@ def test_quantised_model_fuses_kv_and_gate_up_with_the_same_logits(tmp_path):
         step = fused(ids[10:12], [1, 1], caches)  # decode: the fused kv feeds the attention kernel strided
         full = fused(torch.cat([ids[:5], ids[10:11]]), [6], None)[-1]
     torch.testing.assert_close(step[0].float(), full.float(), atol=0.05, rtol=0.05)
+
+
+def test_kernel_uses_a_copied_cache_own_buffer(lib):
+    """deepcopy of a cache (the decode benchmark forks caches so) must not leave the copy reading or
+    writing the original's buffer: the kernel's addresses come from the buffer at call time."""
+    import copy
+
+    H, G, D = 3, 3, 64
+    (orig,) = make_states([10], H, D, torch.bfloat16, capacities=[16])
+    snapshot = orig._kv.clone()
+    twin = copy.deepcopy(orig)
+    del orig  # its buffer may be freed and reused: the twin must not care
+    q = torch.randn(H * G, 1, D).to(torch.bfloat16)
+    k, v = torch.randn(2, H, 1, D).to(torch.bfloat16)
+    out = decode_attention_cpu(lib, q, kv_meta([twin]), H, new_kv=(k, v))
+    twin.length += 1
+    assert torch.equal(twin.k[:, :10], snapshot[0, :, :10]) and torch.equal(twin.k[:, 10], k[:, 0])
+    torch.testing.assert_close(out.double(), definition(q, [twin], H), atol=2e-2, rtol=2e-2)
+
+
+def test_a_copied_cache_is_written_in_its_own_buffer(lib):
+    import copy
+
+    (orig,) = make_states([4], 1, 32, torch.float32, capacities=[8])
+    before = orig._kv.clone()
+    twin = copy.deepcopy(orig)
+    decode_attention_cpu(lib, torch.randn(1, 1, 32), kv_meta([twin]), 1,
+                         new_kv=(torch.ones(1, 1, 32), torch.ones(1, 1, 32)))
+    assert torch.equal(orig._kv, before)  # the original untouched
+    assert torch.equal(twin._kv[:, :, 4], torch.ones(2, 1, 32))
