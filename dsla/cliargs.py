@@ -85,7 +85,7 @@ def add_compile_argument(p: argparse.ArgumentParser) -> None:
                         "once cached; then each DSLA layer's step is one fused kernel set: ~1.3x faster "
                         "all-DSLA decode on a 2-core CPU; falls back to eager if it fails)")
     p.add_argument("--cpu-kernels", choices=("auto", "off"), default="auto",
-                   help="auto: our C++ CPU kernels (dsla/ops/csrc: decode attention; RMSNorm, RoPE and SiLU*up "
+                   help="auto: our C++ CPU kernels (dsla/ops/csrc: decode attention; RMSNorm and RoPE "
                         "in bfloat16), built with the machine's C++ compiler on first use, torch's ops where they "
                         "do not build or apply; off: torch's ops (SDPA) only (default: auto)")
 

@@ -66,10 +66,10 @@ def main() -> None:
     if lib is None:
         raise SystemExit("our decode-attention kernel did not build here (see the warning above)")
     metas = {}
-    for kv in kvs:  # (k address, v address, head stride, length, capacity) of each request's row
+    for kv in kvs:  # kv_meta's columns for each request's row (dsla.ops.cpu_kernels.kv_meta)
         base, es = kv.data_ptr(), kv.element_size()
         rows = [(base + r * kv.stride(1) * es, base + (kv.stride(0) + r * kv.stride(1)) * es, kv.stride(2),
-                 int(lengths[r]), a.capacity) for r in range(R)]
+                 int(lengths[r]), a.capacity, 3, 64, es) for r in range(R)]
         metas[id(kv)] = torch.tensor(rows, dtype=torch.int64)
 
     def kernel(q, kv):  # q (R, Hkv, G, D) -> the kernel's (Hq, R, D) view

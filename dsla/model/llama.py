@@ -125,7 +125,7 @@ class LlamaAttention(nn.Module):
             qr, kr, vr = (t[:, start: start + L] for t in (q, k, v))
             if states is not None:
                 kr, vr = states[r].append(kr, vr)  # (Hkv, T, D): prefix + new
-            lib = cpu_kernels_lib() if L == 1 and states is not None and kernel_fits(qr, kr.dtype) else None
+            lib = cpu_kernels_lib() if L == 1 and states is not None and kernel_fits(qr, kr, vr, kr.dtype) else None
             if lib is not None:
                 outs.append(decode_attention_cpu(lib, qr, kv_meta(states[r: r + 1]), self.cfg.num_key_value_heads))
             elif L == 1 and qr.dtype != torch.float32:
@@ -155,7 +155,7 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, states: Sequence[KVState])
     """
     Hq, R, D = q.shape
     Hkv = k.shape[0]
-    lib = cpu_kernels_lib() if kernel_fits(q, states[0].dtype) else None
+    lib = cpu_kernels_lib() if kernel_fits(q, k, v, states[0].dtype) else None
     if lib is not None:  # our CPU kernel: appends and attends with each cache where it is
         for s in states:
             if s.length == s._capacity:

@@ -45,6 +45,9 @@ class KVState:
         # for dsla.ops.cpu_kernels' decode attention: v's offset from k in bytes, the head stride in
         # elements (offsets, not addresses: a copy of this state, deepcopy included, has its own buffer)
         self._v_offset, self._head_stride = kv.stride(0) * kv.element_size(), kv.stride(1)
+        if kv.stride(3) != 1 or kv.stride(2) != kv.shape[3]:  # the kernel's layout: tokens of D contiguous values
+            raise ValueError(f"KV buffer strides {kv.stride()} of shape {tuple(kv.shape)}: want (..., capacity, D) contiguous")
+        self._shape_meta = (kv.shape[1], kv.shape[3], kv.element_size())
 
     @property
     def capacity(self) -> int:
@@ -84,11 +87,11 @@ class KVState:
         """Keys and values so far as a batch of one, (1, H, T, D) each (views, no copy)."""
         return self._k1.narrow(2, 0, self.length), self._v1.narrow(2, 0, self.length)
 
-    def kernel_meta(self) -> tuple[int, int, int, int, int]:
-        """(k address, v address, head stride in elements, length, capacity): this cache for
-        ``dsla.ops.cpu_kernels.decode_attention_cpu``."""
+    def kernel_meta(self) -> tuple[int, ...]:
+        """(k address, v address, head stride in elements, length, capacity, KV heads, head dim,
+        bytes per element): this cache for ``dsla.ops.cpu_kernels.decode_attention_cpu``."""
         k = self._kv.data_ptr()
-        return k, k + self._v_offset, self._head_stride, self.length, self._capacity
+        return (k, k + self._v_offset, self._head_stride, self.length, self._capacity, *self._shape_meta)
 
     @property
     def nbytes(self) -> int:

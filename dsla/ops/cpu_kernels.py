@@ -9,7 +9,8 @@ spread over torch's OpenMP threads, reading each request's cache where it is (an
 row of a ``KVBatch``), so no batch has to be built or masked.
 
 **Glue** (``csrc/glue.cpp``, bfloat16). RMSNorm with its weight and RoPE on a head-major view,
-each one call in place of several torch ops, rounded where torch's ops round (the same bits).
+each one call in place of several torch ops, rounded where torch's ops round: RoPE gives the same
+bits, RMSNorm all but ~3 in a million (its sum of squares runs in another order).
 
 Both are compiled with the machine's C++ compiler (``g++ -O3 -march=native``: AVX-512 or AVX2, as
 the CPU has) into one library in ``$DSLA_HOME/kernels/`` the first time they are used (a few
@@ -18,6 +19,10 @@ library links the OpenMP runtime torch has already loaded, so it shares torch's 
 there is no compiler, or the build fails, ``cpu_kernels_lib`` returns None (one warning) and the
 callers run torch's ops. ``use_cpu_kernels("off")`` (``dsla serve --cpu-kernels off``, or
 ``DSLA_CPU_KERNELS=0``) turns them off for the process.
+
+The attention kernel gets raw addresses of the caches' buffers, and ctypes releases the GIL during
+the call: no other thread may touch those caches meanwhile (the server's engine thread alone owns
+them; ``KVState.kernel_meta`` reads the addresses just before the call).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -42,15 +48,21 @@ log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = (CSRC / "decode_attention.cpp", CSRC / "glue.cpp")
-# Compiled with -ffast-math (vectorised exp, reassociated sums), linked without it: linking with it
-# adds crtfastmath.o, which flushes subnormals to zero for the whole process when the library loads.
-FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-std=c++17")
+# Attention is compiled with -ffast-math (vectorised exp, reassociated sums); the glue without it, so
+# that its divisions, square roots and roundings are IEEE ones, as torch's (reassociation only, for
+# vectorised sums). Linked without -ffast-math: linking with it adds crtfastmath.o, which flushes
+# subnormals to zero for the whole process when the library loads.
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-std=c++17")
+SOURCE_FLAGS = {"decode_attention.cpp": ("-ffast-math",),
+                "glue.cpp": ("-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math",
+                             "-ffp-contract=off")}
 LINK_FLAGS = ("-shared", "-fopenmp")
 HEAD_DIMS = (32, 64, 128)
 _DTYPES = {torch.bfloat16: "bf16", torch.float32: "f32"}
 _DTYPE_CODE = {torch.bfloat16: 0, torch.float32: 1}
 _ERRORS = {2: "a request has no tokens", 3: "query heads per KV head not in 1..8",
-           4: f"head dim not in {HEAD_DIMS}", 5: "a cache has no room for the new token"}
+           4: f"head dim not in {HEAD_DIMS}", 5: "a cache has no room for the new token",
+           6: "a cache's KV heads, head dim or dtype differ from the call's"}
 
 _STATE: dict = {"mode": None, "lib": None, "tried": False}
 
@@ -81,8 +93,12 @@ def _cpu_flags() -> str:
     return ""
 
 
-def _compiler() -> str | None:
-    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+def _compiler() -> list[str] | None:
+    """The C++ compiler's command: ``$CXX`` (split as a shell would: ``ccache g++``), g++ or c++."""
+    if os.environ.get("CXX"):
+        return shlex.split(os.environ["CXX"])
+    found = shutil.which("g++") or shutil.which("c++")
+    return None if found is None else [found]
 
 
 def build(directory: Path | None = None) -> Path:
@@ -92,11 +108,12 @@ def build(directory: Path | None = None) -> Path:
     if cxx is None:
         raise RuntimeError("no C++ compiler found (g++ or $CXX): install one (Debian: apt-get install g++)")
     try:
-        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+        version = subprocess.run([*cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
-        raise RuntimeError(f"the C++ compiler {cxx} does not run: {e}") from e
+        raise RuntimeError(f"the C++ compiler {' '.join(cxx)} does not run: {e}") from e
     text = "\0".join(src.read_text() for src in SOURCES)
-    key = hashlib.sha256("\0".join([text, " ".join(FLAGS + LINK_FLAGS), version, _cpu_flags()]).encode())
+    key = hashlib.sha256("\0".join([text, " ".join(FLAGS + LINK_FLAGS), repr(SOURCE_FLAGS), version,
+                                     _cpu_flags()]).encode())
     directory = directory or dsla_home() / "kernels"
     lib = directory / f"dsla_kernels-{key.hexdigest()[:16]}.so"
     if lib.is_file():
@@ -106,9 +123,12 @@ def build(directory: Path | None = None) -> Path:
     os.close(fd)
     objs = [f"{tmp[:-3]}-{src.stem}.o" for src in SOURCES]
     try:
-        cmds = [[cxx, *FLAGS, "-c", "-o", obj, str(src)] for src, obj in zip(SOURCES, objs)]
-        for cmd in cmds + [[cxx, *LINK_FLAGS, "-o", tmp, *objs]]:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        cmds = [[*cxx, *FLAGS, *SOURCE_FLAGS[src.name], "-c", "-o", obj, str(src)] for src, obj in zip(SOURCES, objs)]
+        for cmd in cmds + [[*cxx, *LINK_FLAGS, "-o", tmp, *objs]]:
+            try:
+                done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            except (OSError, subprocess.SubprocessError) as e:  # a timeout included: the callers fall back
+                raise RuntimeError(f"building our CPU kernels failed: {' '.join(cmd)}: {e}") from e
             if done.returncode != 0:
                 raise RuntimeError(f"building our CPU kernels failed: {' '.join(cmd)}\n{done.stderr[-4000:]}")
         os.replace(tmp, lib)  # another process building the same key writes the same bytes
@@ -153,17 +173,21 @@ def cpu_kernels_lib() -> ctypes.CDLL | None:
     return None if _mode() == "off" else _load()
 
 
-def kernel_fits(q: Tensor, cache_dtype: torch.dtype) -> bool:
-    """Whether the kernel handles this query over caches of ``cache_dtype``: on the CPU, bf16 or
-    float32 alike, a head dim it knows, and no gradient wanted (the kernel has no backward)."""
+def kernel_fits(q: Tensor, k: Tensor, v: Tensor, cache_dtype: torch.dtype) -> bool:
+    """Whether the kernel handles this query q (Hq, R, D) with keys and values k, v (Hkv, ...)
+    over caches of ``cache_dtype``: on the CPU, bf16 or float32 alike, a head dim it knows, 1 to 8
+    query heads per KV head, and no gradient wanted (the kernel has no backward)."""
+    Hq, Hkv = q.shape[0], k.shape[0]
     return (q.device.type == "cpu" and q.dtype in _DTYPES and q.dtype == cache_dtype and q.shape[-1] in HEAD_DIMS
-            and q.stride(-1) == 1 and not (q.requires_grad and torch.is_grad_enabled()))
+            and q.stride(-1) == 1 and Hq % Hkv == 0 and 1 <= Hq // Hkv <= 8
+            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)))
 
 
 def kv_meta(states: Sequence) -> Tensor:
-    """Per request (k address, v address, head stride in elements, length, capacity), (R, 5)
-    int64, for ``KVState``s (buffers (2, H, capacity, D), D and capacity contiguous; a ``KVBatch``
-    row included)."""
+    """Per request (k address, v address, head stride in elements, length, capacity, KV heads, head
+    dim, bytes per element), (R, 8) int64, for ``KVState``s (buffers (2, H, capacity, D), D and
+    capacity contiguous; a ``KVBatch`` row included). The kernel checks the last three against the
+    call, so a cache of another shape or dtype is refused instead of read out of bounds."""
     return torch.tensor([s.kernel_meta() for s in states], dtype=torch.int64)
 
 
@@ -179,9 +203,9 @@ def decode_attention_cpu(lib: ctypes.CDLL, q: Tensor, meta: Tensor, num_kv_heads
     """
     Hq, R, D = q.shape
     H = num_kv_heads
-    if Hq % H or meta.shape != (R, 5) or meta.dtype != torch.int64 or not meta.is_contiguous():
+    if Hq % H or meta.shape != (R, 8) or meta.dtype != torch.int64 or not meta.is_contiguous():
         raise ValueError(f"decode_attention_cpu: q {tuple(q.shape)} with {H} KV heads and meta "
-                         f"{tuple(meta.shape)} {meta.dtype} do not match (want (R, 5) int64, contiguous)")
+                         f"{tuple(meta.shape)} {meta.dtype} do not match (want (R, 8) int64, contiguous)")
     if q.dtype not in _DTYPES or q.stride(-1) != 1:
         raise ValueError(f"decode_attention_cpu: q must be bfloat16 or float32 with a contiguous last dim, "
                          f"got {q.dtype} strides {q.stride()}")
@@ -200,13 +224,15 @@ def decode_attention_cpu(lib: ctypes.CDLL, q: Tensor, meta: Tensor, num_kv_heads
         rc = lib.dsla_decode_attention(ctypes.byref(a), 0 if q.dtype == torch.bfloat16 else 1)
     if rc:
         raise ValueError(f"decode attention kernel: {_ERRORS.get(rc, f'error {rc}')} "
-                         f"(q {tuple(q.shape)}, lengths {meta[:, 3].tolist()}, capacities {meta[:, 4].tolist()})")
+                         f"(q {tuple(q.shape)} {q.dtype}, lengths {meta[:, 3].tolist()}, capacities "
+                         f"{meta[:, 4].tolist()}, caches' heads / head dim / element bytes {meta[:, 5:].tolist()})")
     return out
 
 
 # The fused glue of a decoder layer (csrc/glue.cpp), for bfloat16. Each returns None where it does
 # not apply (kernels off or not built, another device or dtype, a gradient wanted, inside
 # torch.compile, an odd layout): the caller then runs its torch form, which rounds at the same points.
+# In float32 they step aside too: a sum in another order changes last bits there in most elements.
 
 def _glue(x: Tensor) -> ctypes.CDLL | None:
     # bfloat16 only: there each rounding matches torch's ops; in float32 a sum in another order or a
@@ -220,7 +246,8 @@ def _glue(x: Tensor) -> ctypes.CDLL | None:
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor | None:
     """``weight * rms_norm(x.float()).to(x.dtype)`` over the last dim of a contiguous x."""
     lib = _glue(x)
-    if lib is None or weight.dtype != x.dtype or not (x.is_contiguous() and weight.is_contiguous()):
+    if lib is None or weight.dtype != x.dtype or weight.shape != x.shape[-1:] or weight.requires_grad and \
+            torch.is_grad_enabled() or not (x.is_contiguous() and weight.is_contiguous()):
         return None
     out = torch.empty_like(x)
     dim = x.shape[-1]

@@ -34,17 +34,24 @@ def rope_cos_sin(positions: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
     return emb.cos(), emb.sin()
 
 
-# the last call of rope_tables: (cos, sin, dtype, tables). A forward pass gives every layer the same
+# the last call of rope_tables: (cos, sin, key, tables). A forward pass gives every layer the same
 # cos and sin objects, so the tables are built once per pass instead of once per layer (5 ops each).
 _LAST_TABLES: list = [None]
+
+
+def _version(t: Tensor) -> int:
+    return -1 if t.is_inference() else t._version  # inference tensors keep no version counter
 
 
 def rope_tables(cos: Tensor, sin: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """cos, and sin with its first half negated, in ``dtype``: the tables of ``rotate``. Built once
     for the same ``cos`` and ``sin`` objects (the last call's are kept)."""
     compiling = torch.compiler.is_compiling()  # a compiled graph must not guard on the memo
+    # the same objects, unchanged in place, in the same inference mode (tables built under
+    # inference_mode cannot be saved for a backward pass)
+    key = None if compiling else (dtype, _version(cos), _version(sin), torch.is_inference_mode_enabled())
     last = None if compiling else _LAST_TABLES[0]
-    if last is not None and last[0] is cos and last[1] is sin and last[2] == dtype:
+    if last is not None and last[0] is cos and last[1] is sin and last[2] == key:
         return last[3]
     c, s = cos.to(dtype), sin.to(dtype)
     half = s.shape[-1] // 2
@@ -52,7 +59,7 @@ def rope_tables(cos: Tensor, sin: Tensor, dtype: torch.dtype) -> tuple[Tensor, T
         raise ValueError(f"RoPE needs an even head_dim, not {s.shape[-1]}")
     tables = (c, torch.cat([-s[..., :half], s[..., half:]], dim=-1))
     if not compiling:
-        _LAST_TABLES[0] = (cos, sin, dtype, tables)
+        _LAST_TABLES[0] = (cos, sin, key, tables)
     return tables
 
 

@@ -112,7 +112,8 @@ void piece(const T* k, const T* v, int64_t n, const float* q, float* part, const
 // One call's arguments (mirrored by dsla/ops/cpu_kernels.py: _Args).
 struct Args {
     int64_t R, H, G, D;
-    const int64_t* meta;  // R rows of (k address, v address, head stride, length, capacity)
+    const int64_t* meta;  // R rows of (k address, v address, head stride, length, capacity, heads, head dim,
+                          // bytes per element): the last three must match the call
     const void* q;        // (r, h * G + g, d) at r * q_r + (h * G + g) * q_h + d
     int64_t q_r, q_h;
     void* out;            // the same layout with o_r, o_h
@@ -125,6 +126,8 @@ struct Args {
     int32_t threads;
 };
 
+constexpr int64_t M = 8;  // meta columns
+
 template <typename T, int D, int G>
 int run(const Args& a) {
     const int64_t R = a.R, H = a.H, *meta = a.meta;
@@ -134,9 +137,10 @@ int run(const Args& a) {
     std::vector<Item> items;
     std::vector<int64_t> first(R * H + 1);
     for (int64_t r = 0; r < R; ++r) {
-        const int64_t L = meta[r * 5 + 3] + add;
+        const int64_t L = meta[r * M + 3] + add;
         if (L <= 0) return 2;
-        if (L > meta[r * 5 + 4]) return 5;
+        if (L > meta[r * M + 4]) return 5;
+        if (meta[r * M + 5] != H || meta[r * M + 6] != D || meta[r * M + 7] != int64_t(sizeof(T))) return 6;
         for (int64_t h = 0; h < H; ++h) {
             first[r * H + h] = int64_t(items.size());
             for (int64_t s = 0; s < L; s += CHUNK) items.push_back({r * H + h, s, s + CHUNK < L ? s + CHUNK : L});
@@ -148,9 +152,9 @@ int run(const Args& a) {
         const T* vn = static_cast<const T*>(a.v_new);
         for (int64_t r = 0; r < R; ++r)
             for (int64_t h = 0; h < H; ++h) {
-                const int64_t row = h * meta[r * 5 + 2] + meta[r * 5 + 3] * D;
-                std::memcpy(reinterpret_cast<T*>(meta[r * 5 + 0]) + row, kn + h * a.kn_h + r * a.kn_r, D * sizeof(T));
-                std::memcpy(reinterpret_cast<T*>(meta[r * 5 + 1]) + row, vn + h * a.vn_h + r * a.vn_r, D * sizeof(T));
+                const int64_t row = h * meta[r * M + 2] + meta[r * M + 3] * D;
+                std::memcpy(reinterpret_cast<T*>(meta[r * M + 0]) + row, kn + h * a.kn_h + r * a.kn_r, D * sizeof(T));
+                std::memcpy(reinterpret_cast<T*>(meta[r * M + 1]) + row, vn + h * a.vn_h + r * a.vn_r, D * sizeof(T));
             }
     }
     const int64_t N = int64_t(items.size()), P = G * (2 + D);
@@ -162,8 +166,8 @@ int run(const Args& a) {
     for (int64_t i = 0; i < N; ++i) {
         const Item it = items[i];
         const int64_t r = it.rh / H, h = it.rh % H;
-        const T* kb = reinterpret_cast<const T*>(meta[r * 5 + 0]) + h * meta[r * 5 + 2] + it.start * D;
-        const T* vb = reinterpret_cast<const T*>(meta[r * 5 + 1]) + h * meta[r * 5 + 2] + it.start * D;
+        const T* kb = reinterpret_cast<const T*>(meta[r * M + 0]) + h * meta[r * M + 2] + it.start * D;
+        const T* vb = reinterpret_cast<const T*>(meta[r * M + 1]) + h * meta[r * M + 2] + it.start * D;
         alignas(64) float qf[G * D];
         for (int64_t g = 0; g < G; ++g) {
             const T* qg = q + r * a.q_r + (h * G + g) * a.q_h;
@@ -172,7 +176,7 @@ int run(const Args& a) {
         const T* next_k = kb;
         if (i + 1 < N) {
             const Item nx = items[i + 1];
-            next_k = reinterpret_cast<const T*>(meta[nx.rh / H * 5]) + nx.rh % H * meta[nx.rh / H * 5 + 2] + nx.start * D;
+            next_k = reinterpret_cast<const T*>(meta[nx.rh / H * M]) + nx.rh % H * meta[nx.rh / H * M + 2] + nx.start * D;
         }
         piece<T, D, G>(kb, vb, it.end - it.start, qf, parts.data() + i * P, next_k);
     }
@@ -232,7 +236,8 @@ int dispatch(const Args& a) {
 extern "C" {
 
 // dtype 0: bfloat16, 1: float32. Returns 0 on success; 2: a request with no tokens; 3: G (query
-// heads per KV head) not in 1..8; 4: head dim not 32, 64 or 128; 5: no room for the new token.
+// heads per KV head) not in 1..8; 4: head dim not 32, 64 or 128; 5: no room for the new token;
+// 6: a cache's heads, head dim or element size differ from the call's.
 int dsla_decode_attention(const Args* a, int dtype) {
     return dtype == 0 ? dispatch<uint16_t>(*a) : dispatch<float>(*a);
 }
