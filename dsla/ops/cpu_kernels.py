@@ -83,14 +83,9 @@ def _mode() -> str:
 
 
 def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
+    from dsla.model.quant import cpu_flags  # here, not at import: dsla.model imports this module
+
+    return " ".join(sorted(cpu_flags()))
 
 
 def _compiler() -> list[str] | None:
