@@ -58,8 +58,7 @@ SOURCE_FLAGS = {"decode_attention.cpp": ("-ffast-math",),
                              "-ffp-contract=off")}
 LINK_FLAGS = ("-shared", "-fopenmp")
 HEAD_DIMS = (32, 64, 128)
-_DTYPES = {torch.bfloat16: "bf16", torch.float32: "f32"}
-_DTYPE_CODE = {torch.bfloat16: 0, torch.float32: 1}
+_DTYPE_CODE = {torch.bfloat16: 0, torch.float32: 1}  # the dtypes the kernels take, as the C side numbers them
 _ERRORS = {2: "a request has no tokens", 3: "query heads per KV head not in 1..8",
            4: f"head dim not in {HEAD_DIMS}", 5: "a cache has no room for the new token",
            6: "a cache's KV heads, head dim or dtype differ from the call's"}
@@ -173,7 +172,7 @@ def kernel_fits(q: Tensor, k: Tensor, v: Tensor, cache_dtype: torch.dtype) -> bo
     over caches of ``cache_dtype``: on the CPU, bf16 or float32 alike, a head dim it knows, 1 to 8
     query heads per KV head, and no gradient wanted (the kernel has no backward)."""
     Hq, Hkv = q.shape[0], k.shape[0]
-    return (q.device.type == "cpu" and q.dtype in _DTYPES and q.dtype == cache_dtype and q.shape[-1] in HEAD_DIMS
+    return (q.device.type == "cpu" and q.dtype in _DTYPE_CODE and q.dtype == cache_dtype and q.shape[-1] in HEAD_DIMS
             and q.stride(-1) == 1 and Hq % Hkv == 0 and 1 <= Hq // Hkv <= 8
             and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)))
 
@@ -201,7 +200,7 @@ def decode_attention_cpu(lib: ctypes.CDLL, q: Tensor, meta: Tensor, num_kv_heads
     if Hq % H or meta.shape != (R, 8) or meta.dtype != torch.int64 or not meta.is_contiguous():
         raise ValueError(f"decode_attention_cpu: q {tuple(q.shape)} with {H} KV heads and meta "
                          f"{tuple(meta.shape)} {meta.dtype} do not match (want (R, 8) int64, contiguous)")
-    if q.dtype not in _DTYPES or q.stride(-1) != 1:
+    if q.dtype not in _DTYPE_CODE or q.stride(-1) != 1:
         raise ValueError(f"decode_attention_cpu: q must be bfloat16 or float32 with a contiguous last dim, "
                          f"got {q.dtype} strides {q.stride()}")
     out = q.new_empty(R, Hq * D)
@@ -216,7 +215,7 @@ def decode_attention_cpu(lib: ctypes.CDLL, q: Tensor, meta: Tensor, num_kv_heads
         a.k_new, a.kn_h, a.kn_r = k.data_ptr(), k.stride(0), k.stride(1)
         a.v_new, a.vn_h, a.vn_r = v.data_ptr(), v.stride(0), v.stride(1)
     with record_function("dsla::decode_attention_cpu"):  # so torch.profiler counts it (it is not a torch op)
-        rc = lib.dsla_decode_attention(ctypes.byref(a), 0 if q.dtype == torch.bfloat16 else 1)
+        rc = lib.dsla_decode_attention(ctypes.byref(a), _DTYPE_CODE[q.dtype])
     if rc:
         raise ValueError(f"decode attention kernel: {_ERRORS.get(rc, f'error {rc}')} "
                          f"(q {tuple(q.shape)} {q.dtype}, lengths {meta[:, 3].tolist()}, capacities "
