@@ -20,7 +20,8 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from dsla.config import DSLAConfig, LlamaConfig
-from dsla.model.state import DSLAState, KVBatch, KVState, LayerState, RequestCache, append_one_token
+from dsla.model.state import (DSLAState, KVBatch, KVState, LayerState, RequestCache, append_one_token,
+                              room_for_one_more)
 from dsla.ops.attention import causal_attention
 from dsla.ops import cpu_kernels
 from dsla.ops.cpu_kernels import decode_attention_cpu, cpu_kernels_lib, kernel_fits, kv_meta
@@ -158,9 +159,7 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, states: Sequence[KVState])
     Hkv = k.shape[0]
     lib = cpu_kernels_lib() if kernel_fits(q, k, v, states[0].dtype) else None
     if lib is not None:  # our CPU kernel: appends and attends with each cache where it is
-        for s in states:
-            if s.length == s._capacity:
-                s.reserve(s.length + 1)
+        room_for_one_more(states)
         o = decode_attention_cpu(lib, q, kv_meta(states), Hkv, new_kv=(k, v))
         for s in states:
             s.length += 1

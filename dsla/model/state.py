@@ -159,13 +159,18 @@ class KVBatch:
         return KVBatch.current(states) or KVBatch(states)
 
 
+def room_for_one_more(states: Sequence[KVState]) -> None:
+    """Grow (``KVState.reserve``) each full state so it can take one more token."""
+    for s in states:
+        if s.length == s._capacity:
+            s.reserve(s.length + 1)
+
+
 def append_one_token(states: Sequence[KVState], kv: Tensor) -> None:
     """Append one token to each of R states: ``kv`` (2, H, R, D) holds request r's key and value
     at [:, :, r]. All R copies go in one ``_foreach_copy_`` call (a Python loop of R slice
     assignments is a decode step's per-request overhead, paid in every attention layer)."""
-    for s in states:
-        if s.length == s.capacity:
-            s.reserve(s.length + 1)
+    room_for_one_more(states)
     batch = KVBatch.current(states)
     if batch is not None:  # rows of one tensor: one indexed write (R slice views cost more than the copy)
         R = len(states)
