@@ -42,6 +42,7 @@ from dsla.model.llama import LlamaAttention, decode_attention, split_heads, toke
 from dsla.model.state import DSLAState, KVState
 from dsla.ops.attention import causal_attention
 from dsla.ops.compiled import decode_kernel
+from dsla.ops.cpu_kernels import cpu_kernels_lib, window_decode_cpu, window_decode_fits
 from dsla.ops.dsla import dsla_chunked, dsla_fold, dsla_step
 from dsla.ops.rope import rope_cos_sin, rope_tables, rotate, unapply_rope
 from dsla.ops.window import WindowState, ring_from_ordered, window_chunked, window_decode_math, window_fold
@@ -155,11 +156,7 @@ class DSLAAttention(nn.Module):
         """The per-head maps of the DSLA heads: the parameters as they are without exact groups,
         else their rows of those heads (an exact group's maps are never used, so prefill and fold
         skip its heads). Cached outside autograd while the parameters are unchanged."""
-        rec = self.recency_gate if self.cfg.num_states == 2 else None
-        full = HeadParams(self.feature_q.weight, self.feature_k.weight, self.history_gate.weight,
-                          self.history_gate.bias, None if rec is None else rec.weight, None if rec is None else rec.bias,
-                          self.mix_logits if rec is not None else None,
-                          self.window_log_scale if self.cfg.window else None)
+        full = self._all_head_params()
         if not self.exact_groups:
             return full
         grad = torch.is_grad_enabled() or any(t.is_inference() for t in full if t is not None)  # no _version
@@ -173,6 +170,14 @@ class DSLAAttention(nn.Module):
         if not grad:
             self._params_cache = (key, p)
         return p
+
+    def _all_head_params(self) -> HeadParams:
+        """The per-head maps of every KV head, the parameters themselves."""
+        rec = self.recency_gate if self.cfg.num_states == 2 else None
+        return HeadParams(self.feature_q.weight, self.feature_k.weight, self.history_gate.weight,
+                          self.history_gate.bias, None if rec is None else rec.weight, None if rec is None else rec.bias,
+                          self.mix_logits if rec is not None else None,
+                          self.window_log_scale if self.cfg.window else None)
 
     @property
     def state_shape(self) -> tuple[int, int, int, int]:
@@ -392,14 +397,17 @@ class DSLAAttention(nn.Module):
         if self.cfg.sinks:  # (R, H, S, D)
             sk = batch.sk if batch else torch.stack([s.sink_k for s in states])
             sv = batch.sv if batch else torch.stack([s.sink_v for s in states])
-        rec = self.recency_gate if self.cfg.num_states == 2 else None
         q = self.q_proj(x)
-        o, s1, qr, kr = decode_layer_fn()(
-            q, k_raw, v, cos, sin,
-            self.feature_q.weight, self.feature_k.weight, self.history_gate.weight, self.history_gate.bias,
-            None if rec is None else rec.weight, None if rec is None else rec.bias,
-            self.mix_logits if rec is not None else None, self.window_log_scale, s0, rk, rv, lengths, self.cfg.eps,
-            sk, sv)
+        p = self._all_head_params()
+        lib = self._window_kernel(q, p, s0, rk, rv, sk, sv)
+        if lib is not None:  # our C++ step: the states updated in place (s0 is this batch's own tensor)
+            lc, R = self.lcfg, x.shape[0]
+            qr, kr = rope_qk(q, k_raw, cos, sin, lc.num_key_value_heads, lc.head_dim)
+            o = window_decode_cpu(lib, qr, kr, k_raw.reshape(kr.shape).contiguous(), v.reshape(kr.shape).contiguous(),
+                                  p, s0, rk, rv, sk, sv, lengths, self.cfg.eps)
+            s1 = s0
+        else:
+            o, s1, qr, kr = decode_layer_fn()(q, k_raw, v, cos, sin, *p, s0, rk, rv, lengths, self.cfg.eps, sk, sv)
         check_finite(o)  # NaN / inf in the states reach o; then they are not stored (the ring row is:
         # the engine fails the step's requests, so their caches are dropped)
         DecodeBatch(s1, rk, rv, sk, sv).assign(states)
@@ -414,6 +422,20 @@ class DSLAAttention(nn.Module):
             o = o.view(R, lc.num_attention_heads, -1).index_copy(1, qh, e.view(R, len(qh), -1))
             o = o.view(R, -1)
         return self.o_proj(o)
+
+    def _window_kernel(self, q: Tensor, p: HeadParams, *buffers: Tensor | None):
+        """Our CPU kernel library when it takes this decode step (``window_decode_cpu``), else None
+        (kernels off or not built, another device or dtype, a gradient wanted, odd sizes or layouts)."""
+        lc, cfg = self.lcfg, self.cfg
+        if q.device.type != "cpu" or torch.compiler.is_compiling() or (torch.is_grad_enabled() and (
+                q.requires_grad or any(t is not None and t.requires_grad for t in p))):
+            return None
+        if not window_decode_fits(q.dtype, lc.head_dim, lc.num_attention_heads // lc.num_key_value_heads,
+                                  cfg.feature_dim, cfg.num_states, cfg.window, cfg.sinks) \
+                or any(t is not None and (t.dtype != q.dtype or not t.is_contiguous()) for t in p) \
+                or any(t is not None and not t.is_contiguous() for t in buffers):
+            return None
+        return cpu_kernels_lib()
 
     def _run_requests(self, fq: Tensor, fk: Tensor, v1: Tensor, g: Tensor, mix: Tensor,
                       seq_lens: Sequence[int], states: Sequence[DSLAState] | None) -> Tensor:
@@ -530,17 +552,11 @@ def window_decode_layer(q: Tensor, k_raw: Tensor, v: Tensor, cos: Tensor, sin: T
     G = q.shape[1] // (H * D)
     dt = q.dtype
 
-    tables = rope_tables(cos, sin, dt)  # once for q and k (both come from x, in q's dtype)
-
-    def rope(t: Tensor) -> Tensor:  # (R, n, D): rotate takes the positions second to last
-        return rotate(t.transpose(0, 1), *tables).transpose(0, 1)
-
     def phi(t: Tensor, w: Tensor) -> Tensor:  # (R, H, n, D) -> (R, H, n, 2F)
         return feature_map(t.transpose(0, 1), w).transpose(0, 1)
 
-    qr = rope(q.view(R, H * G, D)).view(R, H, G, D)
+    qr, k = rope_qk(q, k_raw, cos, sin, H, D)
     k_raw = k_raw.view(R, H, D)
-    k = rope(k_raw)
     log_gates = log_decays(k_raw.float().transpose(0, 1), w_hist, b_hist, w_rec, b_rec).permute(2, 0, 1, 3)  # (R, H, S, K)
     mix = state_mix(mix_logits, H, G, q.device)
     factor = window_log_scale.float().exp().view(H, G)  # as DSLAAttention.window_factor
@@ -549,6 +565,17 @@ def window_decode_layer(q: Tensor, k_raw: Tensor, v: Tensor, cos: Tensor, sin: T
     V = u.shape[-1] - 1
     o = u[..., :V] / (u[..., V:].float() + eps).to(u.dtype)  # (R, H, G, V)
     return o.reshape(R, -1).to(dt), st, qr, k
+
+
+def rope_qk(q: Tensor, k_raw: Tensor, cos: Tensor, sin: Tensor, heads: int, head_dim: int) -> tuple[Tensor, Tensor]:
+    """q (R, Hq*D) and k (R, H*D) of a decode step after RoPE, as (R, H, G, D) and (R, H, D)."""
+    R, D = q.shape[0], head_dim
+    tables = rope_tables(cos, sin, q.dtype)  # once for q and k (both come from x, in q's dtype)
+
+    def rope(t: Tensor) -> Tensor:  # (R, n, D): rotate takes the positions second to last
+        return rotate(t.transpose(0, 1), *tables).transpose(0, 1)
+
+    return rope(q.view(R, -1, D)).view(R, heads, -1, D), rope(k_raw.reshape(R, heads, D))
 
 
 # the arguments of window_decode_layer with one row per request (dim 0): q, k_raw, v, cos, sin,

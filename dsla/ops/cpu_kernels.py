@@ -47,13 +47,13 @@ from dsla.paths import dsla_home
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = (CSRC / "decode_attention.cpp", CSRC / "glue.cpp")
+SOURCES = (CSRC / "decode_attention.cpp", CSRC / "glue.cpp", CSRC / "dsla_decode.cpp")
 # Attention is compiled with -ffast-math (vectorised exp, reassociated sums); the glue without it, so
 # that its divisions, square roots and roundings are IEEE ones, as torch's (reassociation only, for
 # vectorised sums). Linked without -ffast-math: linking with it adds crtfastmath.o, which flushes
 # subnormals to zero for the whole process when the library loads.
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-std=c++17")
-SOURCE_FLAGS = {"decode_attention.cpp": ("-ffast-math",),
+SOURCE_FLAGS = {"decode_attention.cpp": ("-ffast-math",), "dsla_decode.cpp": ("-ffast-math",),
                 "glue.cpp": ("-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math",
                              "-ffp-contract=off")}
 LINK_FLAGS = ("-shared", "-fopenmp")
@@ -61,7 +61,8 @@ HEAD_DIMS = (32, 64, 128)
 _DTYPE_CODE = {torch.bfloat16: 0, torch.float32: 1}  # the dtypes the kernels take, as the C side numbers them
 _ERRORS = {2: "a request has no tokens", 3: "query heads per KV head not in 1..8",
            4: f"head dim not in {HEAD_DIMS}", 5: "a cache has no room for the new token",
-           6: "a cache's KV heads, head dim or dtype differ from the call's"}
+           6: "a cache's KV heads, head dim or dtype differ from the call's",
+           7: "feature dim not a multiple of 16 up to 256", 8: "states not 1 or 2, window not in 1..8192, or sinks not in 0..64"}
 
 _STATE: dict = {"mode": None, "lib": None, "tried": False}
 
@@ -143,6 +144,14 @@ class _Args(ctypes.Structure):
         ("scale", ctypes.c_float), ("threads", ctypes.c_int32)]
 
 
+class _WindowArgs(ctypes.Structure):
+    """One call's arguments: ``struct Args`` in csrc/dsla_decode.cpp."""
+    _fields_ = [(n, ctypes.c_int64) for n in ("R", "H", "G", "D", "F", "S", "W", "NS")] + [
+        (n, ctypes.c_void_p) for n in ("q", "k", "k_raw", "v", "w_fq", "w_fk", "w_hist", "b_hist", "w_rec", "b_rec",
+                                       "mix_logits", "window_log_scale", "states", "ring_k", "ring_v", "sink_k",
+                                       "sink_v", "lengths", "out")] + [("eps", ctypes.c_float), ("threads", ctypes.c_int32)]
+
+
 def _load() -> ctypes.CDLL | None:
     if not _STATE["tried"]:
         _STATE["tried"] = True
@@ -150,6 +159,8 @@ def _load() -> ctypes.CDLL | None:
             lib = ctypes.CDLL(str(build()))
             lib.dsla_decode_attention.argtypes = [ctypes.POINTER(_Args), ctypes.c_int]
             lib.dsla_decode_attention.restype = ctypes.c_int
+            lib.dsla_window_decode.argtypes = [ctypes.POINTER(_WindowArgs), ctypes.c_int]
+            lib.dsla_window_decode.restype = ctypes.c_int
             i64, i32, p = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
             lib.dsla_rms_norm.argtypes = [p, p, p, i64, i64, ctypes.c_float, i32, i32]
             lib.dsla_rope.argtypes = [p, p, p, p, i64, i64, i64, i64, i64, i64, i64, i32, i32]
@@ -265,4 +276,65 @@ def rope(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor | None:
     H, N, D = x.shape
     lib.dsla_rope(x.data_ptr(), cos.data_ptr(), signed_sin.data_ptr(), out.data_ptr(), H, N, D, x.stride(0),
                   x.stride(1), out.stride(0), out.stride(1), _DTYPE_CODE[x.dtype], torch.get_num_threads())
+    return out
+
+
+# ---- a DSLA layer's decode step with an exact window (csrc/dsla_decode.cpp) ---------------------
+
+def window_decode_fits(dtype: torch.dtype, head_dim: int, group: int, feature_dim: int, num_states: int,
+                       window: int, sinks: int) -> bool:
+    """Whether ``window_decode_cpu`` takes a layer of these sizes in this dtype (bf16 or float32)."""
+    return (dtype in _DTYPE_CODE and head_dim in HEAD_DIMS and 1 <= group <= 8 and feature_dim % 16 == 0
+            and 0 < feature_dim <= 256 and num_states in (1, 2) and 1 <= window <= 8192 and 0 <= sinks <= 64)
+
+
+def window_decode_cpu(lib: ctypes.CDLL, q: Tensor, k: Tensor, k_raw: Tensor, v: Tensor, params, states: Tensor,
+                      ring_k: Tensor, ring_v: Tensor, sink_k: Tensor | None, sink_v: Tensor | None,
+                      lengths: Tensor, eps: float) -> Tensor:
+    """``dsla.model.dsla.window_decode_layer``'s output o (R, Hq*D) after RoPE, in one call.
+
+    q (R, H, G, D) and k (R, H, D) after RoPE, k_raw and v (R, H, D), all contiguous and of one
+    dtype; ``params`` a ``HeadParams`` with a window scale (its weights of that dtype); states
+    (R, H, S, K, D+1) float32, rings (R, H, W, D) and sinks (R, H, NS, D) (or None) contiguous;
+    lengths (R,) int64, the tokens each request saw before this one. The states are updated, the
+    rings and sinks written, in place: afterwards they hold what ``window_decode_math`` returns.
+    """
+    R, H, G, D = q.shape
+    p = params
+    F, S, W = p.w_fq.shape[-1], states.shape[2], ring_k.shape[2]
+    NS = 0 if sink_k is None else sink_k.shape[2]
+    dt = q.dtype
+    want = {"k": (k, (R, H, D), dt), "k_raw": (k_raw, (R, H, D), dt), "v": (v, (R, H, D), dt),
+            "w_fq": (p.w_fq, (H, D, F), dt), "w_fk": (p.w_fk, (H, D, F), dt),
+            "w_hist": (p.w_hist, (H, D, 2 * F), dt), "b_hist": (p.b_hist, (H, 1, 2 * F), dt),
+            "window_log_scale": (p.window_log_scale, (H * G,), dt),
+            "states": (states, (R, H, S, 2 * F, D + 1), torch.float32), "ring_k": (ring_k, (R, H, W, D), dt),
+            "ring_v": (ring_v, (R, H, W, D), dt), "lengths": (lengths, (R,), torch.int64)}
+    if S == 2:
+        want |= {"w_rec": (p.w_rec, (H, D, 2 * F), dt), "b_rec": (p.b_rec, (H, 1, 2 * F), dt),
+                 "mix_logits": (p.mix_logits, (H * G,), dt)}
+    if NS:
+        want |= {"sink_k": (sink_k, (R, H, NS, D), dt), "sink_v": (sink_v, (R, H, NS, D), dt)}
+    bad = [f"{name} {None if t is None else (tuple(t.shape), t.dtype)} (want {shape} {dtype}, contiguous)"
+           for name, (t, shape, dtype) in want.items()
+           if t is None or t.shape != shape or t.dtype != dtype or not t.is_contiguous() or t.device.type != "cpu"]
+    if bad or not q.is_contiguous() or not window_decode_fits(dt, D, G, F, S, W, NS):
+        raise ValueError(f"window_decode_cpu: q {tuple(q.shape)} {dt}: " + ("; ".join(bad) or "sizes the kernel does not take"))
+    out = q.new_empty(R, H * G * D)
+    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+    a = _WindowArgs(R=R, H=H, G=G, D=D, F=F, S=S, W=W, NS=NS, q=ptr(q), k=ptr(k), k_raw=ptr(k_raw), v=ptr(v),
+                    w_fq=ptr(p.w_fq), w_fk=ptr(p.w_fk), w_hist=ptr(p.w_hist), b_hist=ptr(p.b_hist),
+                    w_rec=ptr(p.w_rec) if S == 2 else None, b_rec=ptr(p.b_rec) if S == 2 else None,
+                    mix_logits=ptr(p.mix_logits) if S == 2 else None, window_log_scale=ptr(p.window_log_scale),
+                    states=ptr(states), ring_k=ptr(ring_k), ring_v=ptr(ring_v), sink_k=ptr(sink_k),
+                    sink_v=ptr(sink_v), lengths=ptr(lengths), out=ptr(out), eps=eps,
+                    threads=torch.get_num_threads())
+    if torch.autograd._profiler_enabled():
+        with record_function("dsla::window_decode_cpu"):
+            rc = lib.dsla_window_decode(ctypes.byref(a), _DTYPE_CODE[dt])
+    else:
+        rc = lib.dsla_window_decode(ctypes.byref(a), _DTYPE_CODE[dt])
+    if rc:
+        raise ValueError(f"DSLA window decode kernel: {_ERRORS.get(rc, f'error {rc}')} (q {tuple(q.shape)}, "
+                         f"features {F}, states {S}, window {W}, sinks {NS}, lengths {lengths.tolist()})")
     return out
