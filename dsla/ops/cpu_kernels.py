@@ -47,13 +47,14 @@ from dsla.paths import dsla_home
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = (CSRC / "decode_attention.cpp", CSRC / "glue.cpp", CSRC / "dsla_decode.cpp")
+SOURCES = (CSRC / "decode_attention.cpp", CSRC / "glue.cpp", CSRC / "dsla_decode.cpp", CSRC / "prefill_attention.cpp")
 # Attention is compiled with -ffast-math (vectorised exp, reassociated sums); the glue without it, so
 # that its divisions, square roots and roundings are IEEE ones, as torch's (reassociation only, for
 # vectorised sums). Linked without -ffast-math: linking with it adds crtfastmath.o, which flushes
 # subnormals to zero for the whole process when the library loads.
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-std=c++17")
 SOURCE_FLAGS = {"decode_attention.cpp": ("-ffast-math",), "dsla_decode.cpp": ("-ffast-math",),
+                "prefill_attention.cpp": ("-fno-math-errno",),
                 "glue.cpp": ("-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math",
                              "-ffp-contract=off")}
 LINK_FLAGS = ("-shared", "-fopenmp")
@@ -62,7 +63,7 @@ _DTYPE_CODE = {torch.bfloat16: 0, torch.float32: 1}  # the dtypes the kernels ta
 _ERRORS = {2: "a request has no tokens", 3: "query heads per KV head not in 1..8",
            4: f"head dim not in {HEAD_DIMS}", 5: "a cache has no room for the new token",
            6: "a cache's KV heads, head dim or dtype differ from the call's",
-           7: "feature dim not a multiple of 16 up to 256", 8: "states not 1 or 2, window not in 1..8192, or sinks not in 0..64"}
+           7: "feature dim not a multiple of 16 up to 256", 9: "this CPU has no AVX-512 BF16", 8: "states not 1 or 2, window not in 1..8192, or sinks not in 0..64"}
 
 _STATE: dict = {"mode": None, "lib": None, "tried": False}
 
@@ -152,6 +153,15 @@ class _WindowArgs(ctypes.Structure):
                                        "sink_v", "lengths", "out")] + [("eps", ctypes.c_float), ("threads", ctypes.c_int32)]
 
 
+class _PrefillArgs(ctypes.Structure):
+    """One call's arguments: ``struct Args`` in csrc/prefill_attention.cpp."""
+    _fields_ = [(n, ctypes.c_int64) for n in ("H", "G", "L", "T", "D")] + [
+        (n, t) for name in ("q", "k", "v", "out")
+        for n, t in ((name, ctypes.c_void_p), (f"{name[0]}_h", ctypes.c_int64),
+                     (f"{name[0]}_{'l' if name in ('q', 'out') else 't'}", ctypes.c_int64))] + [
+        ("scale", ctypes.c_float), ("threads", ctypes.c_int32)]
+
+
 def _load() -> ctypes.CDLL | None:
     if not _STATE["tried"]:
         _STATE["tried"] = True
@@ -161,6 +171,9 @@ def _load() -> ctypes.CDLL | None:
             lib.dsla_decode_attention.restype = ctypes.c_int
             lib.dsla_window_decode.argtypes = [ctypes.POINTER(_WindowArgs), ctypes.c_int]
             lib.dsla_window_decode.restype = ctypes.c_int
+            lib.dsla_prefill_attention.argtypes = [ctypes.POINTER(_PrefillArgs)]
+            lib.dsla_prefill_attention.restype = ctypes.c_int
+            lib.dsla_prefill_attention_available.restype = ctypes.c_int
             i64, i32, p = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
             lib.dsla_rms_norm.argtypes = [p, p, p, i64, i64, ctypes.c_float, i32, i32]
             lib.dsla_rope.argtypes = [p, p, p, p, i64, i64, i64, i64, i64, i64, i64, i32, i32]
@@ -338,3 +351,45 @@ def window_decode_cpu(lib: ctypes.CDLL, q: Tensor, k: Tensor, k_raw: Tensor, v: 
         raise ValueError(f"DSLA window decode kernel: {_ERRORS.get(rc, f'error {rc}')} (q {tuple(q.shape)}, "
                          f"features {F}, states {S}, window {W}, sinks {NS}, lengths {lengths.tolist()})")
     return out
+
+
+# ---- causal attention of a prefill chunk (csrc/prefill_attention.cpp, AVX-512 BF16 only) ---------
+
+def prefill_kernel(q: Tensor, k: Tensor, v: Tensor) -> ctypes.CDLL | None:
+    """The kernel library when ``prefill_attention_cpu`` takes q (..., Hq, L, D) over k, v
+    (..., Hkv, T, D): on the CPU, bfloat16, a head dim it knows, 1 to 8 query heads per KV head, the
+    last dim contiguous, no gradient wanted, and a CPU with AVX-512 BF16; else None (SDPA serves)."""
+    Hq, Hkv = q.shape[-3], k.shape[-3]
+    if not (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.bfloat16 and q.shape[-1] in HEAD_DIMS
+            and Hq % Hkv == 0 and 1 <= Hq // Hkv <= 8 and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
+            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+            and not torch.compiler.is_compiling()):
+        return None
+    lib = cpu_kernels_lib()
+    return lib if lib is not None and lib.dsla_prefill_attention_available() else None
+
+
+def prefill_attention_cpu(lib: ctypes.CDLL, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Causal attention of L queries q (Hq, L, D) over T >= L keys k, v (Hkv, T, D), the last L of
+    them the queries' own (query i sees keys 0..T-L+i), as ``dsla.ops.attention.causal_attention``.
+    Any head and token strides. Returns (Hq, L, D), a view of an (L, Hq, D) buffer (so that
+    ``.transpose(0, 1).reshape(L, -1)`` copies nothing)."""
+    Hq, L, D = q.shape
+    H, T = k.shape[0], k.shape[1]
+    if k.shape != v.shape or k.shape[2] != D or L > T or Hq % H:
+        raise ValueError(f"prefill_attention_cpu: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not "
+                         f"match (want q (Hq, L, D), k and v (Hkv, T, D) with L <= T and Hkv dividing Hq)")
+    out = q.new_empty(L, Hq, D)
+    a = _PrefillArgs(H=H, G=Hq // H, L=L, T=T, D=D, q=q.data_ptr(), q_h=q.stride(0), q_l=q.stride(1),
+                     k=k.data_ptr(), k_h=k.stride(0), k_t=k.stride(1), v=v.data_ptr(), v_h=v.stride(0),
+                     v_t=v.stride(1), out=out.data_ptr(), o_h=D, o_l=Hq * D, scale=D ** -0.5,
+                     threads=torch.get_num_threads())
+    if torch.autograd._profiler_enabled():
+        with record_function("dsla::prefill_attention_cpu"):
+            rc = lib.dsla_prefill_attention(ctypes.byref(a))
+    else:
+        rc = lib.dsla_prefill_attention(ctypes.byref(a))
+    if rc:
+        raise ValueError(f"prefill attention kernel: {_ERRORS.get(rc, f'error {rc}')} (q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, {q.dtype})")
+    return out.transpose(0, 1)
