@@ -9,6 +9,7 @@
 # Environment: STUDENT (default: the default student), PORT (8000), THREADS (1),
 # SERVE_FLAGS (extra `dsla serve` flags for both servers, e.g. --cache-budget-mb 700),
 # ADAPTIVE_FLAGS (extra flags for the adaptive server only), TRACE (default: synthetic),
+# POLICIES (default "static adaptive": the dsla servers to run, e.g. "adaptive" alone),
 # PEERS (e.g. "vllm": also replay the same trace, same seed and flags, against each of these peer
 # servers, started with scripts/peers/serve.sh: a third column; set them up with
 # scripts/peers/setup_<peer>.sh first), READY_TIMEOUT (seconds a server may take to start, 900).
@@ -22,6 +23,7 @@ TRACE=${TRACE:-synthetic}
 STUDENT=${STUDENT:-$($BIN/python -c 'from dsla.paths import SHIPPED_STUDENT_DIR; print(SHIPPED_STUDENT_DIR)')}
 READY_TIMEOUT=${READY_TIMEOUT:-900}
 PEERS=${PEERS:-}
+POLICIES=${POLICIES:-static adaptive}
 mkdir -p "$OUT"
 
 wait_ready() {  # wait_ready NAME PID: until /v1/models answers, or the server dies or times out
@@ -33,7 +35,7 @@ wait_ready() {  # wait_ready NAME PID: until /v1/models answers, or the server d
   echo "server ($1) not ready after $READY_TIMEOUT s"; exit 1
 }
 
-for policy in static adaptive; do
+for policy in $POLICIES; do
   flags=()
   [ "$policy" = adaptive ] && flags=(${ADAPTIVE_FLAGS:-})
   $BIN/dsla serve --threads "$THREADS" --port "$PORT" --student "$STUDENT" --policy "$policy" \
@@ -66,17 +68,19 @@ import json, sys
 from pathlib import Path
 from dsla.bench.common import format_table
 out = Path(sys.argv[1])
-rows = [json.loads((out / f"trace_{p}.json").read_text())["summary"] for p in ("static", "adaptive", *sys.argv[2:])]
+runs = {p: json.loads((out / f"trace_{p}.json").read_text())["summary"]
+        for p in ("static", "adaptive", *sys.argv[2:]) if (out / f"trace_{p}.json").is_file()}
 cols = ["label", "requests", "completed", "rejected", "failed", "per_token_latency_mean_s", "ttft_p50_s", "ttft_p99_s",
         "e2e_p50_s", "e2e_p99_s", "output_token_throughput", "mean_token_ratio", "plan_changes"]
-print(format_table(rows, cols))
-s, a = rows[0]["per_token_latency_mean_s"], rows[1]["per_token_latency_mean_s"]
-if s and a:
-    print(f"mean per-token latency, static / adaptive: {s / a:.2f}x")
-for peer in rows[2:]:
-    if peer["per_token_latency_mean_s"] and a:
-        print(f"mean per-token latency, {peer['label']} / adaptive: {peer['per_token_latency_mean_s'] / a:.2f}x")
-print("adaptive: output tokens by conversion ratio:", rows[1]["token_fraction_by_ratio"])
+print(format_table(list(runs.values()), cols))
+a = runs.get("adaptive", {}).get("per_token_latency_mean_s")
+for name, run in runs.items():
+    if name != "adaptive" and run["per_token_latency_mean_s"] and a:
+        print(f"mean per-token latency, {run['label']} / adaptive: {run['per_token_latency_mean_s'] / a:.2f}x")
+if "adaptive" in runs:
+    print("adaptive: output tokens by conversion ratio:", runs["adaptive"]["token_fraction_by_ratio"])
 EOF
-$BIN/dsla bench plot "$OUT/trace_static.json" "$OUT/trace_adaptive.json" --out "$OUT/trace_timeline.png" \
-  --title "adaptive vs static full attention, same trace"
+if [ -f "$OUT/trace_static.json" ] && [ -f "$OUT/trace_adaptive.json" ]; then
+  $BIN/dsla bench plot "$OUT/trace_static.json" "$OUT/trace_adaptive.json" --out "$OUT/trace_timeline.png" \
+    --title "adaptive vs static full attention, same trace"
+fi

@@ -38,7 +38,8 @@ def plan_layers(num_layers: int, dsla_layers: Sequence[int] | None, dsla_ratio: 
 
 def build_engine(teacher: str | Path, dtype: str = "float32", student: str | Path | None = None,
                  dsla_layers: Sequence[int] | None = None, dsla_ratio: float | None = None,
-                 config=None, policy: str = "static", policy_config=None, quality=(), weights: str = "native"):
+                 config=None, policy: str = "static", policy_config=None, quality=(), weights: str = "native",
+                 dsla_prefill: str = "dsla"):
     """Load the model and tokenizer and return a (not yet started) ``Engine``.
 
     ``weights`` (``--weights``: auto, native, packed, int8, int4, mixed) quantises the linear layers once the
@@ -47,7 +48,8 @@ def build_engine(teacher: str | Path, dtype: str = "float32", student: str | Pat
 
     ``policy="adaptive"`` attaches a controller with ``policy_config`` (default ``PolicyConfig()``)
     and the per-ratio ``quality`` curve; it converts the student's finished layers in its order
-    (without a student: every layer, untrained, by index).
+    (without a student: every layer, untrained, by index). ``dsla_prefill`` (``--dsla-prefill``):
+    see ``ModelRunner``.
     """
     import torch
 
@@ -104,7 +106,7 @@ def build_engine(teacher: str | Path, dtype: str = "float32", student: str | Pat
     from dsla.ops.cpu_kernels import cpu_kernels_lib
     kernels = "on" if cpu_kernels_lib() is not None else "off"  # built now, not under load
     log.info("our CPU kernels (dsla.ops.cpu_kernels): %s", kernels)
-    runner = ModelRunner(model, plan)
+    runner = ModelRunner(model, plan, dsla_prefill)
     engine = Engine(runner, Tokenizer(teacher), config or SchedulerConfig(), controller=controller, order=order)
     engine.metrics.set_info(dtype=dtype, weights=preset, cpu_kernels=kernels)
     return engine
@@ -150,6 +152,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dsla-layers", default=None, help="comma-separated layers to run as DSLA")
     g.add_argument("--dsla-ratio", type=float, default=None,
                    help="fraction of layers to run as DSLA, taken in the student's order")
+    p.add_argument("--dsla-prefill", choices=["dsla", "fold"], default="dsla",
+                   help="how prompts pass the plan's DSLA layers: dsla (their DSLA form) or fold (softmax "
+                        "attention, then folded into DSLA state before decoding: faster at a few thousand "
+                        "tokens with our attention kernel, and the prompt is read exactly)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", default=None, help="model id clients send (default: teacher dir name)")
@@ -217,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
         use_compiled_decode(True)
         log.info("DSLA decode steps compiled with torch.compile (compiled at start, before serving)")
     engine = call_in_thread(build_engine, teacher, args.dtype, args.student, layers, args.dsla_ratio, config,
-                            args.policy, policy_config, quality, args.weights)
+                            args.policy, policy_config, quality, args.weights, args.dsla_prefill)
     name = args.served_model_name or teacher.name
     app = create_app(engine, name, api_key=args.api_key, max_body_bytes=args.max_body_kb * 1024,
                      allowed_hosts=None if hosts is None or "*" in hosts else hosts)

@@ -72,7 +72,7 @@ class Engine:
         self.plan_history: deque[dict[str, Any]] = deque(maxlen=PLAN_HISTORY)
         window = controller.config.latency_window_s if controller else LATENCY_WINDOW_S
         self.recent_ttft, self.recent_tpot = LatencyWindow(window), LatencyWindow(window)
-        self.scheduler = Scheduler(config, runner.cache_cost())
+        self.scheduler = Scheduler(config, runner.cache_cost(runner.admission_layers()))
         self.eos_token_ids = stop_token_ids(runner.model.cfg.eos_token_id, tokenizer, extra_eos_ids)
         self.metrics = Metrics()
         self.metrics.set(cache_budget_bytes=config.cache_budget_bytes, num_layers=self.num_layers)
@@ -314,6 +314,8 @@ class Engine:
                 results = None
             if results is not None:
                 self.scheduler.advance(out)
+                if self.runner.dsla_prefill == "fold" and self.runner.plan:
+                    self._fold_prefilled(out, results)
                 now = time.monotonic()
                 for c in out.chunks:
                     self._process_one(c.request.request_id, c.completes, results[c.request.request_id], now)
@@ -324,6 +326,22 @@ class Engine:
         took = time.perf_counter() - t0
         self.metrics.observe("step_seconds", took)
         self._period_steps, self._period_step_s = self._period_steps + 1, self._period_step_s + took
+
+    def _fold_prefilled(self, out, results) -> None:
+        """``--dsla-prefill fold``: requests whose prompt this step finished (their first token
+        sampled) fold the plan's layers into DSLA state now and are priced as such; a failed fold
+        fails that request (its result carries the error)."""
+        for c in out.chunks:
+            req, res = c.request, results[c.request.request_id]
+            if not c.samples or res.error is not None or req.request_id not in self.runner.caches:
+                continue
+            if set(self.runner.plan) <= set(self.runner.dsla_layers_of(req.request_id)):
+                continue
+            _, err = self.runner.fold_to_plan(req.request_id)
+            if err is not None:
+                res.error = f"folding the prompt into DSLA state failed: {err}"
+            self.scheduler.reprice(req, self.runner.cache_cost(self.runner.dsla_layers_of(req.request_id)))
+            self.metrics.inc("prefill_folds_total")
 
     def _process_one(self, request_id: str, completes: bool, res, now: float) -> None:
         """Hand one request its step result; a failure here (sampling, stop handling, detokenising)
@@ -472,7 +490,7 @@ class Engine:
         for req in self.scheduler.running if convert else ():
             if req.request_id in self.runner.caches:
                 self.scheduler.reprice(req, self.runner.cache_cost(self.runner.dsla_layers_of(req.request_id)))
-        self.scheduler.set_cost(self.runner.cache_cost())
+        self.scheduler.set_cost(self.runner.cache_cost(self.runner.admission_layers()))
         self.converted_order = tuple(i for i in self.converted_order if i in new) + tuple(convert)
         return convert, revert, freed, folded, failed
 

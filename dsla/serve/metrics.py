@@ -62,6 +62,7 @@ class Metrics:
         "layer_conversions_total": "layers converted attention -> DSLA (in-flight KV folded into state)",
         "layer_reverts_total": "layers reverted DSLA -> attention (for new requests)",
         "conversion_freed_bytes_total": "cache bytes freed by folding in-flight KV into DSLA state",
+        "prefill_folds_total": "prompts folded into DSLA state after an exact prefill (--dsla-prefill fold)",
     }
     GAUGES = {
         "requests_running": "requests holding a cache",

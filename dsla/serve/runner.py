@@ -42,9 +42,21 @@ def token_logprobs(lp: Tensor, chosen: Sequence[int], k: int) -> list[TokenLogpr
     return [TokenLogprob(t, p, top) for t, p, top in zip(chosen, picked, tops)]
 
 
+DSLA_PREFILL = ("dsla", "fold")
+
+
 class ModelRunner:
-    def __init__(self, model: HybridLM, dsla_layers: Iterable[int] = ()) -> None:
+    def __init__(self, model: HybridLM, dsla_layers: Iterable[int] = (), dsla_prefill: str = "dsla") -> None:
+        """``dsla_prefill``: how a new request's prompt goes through the plan's DSLA layers. "dsla":
+        their DSLA forms (chunked linear attention plus the window). "fold": softmax attention in
+        every layer, then, once the prompt is done, the plan's layers folded into DSLA state (as a
+        conversion folds a request in flight) before it decodes. Folding costs ~20 ms per layer for
+        4k tokens, and at such lengths our attention kernel makes an exact prefill cheaper than the
+        DSLA one; the request holds its whole KV until then."""
+        if dsla_prefill not in DSLA_PREFILL:
+            raise ValueError(f"--dsla-prefill={dsla_prefill!r} must be one of {', '.join(DSLA_PREFILL)}")
         self.model = model
+        self.dsla_prefill = dsla_prefill
         self._costs: dict[tuple[int, ...], CacheCost] = {}
         self.plan: tuple[int, ...] = ()
         self.set_plan(dsla_layers)
@@ -81,6 +93,25 @@ class ModelRunner:
             initial = (probe.nbytes - fixed) // per_token if per_token else 0
             self._costs[layers] = CacheCost(kv_bytes_per_token=per_token, fixed_bytes=fixed, initial_capacity=initial)
         return self._costs[layers]
+
+    def admission_layers(self) -> tuple[int, ...]:
+        """The DSLA layers of a new request's cache: the plan, or none when prompts prefill exactly
+        and are folded afterwards (``dsla_prefill="fold"``)."""
+        return () if self.dsla_prefill == "fold" else self.plan
+
+    def fold_to_plan(self, request_id: str) -> tuple[int, str | None]:
+        """Fold the plan's layers that a request's cache still holds as KV (``dsla_prefill="fold"``,
+        its prompt done). Returns the bytes freed and, if a fold failed (a non-finite state), the
+        error; the layers folded before it stay folded."""
+        cache, freed = self.caches[request_id], 0
+        done = set(cache.dsla_layers())
+        for i in self.plan:
+            if i not in done:
+                try:
+                    freed += self.model.convert_layer(cache, i)
+                except ValueError as e:
+                    return freed, str(e)
+        return freed, None
 
     def dsla_layers_of(self, request_id: str) -> tuple[int, ...]:
         """Layers that run DSLA for a request holding a cache (its plan at admission + conversions)."""
@@ -146,7 +177,7 @@ class ModelRunner:
                 if c.start != 0:
                     raise RuntimeError(f"request {req.request_id} resumes at token {c.start} without a cache")
                 # KV buffers sized as the scheduler reserved them (its accounting replays them)
-                cache = self.caches[req.request_id] = self.model.new_cache(self.plan, req.kv_capacity)
+                cache = self.caches[req.request_id] = self.model.new_cache(self.admission_layers(), req.kv_capacity)
             base = len(ids)
             ids += req.token_ids(c.start, c.start + c.num_tokens)
             seq_lens.append(c.num_tokens)

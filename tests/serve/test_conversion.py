@@ -151,6 +151,52 @@ def test_revert_applies_to_new_requests_only(model, serve_tok):
     assert [e["reverted"] for e in engine.plan_view()["history"]] == [[1]]
 
 
+def exact_prefill_then_fold(model, prompt, n, layers):
+    """Greedy tokens of a prompt read with attention in every layer, ``layers`` then folded into
+    DSLA state, the rest decoded with them (what ``--dsla-prefill fold`` promises)."""
+    cache = model.new_cache((), capacity=len(prompt) + n)
+    with torch.no_grad():
+        toks = [int(model(torch.tensor(prompt), [len(prompt)], [cache])[-1].argmax())]
+        for i in layers:
+            model.convert_layer(cache, i)
+        while len(toks) < n:
+            toks.append(int(model(torch.tensor(toks[-1:]), [1], [cache])[-1].argmax()))
+    return toks
+
+
+def test_fold_prefill_reads_prompts_exactly_then_decodes_with_the_plan(model, serve_tok):
+    engine = Engine(ModelRunner(model, [1, 2], dsla_prefill="fold"), serve_tok,
+                    SchedulerConfig(max_num_batched_tokens=16, max_num_seqs=4))
+    runner = engine.runner
+    assert engine.scheduler.cost == runner.cache_cost(())  # admitted at the price of a full KV cache
+    cols = submit(engine, PROMPTS, 8)
+    seen_prefill = set()
+    for _ in range(200):
+        if all(c.outputs and c.outputs[-1].finished for c in cols):
+            break
+        step_checked(engine)  # the scheduler's bytes equal the caches' after every fold too
+        for req in engine.scheduler.running:
+            layers = runner.dsla_layers_of(req.request_id)
+            if req.num_computed_tokens < req.num_prompt_tokens:  # prompt not done: attention everywhere
+                assert layers == ()
+                seen_prefill.add(req.request_id)
+            else:  # the first token sampled: the plan's layers are DSLA state, their KV freed
+                assert layers == (1, 2) and req.cache_cost == runner.cache_cost((1, 2))
+        for c in cols:
+            while not c._q.empty():
+                c.outputs.append(c._q.get())
+    assert len(seen_prefill) == 3  # each was seen mid-prompt (16 tokens a step: the prompts queue)
+    for c, prompt in zip(cols, PROMPTS):
+        assert c.token_ids == exact_prefill_then_fold(model, prompt, 8, [1, 2])
+    assert engine.metrics.snapshot()["prefill_folds_total"] == 3
+    assert runner.cache_bytes() == 0 and engine.scheduler.cache_bytes() == 0
+
+
+def test_fold_prefill_is_checked(model):
+    with pytest.raises(ValueError, match="--dsla-prefill='later'"):
+        ModelRunner(model, [1], dsla_prefill="later")
+
+
 def test_bad_plans_change_nothing(model, serve_tok, serve_dir):
     from dsla.model.loading import load_teacher
 
