@@ -378,14 +378,17 @@ class DSLAAttention(nn.Module):
 
     def _decode_step(self, x: Tensor, cos: Tensor, sin: Tensor, states: Sequence[DSLAState]) -> Tensor:
         """A pure decode step (one token per request) with the exact window: the projections,
-        then everything between them in ``window_decode_layer`` (compiled when
-        ``use_compiled_decode(True)``), on the requests' ring buffers.
+        then everything between them in one call of our CPU kernel (``window_decode_cpu``) where
+        it applies, else ``window_decode_layer`` (compiled when ``use_compiled_decode(True)``), on
+        the requests' ring buffers.
 
         The requests' states and windows are left as the rows of one (R, ...) tensor each
         (``DecodeBatch``), so the next step with the same requests in the same order uses them as
         they are: no stacking copy, and the window rows are written in place. Non-finite k / v
-        are refused before the rows are written, non-finite states (they reach o) before they
-        are stored."""
+        are refused before the rows are written. Non-finite states reach o, which raises
+        ``FloatingPointError``: the torch step then has not stored the new states, the kernel
+        has (it updates them in place), so after that error the requests' states are not to be
+        used again (the engine fails the step's requests and drops their caches)."""
         k_raw, v = self.teacher.kv(x)
         check_finite(k_raw, v)  # before the ring is written: a key of -inf could hide behind w = 0
         lengths = torch.tensor([s.length for s in states], device=x.device)
@@ -408,8 +411,8 @@ class DSLAAttention(nn.Module):
             s1 = s0
         else:
             o, s1, qr, kr = decode_layer_fn()(q, k_raw, v, cos, sin, *p, s0, rk, rv, lengths, self.cfg.eps, sk, sv)
-        check_finite(o)  # NaN / inf in the states reach o; then they are not stored (the ring row is:
-        # the engine fails the step's requests, so their caches are dropped)
+        check_finite(o)  # NaN / inf in the states reach o; the engine then fails the step's requests and
+        # drops their caches (the ring row is written, and with the kernel the states too)
         DecodeBatch(s1, rk, rv, sk, sv).assign(states)
         if self.exact_groups:  # their heads of o: softmax over each request's cached KV of those heads
             lc, R = self.lcfg, o.shape[0]

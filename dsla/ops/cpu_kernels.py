@@ -1,4 +1,5 @@
-"""Our own C++ CPU kernels, built on first use: decode attention, and a decoder layer's small steps.
+"""Our own C++ CPU kernels, built on first use: decode and prefill attention, a DSLA layer's decode
+step, and a decoder layer's small steps.
 
 **Decode attention** (``csrc/decode_attention.cpp``). A decode step of R requests attends one query
 token per request over that request's cache. With torch's SDPA each (request, KV head) is a 3-row
@@ -12,7 +13,10 @@ row of a ``KVBatch``), so no batch has to be built or masked.
 each one call in place of several torch ops, rounded where torch's ops round: RoPE gives the same
 bits, RMSNorm all but ~3 in a million (its sum of squares runs in another order).
 
-Both are compiled with the machine's C++ compiler (``g++ -O3 -march=native``: AVX-512 or AVX2, as
+**A DSLA layer's decode step** (``csrc/dsla_decode.cpp``): ``window_decode_cpu`` below.
+**Prefill attention** (``csrc/prefill_attention.cpp``, AVX-512 BF16 only): ``prefill_attention_cpu``.
+
+All are compiled with the machine's C++ compiler (``g++ -O3 -march=native``: AVX-512 or AVX2, as
 the CPU has) into one library in ``$DSLA_HOME/kernels/`` the first time they are used (a few
 seconds), keyed by the sources, the flags, the compiler and the CPU, and loaded with ctypes; the
 library links the OpenMP runtime torch has already loaded, so it shares torch's threads. Where
@@ -63,7 +67,11 @@ _DTYPE_CODE = {torch.bfloat16: 0, torch.float32: 1}  # the dtypes the kernels ta
 _ERRORS = {2: "a request has no tokens", 3: "query heads per KV head not in 1..8",
            4: f"head dim not in {HEAD_DIMS}", 5: "a cache has no room for the new token",
            6: "a cache's KV heads, head dim or dtype differ from the call's",
-           7: "feature dim not a multiple of 16 up to 256", 9: "this CPU has no AVX-512 BF16", 8: "states not 1 or 2, window not in 1..8192, or sinks not in 0..64"}
+           7: "feature dim not a multiple of 16 up to 256",
+           8: "states not 1 or 2, window not in 1..8192, or sinks not in 0..64", 9: "this CPU has no AVX-512 BF16"}
+# where the window decode and prefill kernels use a code for something else
+_WINDOW_ERRORS = _ERRORS | {2: "a negative length"}
+_PREFILL_ERRORS = _ERRORS | {5: "more queries than keys, or none"}
 
 _STATE: dict = {"mode": None, "lib": None, "tried": False}
 
@@ -348,7 +356,7 @@ def window_decode_cpu(lib: ctypes.CDLL, q: Tensor, k: Tensor, k_raw: Tensor, v: 
     else:
         rc = lib.dsla_window_decode(ctypes.byref(a), _DTYPE_CODE[dt])
     if rc:
-        raise ValueError(f"DSLA window decode kernel: {_ERRORS.get(rc, f'error {rc}')} (q {tuple(q.shape)}, "
+        raise ValueError(f"DSLA window decode kernel: {_WINDOW_ERRORS.get(rc, f'error {rc}')} (q {tuple(q.shape)}, "
                          f"features {F}, states {S}, window {W}, sinks {NS}, lengths {lengths.tolist()})")
     return out
 
@@ -376,6 +384,8 @@ def prefill_attention_cpu(lib: ctypes.CDLL, q: Tensor, k: Tensor, v: Tensor) -> 
     ``.transpose(0, 1).reshape(L, -1)`` copies nothing)."""
     Hq, L, D = q.shape
     H, T = k.shape[0], k.shape[1]
+    if not q.dtype == k.dtype == v.dtype == torch.bfloat16:
+        raise ValueError(f"prefill_attention_cpu: q, k, v must be bfloat16, got {q.dtype}, {k.dtype}, {v.dtype}")
     if k.shape != v.shape or k.shape[2] != D or L > T or Hq % H:
         raise ValueError(f"prefill_attention_cpu: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not "
                          f"match (want q (Hq, L, D), k and v (Hkv, T, D) with L <= T and Hkv dividing Hq)")
@@ -390,6 +400,6 @@ def prefill_attention_cpu(lib: ctypes.CDLL, q: Tensor, k: Tensor, v: Tensor) -> 
     else:
         rc = lib.dsla_prefill_attention(ctypes.byref(a))
     if rc:
-        raise ValueError(f"prefill attention kernel: {_ERRORS.get(rc, f'error {rc}')} (q {tuple(q.shape)}, "
+        raise ValueError(f"prefill attention kernel: {_PREFILL_ERRORS.get(rc, f'error {rc}')} (q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}, {q.dtype})")
     return out.transpose(0, 1)

@@ -155,7 +155,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dsla-prefill", choices=["dsla", "fold"], default="dsla",
                    help="how prompts pass the plan's DSLA layers: dsla (their DSLA form) or fold (softmax "
                         "attention, then folded into DSLA state before decoding: faster at a few thousand "
-                        "tokens with our attention kernel, and the prompt is read exactly)")
+                        "tokens with our attention kernel, and the prompt is read exactly; a request is "
+                        "admitted at the memory price of a full KV cache, and its layers are those of the "
+                        "plan when its prompt is done)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", default=None, help="model id clients send (default: teacher dir name)")

@@ -314,11 +314,11 @@ class Engine:
                 results = None
             if results is not None:
                 self.scheduler.advance(out)
-                if self.runner.dsla_prefill == "fold" and self.runner.plan:
-                    self._fold_prefilled(out, results)
                 now = time.monotonic()
                 for c in out.chunks:
                     self._process_one(c.request.request_id, c.completes, results[c.request.request_id], now)
+                if self.runner.dsla_prefill == "fold" and self.runner.plan:
+                    self._fold_prefilled(out)
             self.metrics.inc("steps_total")
         self._in_step = None
         self.metrics.set(requests_running=self.scheduler.num_running, requests_waiting=self.scheduler.num_waiting,
@@ -327,21 +327,23 @@ class Engine:
         self.metrics.observe("step_seconds", took)
         self._period_steps, self._period_step_s = self._period_steps + 1, self._period_step_s + took
 
-    def _fold_prefilled(self, out, results) -> None:
+    def _fold_prefilled(self, out) -> None:
         """``--dsla-prefill fold``: requests whose prompt this step finished (their first token
-        sampled) fold the plan's layers into DSLA state now and are priced as such; a failed fold
-        fails that request (its result carries the error)."""
+        sampled and handed out) and that still run fold the plan's layers into DSLA state now, and
+        are priced as such. A failed fold (a non-finite state) fails that request."""
         for c in out.chunks:
-            req, res = c.request, results[c.request.request_id]
-            if not c.samples or res.error is not None or req.request_id not in self.runner.caches:
+            req = c.request
+            rid = req.request_id
+            if not c.samples or rid not in self.runner.caches or req.status is not RequestStatus.RUNNING:
                 continue
-            if set(self.runner.plan) <= set(self.runner.dsla_layers_of(req.request_id)):
+            if set(self.runner.plan) <= set(self.runner.dsla_layers_of(rid)):
                 continue
-            _, err = self.runner.fold_to_plan(req.request_id)
+            _, err = self.runner.fold_to_plan(rid)
+            self.scheduler.reprice(req, self.runner.cache_cost(self.runner.dsla_layers_of(rid)))
             if err is not None:
-                res.error = f"folding the prompt into DSLA state failed: {err}"
-            self.scheduler.reprice(req, self.runner.cache_cost(self.runner.dsla_layers_of(req.request_id)))
-            self.metrics.inc("prefill_folds_total")
+                self._fail([rid], f"folding the prompt into DSLA state failed: {err}")
+            else:
+                self.metrics.inc("prefill_folds_total")
 
     def _process_one(self, request_id: str, completes: bool, res, now: float) -> None:
         """Hand one request its step result; a failure here (sampling, stop handling, detokenising)
@@ -481,8 +483,12 @@ class Engine:
         convert = [i for i in layers if i not in old]
         revert = [i for i in self.converted_order if i not in new]
         freed, folded, failed = 0, set(), {}
+        # --dsla-prefill fold: a request still reading its prompt keeps attention everywhere; its
+        # layers are folded to the plan of the moment its prompt is done (``_fold_prefilled``)
+        reading = {r.request_id for r in self.scheduler.running if r.num_tokens - r.num_computed_tokens > 1} \
+            if self.runner.dsla_prefill == "fold" else set()
         for i in convert:
-            per_request, errors = self.runner.convert(i)
+            per_request, errors = self.runner.convert(i, skip=reading)
             freed += sum(per_request.values())
             folded |= set(per_request)
             for rid, err in errors.items():

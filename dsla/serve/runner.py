@@ -117,12 +117,16 @@ class ModelRunner:
         """Layers that run DSLA for a request holding a cache (its plan at admission + conversions)."""
         return tuple(self.caches[request_id].dsla_layers())
 
-    def convert(self, layer: int) -> tuple[dict[str, int], dict[str, str]]:
-        """Fold ``layer``'s KV into DSLA state in every live cache (caches already DSLA there are
-        left alone). Returns the bytes freed per request (KV dropped minus state added) and, per
-        request whose fold failed (a non-finite state), the error; those caches are unchanged."""
+    def convert(self, layer: int, skip: Iterable[str] = ()) -> tuple[dict[str, int], dict[str, str]]:
+        """Fold ``layer``'s KV into DSLA state in every live cache but those of ``skip`` (caches
+        already DSLA there are left alone). Returns the bytes freed per request (KV dropped minus
+        state added) and, per request whose fold failed (a non-finite state), the error; those
+        caches are unchanged."""
         freed, failed = {}, {}
+        skip = set(skip)
         for rid, cache in self.caches.items():
+            if rid in skip:
+                continue
             try:
                 freed[rid] = self.model.convert_layer(cache, layer)
             except ValueError as e:

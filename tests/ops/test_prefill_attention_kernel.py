@@ -63,6 +63,24 @@ def test_kernel_reads_strided_caches_and_writes_token_major(lib):
     assert (out.double() - definition(q, k, v)).abs().max() < 3e-2
 
 
+def test_a_nan_key_makes_the_rows_that_see_it_nan(lib):
+    """As in SDPA: a NaN key or value poisons exactly the queries that attend to it."""
+    H, G, D, L, T = 2, 3, 64, 70, 90
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(H * G, L, D, generator=g).bfloat16()
+    k, v = (torch.randn(H, T, D, generator=g).bfloat16() for _ in range(2))
+    k[0, 40] = float("nan")  # position 40: query i sees it when T - L + i >= 40, i.e. i >= 20
+    out = prefill_attention_cpu(lib, q, k, v)
+    assert out[:G, 20:].isnan().all() and not out[:G, :20].isnan().any()
+    assert not out[G:].isnan().any()  # the other KV head's queries
+
+
+def test_prefill_kernel_refuses_other_dtypes(lib):
+    q, k = torch.zeros(3, 4, 64), torch.zeros(1, 4, 64)
+    with pytest.raises(ValueError, match="bfloat16"):
+        prefill_attention_cpu(lib, q, k, k)
+
+
 def test_causal_attention_uses_the_kernel_and_agrees_with_sdpa(lib, monkeypatch):
     g = torch.Generator().manual_seed(3)
     q = torch.randn(2, 6, 50, 64, generator=g).bfloat16()

@@ -142,6 +142,20 @@ def test_non_finite_state_is_refused(lib):
         mod(x, cos, sin, [1, 1], states)
 
 
+def test_non_finite_state_is_refused_when_updated_in_place(lib):
+    """After one step the states are rows of the step's batch, which the kernel updates in place:
+    a NaN there still reaches o and raises."""
+    mod = make_layer(64, 3, 3, 64, 2, NS, torch.bfloat16)
+    states = random_states(mod, (40, 41))
+    cos, sin = rope_cos_sin(torch.tensor([40, 41]), torch.rand(32) + 0.01)
+    with torch.inference_mode():
+        mod(torch.randn(2, mod.lcfg.hidden_size).bfloat16(), cos, sin, [1, 1], states)
+        assert states[0].batch is not None and states[1].batch[0] is states[0].batch[0]  # one batch, kept
+        states[1].state[0, 0, 0, 0] = float("nan")
+        with pytest.raises(FloatingPointError, match="non-finite"):
+            mod(torch.randn(2, mod.lcfg.hidden_size).bfloat16(), cos, sin, [1, 1], states)
+
+
 def test_bad_calls_name_the_problem(lib):
     mod = make_layer(64, 3, 3, 64, 2, 0, torch.bfloat16)
     states = random_states(mod, (3,))

@@ -192,6 +192,24 @@ def test_fold_prefill_reads_prompts_exactly_then_decodes_with_the_plan(model, se
     assert runner.cache_bytes() == 0 and engine.scheduler.cache_bytes() == 0
 
 
+def test_fold_prefill_keeps_a_prompt_exact_through_a_plan_change(model, serve_tok):
+    """A conversion while a prompt is being read leaves that request on attention; its layers
+    are folded to the plan of the moment its prompt is done."""
+    engine = Engine(ModelRunner(model, [], dsla_prefill="fold"), serve_tok,
+                    SchedulerConfig(max_num_batched_tokens=16, max_num_seqs=4))
+    cols = submit(engine, [PROMPTS[0]], 6)  # 40 tokens: three 16-token steps
+    step_checked(engine)
+    rid = next(iter(engine.runner.caches))
+    change = engine.set_plan([1, 2], reason="test")
+    assert change["in_flight_folded"] == 0 and engine.runner.dsla_layers_of(rid) == ()
+    assert engine.scheduler.cache_bytes() == engine.runner.cache_bytes()
+    step_checked(engine)
+    assert engine.runner.dsla_layers_of(rid) == ()  # still reading its prompt
+    finish(engine, cols)
+    assert cols[0].token_ids == exact_prefill_then_fold(model, PROMPTS[0], 6, [1, 2])
+    assert engine.metrics.snapshot()["prefill_folds_total"] == 1
+
+
 def test_fold_prefill_is_checked(model):
     with pytest.raises(ValueError, match="--dsla-prefill='later'"):
         ModelRunner(model, [1], dsla_prefill="later")

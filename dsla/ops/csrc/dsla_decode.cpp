@@ -16,11 +16,12 @@
 // dtype before the division, as there. The states (float32) are updated in place, the ring and
 // sinks written in place.
 //
-// Built and loaded by dsla/ops/cpu_kernels.py (its dsla_window_decode_cpu gives the layout).
+// Built and loaded by dsla/ops/cpu_kernels.py (its window_decode_cpu gives the layout).
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 #include <omp.h>
 
 namespace {
@@ -65,7 +66,7 @@ inline float hsum(vf16 x) {
 }
 
 constexpr int MAX_K = 512;   // feature width 2F
-constexpr int MAX_W = 8192;  // window rows (scores kept on the stack: G * (W + sinks) floats)
+constexpr int MAX_W = 8192;  // window rows
 
 // One call's arguments (mirrored by dsla/ops/cpu_kernels.py: _WindowArgs). Every tensor contiguous.
 struct Args {
@@ -207,7 +208,10 @@ void item(const Args& a, int64_t r, int64_t h) {
     vf16 qv[G][NV];
     for (int g = 0; g < G; ++g)
         for (int c = 0; c < NV; ++c) qv[g][c] = load16(q + g * D + c * 16) * scale;
-    static thread_local float sbuf[8][MAX_W + 64];
+    thread_local std::vector<float> scores;  // G rows of n + ns (one buffer per thread, grown once)
+    const int64_t stride = W + NS;
+    if (int64_t(scores.size()) < G * stride) scores.resize(G * stride);
+    float* const sb = scores.data();
     auto score = [&](const T* kb, int64_t rows, int64_t at) {
         for (int64_t j = 0; j < rows; ++j) {
             __builtin_prefetch(kb + (j + 8) * D);
@@ -216,7 +220,7 @@ void item(const Args& a, int64_t r, int64_t h) {
             for (int g = 0; g < G; ++g) {
                 vf16 t = qv[g][0] * kf[0];
                 for (int c = 1; c < NV; ++c) t += qv[g][c] * kf[c];
-                sbuf[g][at + j] = hsum(t);
+                sb[g * stride + at + j] = hsum(t);
             }
         }
     };
@@ -226,11 +230,12 @@ void item(const Args& a, int64_t r, int64_t h) {
     float den[G];
     for (int g = 0; g < G; ++g) {
         float mx = -FLT_MAX;
-        for (int64_t j = 0; j < total; ++j) mx = sbuf[g][j] > mx ? sbuf[g][j] : mx;
+        float* sg = sb + g * stride;
+        for (int64_t j = 0; j < total; ++j) mx = sg[j] > mx ? sg[j] : mx;
         float sum = 0.f;
         for (int64_t j = 0; j < total; ++j) {
-            const float p = std::exp(sbuf[g][j] - mx);
-            sbuf[g][j] = p;
+            const float p = std::exp(sg[j] - mx);
+            sg[j] = p;
             sum += p;
         }
         den[g] = sum;
@@ -242,7 +247,7 @@ void item(const Args& a, int64_t r, int64_t h) {
             vf16 vv[NV];
             for (int c = 0; c < NV; ++c) vv[c] = load16(vb + j * D + c * 16);
             for (int g = 0; g < G; ++g) {
-                const float p = sbuf[g][at + j];
+                const float p = sb[g * stride + at + j];
                 for (int c = 0; c < NV; ++c) num[g][c] += p * vv[c];
             }
         }

@@ -7,8 +7,9 @@
 // scored (float32 sums of bfloat16 products), the running maximum and sum are updated, and the
 // exponentials, rounded to bfloat16, are multiplied into the values. The scores never leave the
 // registers and L1, and key blocks past a block's last position are skipped.
-// Where the CPU has no AVX-512 BF16 (or another dtype or head dim is asked), the call returns 9
-// and dsla/ops/cpu_kernels.py runs torch's SDPA instead.
+// Where the CPU has no AVX-512 BF16 the call returns 9; dsla/ops/cpu_kernels.py asks
+// dsla_prefill_attention_available() first and runs torch's SDPA there (and for other dtypes or
+// head dims, which prefill_kernel() refuses before calling).
 //
 // Built and loaded by dsla/ops/cpu_kernels.py (prefill_attention_cpu gives the layout).
 #include <cfloat>
@@ -45,7 +46,7 @@ constexpr int BQ = 16;  // query positions per work item
 constexpr int RT = 4;   // query rows per register tile
 
 inline __m512 exp512(__m512 x) {  // e^x for x <= 0 (x - max), ~1 ulp; very negative x gives ~0
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    x = _mm512_max_ps(_mm512_set1_ps(-87.0f), x);  // NaN stays NaN (maxps returns its second operand)
     const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
@@ -143,7 +144,10 @@ void block(const Args& a, int64_t h, int64_t i0, const uint32_t* kp, const uint3
                     mx = _mm512_mask_max_ps(mx, ok[c], mx, s[r][c]);
                 }
                 const float m_old = mrow[r0 + r];
-                const float m_new = std::fmax(m_old, _mm512_reduce_max_ps(mx));
+                float m_new = std::fmax(m_old, _mm512_reduce_max_ps(mx));
+                for (int c = 0; c < 4; ++c)  // a NaN score (a NaN or infinite q or k) makes the row NaN, as in SDPA
+                    if (_mm512_mask_cmp_ps_mask(ok[c], s[r][c], s[r][c], _CMP_UNORD_Q)) m_new = NAN;
+                if (m_old != m_old) m_new = m_old;
                 const __m512 mv = _mm512_set1_ps(m_new);
                 __m512 sum = _mm512_setzero_ps();
                 for (int c = 0; c < 4; ++c) {
