@@ -39,7 +39,7 @@ def plan_layers(num_layers: int, dsla_layers: Sequence[int] | None, dsla_ratio: 
 def build_engine(teacher: str | Path, dtype: str = "float32", student: str | Path | None = None,
                  dsla_layers: Sequence[int] | None = None, dsla_ratio: float | None = None,
                  config=None, policy: str = "static", policy_config=None, quality=(), weights: str = "native",
-                 dsla_prefill: str = "dsla"):
+                 dsla_prefill: str = "auto"):
     """Load the model and tokenizer and return a (not yet started) ``Engine``.
 
     ``weights`` (``--weights``: auto, native, packed, int8, int4, mixed) quantises the linear layers once the
@@ -49,7 +49,7 @@ def build_engine(teacher: str | Path, dtype: str = "float32", student: str | Pat
     ``policy="adaptive"`` attaches a controller with ``policy_config`` (default ``PolicyConfig()``)
     and the per-ratio ``quality`` curve; it converts the student's finished layers in its order
     (without a student: every layer, untrained, by index). ``dsla_prefill`` (``--dsla-prefill``):
-    see ``ModelRunner``.
+    see ``ModelRunner``; "auto" is "fold" where our bf16 prefill attention kernel runs, else "dsla".
     """
     import torch
 
@@ -106,6 +106,13 @@ def build_engine(teacher: str | Path, dtype: str = "float32", student: str | Pat
     from dsla.ops.cpu_kernels import cpu_kernels_lib
     kernels = "on" if cpu_kernels_lib() is not None else "off"  # built now, not under load
     log.info("our CPU kernels (dsla.ops.cpu_kernels): %s", kernels)
+    if dsla_prefill == "auto":  # fold where prefill attention is our kernel (it made exact prefill the cheaper)
+        lib = cpu_kernels_lib()
+        fast = target == torch.bfloat16 and lib is not None and lib.dsla_prefill_attention_available()
+        dsla_prefill = "fold" if fast else "dsla"
+        if model.dsla_layers():
+            log.info("--dsla-prefill auto: %s (%s)", dsla_prefill, "our bf16 prefill attention kernel runs here" if fast
+                     else "no bf16 prefill attention kernel here: SDPA")
     runner = ModelRunner(model, plan, dsla_prefill)
     engine = Engine(runner, Tokenizer(teacher), config or SchedulerConfig(), controller=controller, order=order)
     engine.metrics.set_info(dtype=dtype, weights=preset, cpu_kernels=kernels)
@@ -152,8 +159,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dsla-layers", default=None, help="comma-separated layers to run as DSLA")
     g.add_argument("--dsla-ratio", type=float, default=None,
                    help="fraction of layers to run as DSLA, taken in the student's order")
-    p.add_argument("--dsla-prefill", choices=["dsla", "fold"], default="dsla",
-                   help="how prompts pass the plan's DSLA layers: dsla (their DSLA form) or fold (softmax "
+    p.add_argument("--dsla-prefill", choices=["auto", "dsla", "fold"], default="auto",
+                   help="how prompts pass the plan's DSLA layers (auto: fold where our bf16 prefill attention "
+                        "kernel runs, i.e. bfloat16 on a CPU with AVX-512 BF16, else dsla): dsla (their DSLA "
+                        "form) or fold (softmax "
                         "attention, then folded into DSLA state before decoding: faster at a few thousand "
                         "tokens with our attention kernel, and the prompt is read exactly; a request is "
                         "admitted at the memory price of a full KV cache, and its layers are those of the "
