@@ -313,12 +313,13 @@ class Engine:
                 self._fail(self._in_step, str(e))
                 results = None
             if results is not None:
+                sampled = [c.request for c in out.chunks if c.samples]  # before the new tokens change that
                 self.scheduler.advance(out)
                 now = time.monotonic()
                 for c in out.chunks:
                     self._process_one(c.request.request_id, c.completes, results[c.request.request_id], now)
                 if self.runner.dsla_prefill == "fold" and self.runner.plan:
-                    self._fold_prefilled(out)
+                    self._fold_prefilled(sampled)
             self.metrics.inc("steps_total")
         self._in_step = None
         self.metrics.set(requests_running=self.scheduler.num_running, requests_waiting=self.scheduler.num_waiting,
@@ -327,14 +328,14 @@ class Engine:
         self.metrics.observe("step_seconds", took)
         self._period_steps, self._period_step_s = self._period_steps + 1, self._period_step_s + took
 
-    def _fold_prefilled(self, out) -> None:
-        """``--dsla-prefill fold``: requests whose prompt this step finished (their first token
-        sampled and handed out) and that still run fold the plan's layers into DSLA state now, and
-        are priced as such. A failed fold (a non-finite state) fails that request."""
-        for c in out.chunks:
-            req = c.request
+    def _fold_prefilled(self, sampled: Sequence[Request]) -> None:
+        """``--dsla-prefill fold``: of the requests this step sampled a token for, those that still
+        run and hold KV in layers of the plan (their prompt just done, the token handed out) fold
+        them into DSLA state now, and are priced as such. A failed fold (a non-finite state) fails
+        that request."""
+        for req in sampled:
             rid = req.request_id
-            if not c.samples or rid not in self.runner.caches or req.status is not RequestStatus.RUNNING:
+            if rid not in self.runner.caches or req.status is not RequestStatus.RUNNING:
                 continue
             if set(self.runner.plan) <= set(self.runner.dsla_layers_of(rid)):
                 continue
