@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = (CSRC / "decode_attention.cpp", CSRC / "glue.cpp", CSRC / "dsla_decode.cpp", CSRC / "prefill_attention.cpp")
+HEADERS = (CSRC / "common.h",)  # included by the sources: part of the build's key
 # Attention is compiled with -ffast-math (vectorised exp, reassociated sums); the glue without it, so
 # that its divisions, square roots and roundings are IEEE ones, as torch's (reassociation only, for
 # vectorised sums). Linked without -ffast-math: linking with it adds crtfastmath.o, which flushes
@@ -115,7 +116,7 @@ def build(directory: Path | None = None) -> Path:
         version = subprocess.run([*cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
         raise RuntimeError(f"the C++ compiler {' '.join(cxx)} does not run: {e}") from e
-    text = "\0".join(src.read_text() for src in SOURCES)
+    text = "\0".join(src.read_text() for src in SOURCES + HEADERS)
     key = hashlib.sha256("\0".join([text, " ".join(FLAGS + LINK_FLAGS), repr(SOURCE_FLAGS), version,
                                      _cpu_flags()]).encode())
     directory = directory or dsla_home() / "kernels"

@@ -14,48 +14,15 @@
 #include <vector>
 #include <omp.h>
 
+#include "common.h"
+
 namespace {
 
 constexpr int64_t CHUNK = 128;
 
-inline float to_float(float x) { return x; }
-inline float to_float(uint16_t x) {  // bfloat16 bits -> float32
-    uint32_t u = uint32_t(x) << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-}
-inline void from_float(float f, float* out) { *out = f; }
-inline void from_float(float f, uint16_t* out) {  // float32 -> bfloat16, round to nearest even
-    uint32_t u;
-    std::memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) { *out = uint16_t((u >> 16) | 0x40); return; }  // NaN stays NaN
-    u += 0x7fffu + ((u >> 16) & 1u);
-    *out = uint16_t(u >> 16);
-}
-
 struct Item { int64_t rh, start, end; };
 
 // 16 float lanes, written with GCC's vector extensions: AVX-512 does one op per vector, AVX2 two.
-typedef float vf16 __attribute__((vector_size(64)));
-typedef uint32_t vu16 __attribute__((vector_size(64)));
-typedef uint16_t vh16 __attribute__((vector_size(32)));
-
-inline vf16 load16(const float* p) { vf16 x; std::memcpy(&x, p, 64); return x; }
-inline vf16 load16(const uint16_t* p) {  // 16 bfloat16 -> float32
-    vh16 h;
-    std::memcpy(&h, p, 32);
-    vu16 u = __builtin_convertvector(h, vu16) << 16;
-    vf16 x;
-    std::memcpy(&x, &u, 64);
-    return x;
-}
-inline float hsum(vf16 x) {
-    float s = 0.f;
-    for (int i = 0; i < 16; ++i) s += x[i];
-    return s;
-}
-
 template <typename T, int D, int G>
 void piece(const T* k, const T* v, int64_t n, const float* q, float* part, const T* next_k) {
     // q: (G, D) float32, already scaled; k, v: n <= CHUNK rows of D; part: G x (2 + D) = max, sum, acc
@@ -200,35 +167,15 @@ int run(const Args& a) {
             }
             const float inv = 1.f / l;
             T* og = out + r * a.o_r + (h * G + g) * a.o_h;
-            for (int d = 0; d < D; ++d) from_float(acc[d] * inv, og + d);
+            for (int d = 0; d < D; ++d) store(acc[d] * inv, og + d);
         }
     }
     return 0;
 }
 
-template <typename T, int G>
-int with_d(const Args& a) {
-    switch (a.D) {
-        case 32: return run<T, 32, G>(a);
-        case 64: return run<T, 64, G>(a);
-        default: return run<T, 128, G>(a);
-    }
-}
-
 template <typename T>
 int dispatch(const Args& a) {
-    if (a.D != 32 && a.D != 64 && a.D != 128) return 4;
-    switch (a.G) {
-        case 1: return with_d<T, 1>(a);
-        case 2: return with_d<T, 2>(a);
-        case 3: return with_d<T, 3>(a);
-        case 4: return with_d<T, 4>(a);
-        case 5: return with_d<T, 5>(a);
-        case 6: return with_d<T, 6>(a);
-        case 7: return with_d<T, 7>(a);
-        case 8: return with_d<T, 8>(a);
-        default: return 3;
-    }
+    return by_head_dim(a.D, [&](auto d) { return by_group(a.G, [&](auto g) { return run<T, decltype(d)::value, decltype(g)::value>(a); }); });
 }
 
 }  // namespace

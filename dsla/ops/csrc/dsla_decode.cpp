@@ -24,46 +24,9 @@
 #include <vector>
 #include <omp.h>
 
+#include "common.h"
+
 namespace {
-
-inline float to_float(float x) { return x; }
-inline float to_float(uint16_t x) {
-    uint32_t u = uint32_t(x) << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-}
-inline uint16_t round_bf16(float f) {
-    uint32_t u;
-    std::memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);  // NaN stays NaN
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return uint16_t(u >> 16);
-}
-inline void store(float f, float* p) { *p = f; }
-inline void store(float f, uint16_t* p) { *p = round_bf16(f); }
-inline float rounded(float f, const float*) { return f; }  // the value a tensor of that dtype holds
-inline float rounded(float f, const uint16_t*) { return to_float(round_bf16(f)); }
-
-typedef float vf16 __attribute__((vector_size(64)));
-typedef uint32_t vu16 __attribute__((vector_size(64)));
-typedef uint16_t vh16 __attribute__((vector_size(32)));
-
-inline vf16 load16(const float* p) { vf16 x; std::memcpy(&x, p, 64); return x; }
-inline vf16 load16(const uint16_t* p) {
-    vh16 h;
-    std::memcpy(&h, p, 32);
-    vu16 u = __builtin_convertvector(h, vu16) << 16;
-    vf16 x;
-    std::memcpy(&x, &u, 64);
-    return x;
-}
-inline void store16(vf16 x, float* p) { std::memcpy(p, &x, 64); }
-inline float hsum(vf16 x) {
-    float s = 0.f;
-    for (int i = 0; i < 16; ++i) s += x[i];
-    return s;
-}
 
 constexpr int MAX_K = 512;   // feature width 2F
 constexpr int MAX_W = 8192;  // window rows
@@ -106,7 +69,7 @@ void features(const T* x, const T* w, int64_t F, float* out) {
     }
     float hi = -FLT_MAX, lo = FLT_MAX;
     for (int64_t f = 0; f < F; ++f) {
-        y[f] = rounded(y[f], x);
+        y[f] = rounded(y[f], T());
         hi = y[f] > hi ? y[f] : hi;
         lo = y[f] < lo ? y[f] : lo;
     }
@@ -119,8 +82,8 @@ void features(const T* x, const T* w, int64_t F, float* out) {
     }
     const float ip = 1.f / sp, in = 1.f / sn;
     for (int64_t f = 0; f < F; ++f) {
-        out[f] = rounded(out[f] * ip, x);
-        out[F + f] = rounded(out[F + f] * in, x);
+        out[f] = rounded(out[f] * ip, T());
+        out[F + f] = rounded(out[F + f] * in, T());
     }
 }
 
@@ -258,10 +221,10 @@ void item(const Args& a, int64_t r, int64_t h) {
     T* o = static_cast<T*>(a.out) + rh * G * D;
     for (int g = 0; g < G; ++g) {
         const float f = std::exp(to_float(static_cast<const T*>(a.window_log_scale)[h * G + g]));
-        const float dn = rounded(rounded(un[g] + f * den[g], o) + a.eps, o);
+        const float dn = rounded(rounded(un[g] + f * den[g], T()) + a.eps, T());
         alignas(64) float uc[D];
         for (int c = 0; c < NV; ++c) store16(u[g][c] + f * num[g][c], uc + c * 16);
-        for (int d = 0; d < D; ++d) store(rounded(uc[d], o) / dn, o + g * D + d);
+        for (int d = 0; d < D; ++d) store(rounded(uc[d], T()) / dn, o + g * D + d);
     }
 }
 
@@ -274,33 +237,13 @@ int run(const Args& a) {
     return 0;
 }
 
-template <typename T, int G>
-int with_d(const Args& a) {
-    switch (a.D) {
-        case 32: return run<T, 32, G>(a);
-        case 64: return run<T, 64, G>(a);
-        default: return run<T, 128, G>(a);
-    }
-}
-
 template <typename T>
 int dispatch(const Args& a) {
-    if (a.D != 32 && a.D != 64 && a.D != 128) return 4;
     if (a.F <= 0 || a.F % 16 || 2 * a.F > MAX_K) return 7;
     if (a.S < 1 || a.S > 2 || a.W < 1 || a.W > MAX_W || a.NS < 0 || a.NS > 64) return 8;
     for (int64_t r = 0; r < a.R; ++r)
         if (a.lengths[r] < 0) return 2;
-    switch (a.G) {
-        case 1: return with_d<T, 1>(a);
-        case 2: return with_d<T, 2>(a);
-        case 3: return with_d<T, 3>(a);
-        case 4: return with_d<T, 4>(a);
-        case 5: return with_d<T, 5>(a);
-        case 6: return with_d<T, 6>(a);
-        case 7: return with_d<T, 7>(a);
-        case 8: return with_d<T, 8>(a);
-        default: return 3;
-    }
+    return by_head_dim(a.D, [&](auto d) { return by_group(a.G, [&](auto g) { return run<T, decltype(d)::value, decltype(g)::value>(a); }); });
 }
 
 }  // namespace

@@ -13,25 +13,9 @@
 #include <cstring>
 #include <omp.h>
 
-namespace {
+#include "common.h"
 
-inline float to_float(float x) { return x; }
-inline float to_float(uint16_t x) {
-    uint32_t u = uint32_t(x) << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-}
-inline uint16_t round_bf16(float f) {  // round to nearest even, NaN kept; branch-free, so loops vectorise
-    uint32_t u;
-    std::memcpy(&u, &f, 4);
-    const uint32_t r = (u & 0x7fffffffu) > 0x7f800000u ? (u | 0x400000u) : u + 0x7fffu + ((u >> 16) & 1u);
-    return uint16_t(r >> 16);
-}
-inline void store(float f, float* p) { *p = f; }
-inline void store(float f, uint16_t* p) { *p = round_bf16(f); }
-inline float rounded(float f, float) { return f; }  // the value a tensor of that dtype holds
-inline float rounded(float f, uint16_t) { return to_float(round_bf16(f)); }
+namespace {
 
 constexpr int64_t PARALLEL_MIN = 1 << 14;  // elements: below this, one thread (a fork costs more)
 
