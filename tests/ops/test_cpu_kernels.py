@@ -10,17 +10,10 @@ import torch.nn.functional as F
 from dsla.model.llama import decode_attention
 from dsla.model.state import KVBatch, KVState
 from dsla.ops import cpu_kernels
+from tests.ops.conftest import needs_compiler
 from dsla.ops.cpu_kernels import decode_attention_cpu, kv_meta
 
-pytestmark = pytest.mark.skipif(cpu_kernels._compiler() is None,
-                                reason="no C++ compiler: the kernels cannot be built here (torch's ops serve)")
-
-
-@pytest.fixture(scope="module")
-def lib():
-    lib = cpu_kernels.cpu_kernels_lib()
-    assert lib is not None, "the kernel did not build on a machine with a C++ compiler"
-    return lib
+pytestmark = needs_compiler
 
 
 def make_states(lengths, H, D, dtype, capacities=None, seed=0):

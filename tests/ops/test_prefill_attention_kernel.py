@@ -8,17 +8,15 @@ import pytest
 import torch
 
 from dsla.ops import cpu_kernels
+from tests.ops.conftest import needs_compiler
 from dsla.ops.attention import causal_attention
 from dsla.ops.cpu_kernels import prefill_attention_cpu, prefill_kernel
 
-pytestmark = pytest.mark.skipif(cpu_kernels._compiler() is None,
-                                reason="no C++ compiler: the kernels cannot be built here (torch's ops serve)")
+pytestmark = needs_compiler
 
 
 @pytest.fixture(scope="module")
-def lib():
-    lib = cpu_kernels.cpu_kernels_lib()
-    assert lib is not None, "the kernels did not build on a machine with a C++ compiler"
+def lib(lib):
     if not lib.dsla_prefill_attention_available():
         pytest.skip("this CPU has no AVX-512 BF16: SDPA serves prefill (test_sdpa_serves_where_the_kernel_does_not)")
     return lib

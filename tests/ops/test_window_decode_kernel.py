@@ -12,22 +12,15 @@ from dsla.model import dsla as dsla_mod
 from dsla.model.dsla import DSLAAttention, window_decode_layer
 from dsla.model.llama import LlamaAttention
 from dsla.ops import cpu_kernels
+from tests.ops.conftest import needs_compiler
 from dsla.ops.cpu_kernels import window_decode_cpu
 from dsla.ops.rope import rope_cos_sin
 
-pytestmark = pytest.mark.skipif(cpu_kernels._compiler() is None,
-                                reason="no C++ compiler: the kernels cannot be built here (torch's ops serve)")
+pytestmark = needs_compiler
 
 W, NS = 16, 4
 # before the sinks are full, inside the window, the window just full, tokens about to enter, entering, long
 LENGTHS = (0, 2, 5, 14, 15, 16, 19, 20, 23, 57)
-
-
-@pytest.fixture(scope="module")
-def lib():
-    lib = cpu_kernels.cpu_kernels_lib()
-    assert lib is not None, "the kernels did not build on a machine with a C++ compiler"
-    return lib
 
 
 def make_layer(D, G, H, F, states, sinks, dtype, seed=0):
