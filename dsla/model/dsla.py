@@ -406,8 +406,8 @@ class DSLAAttention(nn.Module):
         if lib is not None:  # our C++ step: the states updated in place (s0 is this batch's own tensor)
             lc, R = self.lcfg, x.shape[0]
             qr, kr = rope_qk(q, k_raw, cos, sin, lc.num_key_value_heads, lc.head_dim)
-            o = window_decode_cpu(lib, qr, kr, k_raw.reshape(kr.shape).contiguous(), v.reshape(kr.shape).contiguous(),
-                                  p, s0, rk, rv, sk, sv, lengths, self.cfg.eps)
+            o = window_decode_cpu(lib, qr.contiguous(), kr.contiguous(), k_raw.reshape(kr.shape).contiguous(),
+                                  v.reshape(kr.shape).contiguous(), p, s0, rk, rv, sk, sv, lengths, self.cfg.eps)
             s1 = s0
         else:
             o, s1, qr, kr = decode_layer_fn()(q, k_raw, v, cos, sin, *p, s0, rk, rv, lengths, self.cfg.eps, sk, sv)
