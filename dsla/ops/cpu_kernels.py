@@ -201,13 +201,22 @@ def cpu_kernels_lib() -> ctypes.CDLL | None:
 
 
 def kernel_fits(q: Tensor, k: Tensor, v: Tensor, cache_dtype: torch.dtype) -> bool:
-    """Whether the kernel handles this query q (Hq, R, D) with keys and values k, v (Hkv, ...)
-    over caches of ``cache_dtype``: on the CPU, bf16 or float32 alike, a head dim it knows, 1 to 8
-    query heads per KV head, and no gradient wanted (the kernel has no backward)."""
-    Hq, Hkv = q.shape[0], k.shape[0]
+    """Whether the attention kernels handle this query q (..., Hq, R, D) with keys and values k, v
+    (..., Hkv, ·, D) over caches of ``cache_dtype``: on the CPU, bf16 or float32 alike, a head dim
+    they know, 1 to 8 query heads per KV head, and no gradient wanted (they have no backward)."""
+    Hq, Hkv = q.shape[-3], k.shape[-3]
     return (q.device.type == "cpu" and q.dtype in _DTYPE_CODE and q.dtype == cache_dtype and q.shape[-1] in HEAD_DIMS
             and q.stride(-1) == 1 and Hq % Hkv == 0 and 1 <= Hq // Hkv <= 8
             and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)))
+
+
+def _call(name: str, fn, *args) -> int:
+    """A kernel call, named ``name`` for torch.profiler while it records (a kernel is not a torch
+    op); no cost otherwise."""
+    if torch.autograd._profiler_enabled():
+        with record_function(name):
+            return fn(*args)
+    return fn(*args)
 
 
 def kv_meta(states: Sequence) -> Tensor:
@@ -247,11 +256,7 @@ def decode_attention_cpu(lib: ctypes.CDLL, q: Tensor, meta: Tensor, num_kv_heads
                              f"{tuple(v.shape)} {v.dtype} must be ({H}, {R}, {D}) {q.dtype}, last dim contiguous")
         a.k_new, a.kn_h, a.kn_r = k.data_ptr(), k.stride(0), k.stride(1)
         a.v_new, a.vn_h, a.vn_r = v.data_ptr(), v.stride(0), v.stride(1)
-    if torch.autograd._profiler_enabled():  # named for torch.profiler (it is not a torch op); no cost otherwise
-        with record_function("dsla::decode_attention_cpu"):
-            rc = lib.dsla_decode_attention(ctypes.byref(a), _DTYPE_CODE[q.dtype])
-    else:
-        rc = lib.dsla_decode_attention(ctypes.byref(a), _DTYPE_CODE[q.dtype])
+    rc = _call("dsla::decode_attention_cpu", lib.dsla_decode_attention, ctypes.byref(a), _DTYPE_CODE[q.dtype])
     if rc:
         raise ValueError(f"decode attention kernel: {_ERRORS.get(rc, f'error {rc}')} "
                          f"(q {tuple(q.shape)} {q.dtype}, lengths {meta[:, 3].tolist()}, capacities "
@@ -351,11 +356,7 @@ def window_decode_cpu(lib: ctypes.CDLL, q: Tensor, k: Tensor, k_raw: Tensor, v: 
                     states=ptr(states), ring_k=ptr(ring_k), ring_v=ptr(ring_v), sink_k=ptr(sink_k),
                     sink_v=ptr(sink_v), lengths=ptr(lengths), out=ptr(out), eps=eps,
                     threads=torch.get_num_threads())
-    if torch.autograd._profiler_enabled():
-        with record_function("dsla::window_decode_cpu"):
-            rc = lib.dsla_window_decode(ctypes.byref(a), _DTYPE_CODE[dt])
-    else:
-        rc = lib.dsla_window_decode(ctypes.byref(a), _DTYPE_CODE[dt])
+    rc = _call("dsla::window_decode_cpu", lib.dsla_window_decode, ctypes.byref(a), _DTYPE_CODE[dt])
     if rc:
         raise ValueError(f"DSLA window decode kernel: {_WINDOW_ERRORS.get(rc, f'error {rc}')} (q {tuple(q.shape)}, "
                          f"features {F}, states {S}, window {W}, sinks {NS}, lengths {lengths.tolist()})")
@@ -368,11 +369,8 @@ def prefill_kernel(q: Tensor, k: Tensor, v: Tensor) -> ctypes.CDLL | None:
     """The kernel library when ``prefill_attention_cpu`` takes q (..., Hq, L, D) over k, v
     (..., Hkv, T, D): on the CPU, bfloat16, a head dim it knows, 1 to 8 query heads per KV head, the
     last dim contiguous, no gradient wanted, and a CPU with AVX-512 BF16; else None (SDPA serves)."""
-    Hq, Hkv = q.shape[-3], k.shape[-3]
-    if not (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.bfloat16 and q.shape[-1] in HEAD_DIMS
-            and Hq % Hkv == 0 and 1 <= Hq // Hkv <= 8 and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
-            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
-            and not torch.compiler.is_compiling()):
+    if not (q.dtype == k.dtype == v.dtype == torch.bfloat16 and kernel_fits(q, k, v, torch.bfloat16)
+            and k.stride(-1) == v.stride(-1) == 1 and not torch.compiler.is_compiling()):
         return None
     lib = cpu_kernels_lib()
     return lib if lib is not None and lib.dsla_prefill_attention_available() else None
@@ -395,11 +393,7 @@ def prefill_attention_cpu(lib: ctypes.CDLL, q: Tensor, k: Tensor, v: Tensor) -> 
                      k=k.data_ptr(), k_h=k.stride(0), k_t=k.stride(1), v=v.data_ptr(), v_h=v.stride(0),
                      v_t=v.stride(1), out=out.data_ptr(), o_h=D, o_l=Hq * D, scale=D ** -0.5,
                      threads=torch.get_num_threads())
-    if torch.autograd._profiler_enabled():
-        with record_function("dsla::prefill_attention_cpu"):
-            rc = lib.dsla_prefill_attention(ctypes.byref(a))
-    else:
-        rc = lib.dsla_prefill_attention(ctypes.byref(a))
+    rc = _call("dsla::prefill_attention_cpu", lib.dsla_prefill_attention, ctypes.byref(a))
     if rc:
         raise ValueError(f"prefill attention kernel: {_PREFILL_ERRORS.get(rc, f'error {rc}')} (q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}, {q.dtype})")
