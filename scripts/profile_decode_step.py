@@ -19,7 +19,7 @@ import time
 
 import torch
 
-LINEAR = ("mkldnn::_linear_pointwise", "aten::linear", "aten::addmm", "aten::mm",
+LINEAR = ("mkldnn::_linear_pointwise", "dsla::coded_linear_cpu", "aten::linear", "aten::addmm", "aten::mm",
           "aten::_weight_int4pack_mm_for_cpu", "aten::_weight_int8pack_mm")
 ATTENTION = ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math",
              "dsla::decode_attention_cpu")  # the last: our CPU kernel (dsla.ops.cpu_kernels)

@@ -114,6 +114,32 @@ def dequantize_int8(q: Tensor, s: Tensor) -> Tensor:
     return q.float() * s[:, None]
 
 
+def pack_codes(w: Tensor, group_size: int = GROUP_SIZE) -> tuple[Tensor, Tensor] | None:
+    """The one-byte codes of ``csrc/coded_linear.cpp`` for a float32 weight w (N, K), or None where
+    they would not give back w's bfloat16 rounding exactly, element for element (then the packed
+    bf16 weight serves) or N is not a multiple of 64.
+
+    W[n, k] = bfloat16(d * q + m) per column n and group of 32 inputs: Q4_1's form (q in 0..15,
+    ``quantize_int4``) is tried first, then Q8_0's (m = 0, d = max|w| / 127, q in -127..127). A
+    teacher dequantised from those GGUF blocks is recovered exactly. Returns codes (N/64, K/2, 64, 2)
+    int8 and dm (N/64, K/32, 2, 64) float32 (d then m)."""
+    N, K = w.shape
+    if N % 64 or K % group_size or w.dtype != torch.float32:
+        return None
+    target = w.to(torch.bfloat16)
+    blocks = w.view(N, K // group_size, group_size)
+    q, d, m = quantize_int4(w, group_size)
+    if not torch.equal((q.view_as(blocks).float() * d[..., None] + m[..., None]).to(torch.bfloat16).view(N, K), target):
+        d = blocks.abs().amax(-1) / 127
+        q = (blocks / torch.where(d == 0, 1.0, d)[..., None]).round().clamp(-127, 127).to(torch.int32).view(N, K)
+        m = torch.zeros_like(d)
+        if not torch.equal((q.view_as(blocks).float() * d[..., None]).to(torch.bfloat16).view(N, K), target):
+            return None
+    codes = q.to(torch.int8).view(N // 64, 64, K // 2, 2).permute(0, 2, 1, 3).contiguous()
+    dm = torch.stack([d, m], 1).view(N // 64, 64, 2, K // group_size).permute(0, 3, 2, 1).contiguous()
+    return codes, dm
+
+
 # ---- modules ---------------------------------------------------------------------------------
 class PackedLinear(nn.Module):
     """y = x W^T with W in ``dtype``, prepacked for oneDNN once; x (..., K) in ``dtype`` -> (..., N).
@@ -135,6 +161,60 @@ class PackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, dtype={self.packed.dtype}"
+
+
+class CodedLinear(nn.Module):
+    """y = x W^T with W = bfloat16(d * q + m) held as one-byte codes (``pack_codes``), run by our
+    kernel (``csrc/coded_linear.cpp``); x (..., K) bfloat16 -> (..., N). The same values as the packed
+    bf16 weight at half its bytes: faster from 1 row to 1024 (docs/results/speed.md 0j). Where our
+    kernels are off or unavailable at call time, the weight is decoded once into a ``PackedLinear``."""
+
+    def __init__(self, codes: Tensor, dm: Tensor) -> None:
+        super().__init__()
+        self.out_features, self.in_features = codes.shape[0] * 64, codes.shape[1] * 2
+        self.register_buffer("codes", codes)  # (N/64, K/2, 64, 2) int8
+        # (N/64, K/32, 2, 64) float32, held as int32 bits: model.to(dtype) must not round it
+        self.register_buffer("dm_bits", dm.view(torch.int32))
+        self._fallback: PackedLinear | None = None
+
+    @property
+    def dm(self) -> Tensor:
+        return self.dm_bits.view(torch.float32)
+
+    def weight(self) -> Tensor:
+        """The float32 weight (N, K) the codes hold (its bfloat16 rounding is what runs)."""
+        q = self.codes.permute(0, 2, 1, 3).reshape(self.out_features, self.in_features).float()
+        d, m = (t.permute(0, 2, 1).reshape(self.out_features, -1) for t in self.dm.unbind(2))
+        G = self.in_features // d.shape[1]
+        return (q.view(self.out_features, -1, G) * d[..., None] + m[..., None]).view_as(q)
+
+    def forward(self, x: Tensor) -> Tensor:
+        from dsla.ops.cpu_kernels import coded_linear_cpu, coded_linear_kernel
+
+        lib = coded_linear_kernel()
+        if lib is None or x.dtype != torch.bfloat16:
+            if self._fallback is None:
+                self._fallback = PackedLinear(self.weight(), torch.bfloat16)
+            return self._fallback(x)
+        if x.dim() == 2 and x.stride(1) == 1:
+            return coded_linear_cpu(lib, x, self.codes, self.dm)
+        x2 = x.reshape(-1, self.in_features).contiguous()
+        return coded_linear_cpu(lib, x2, self.codes, self.dm).view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, codes=int8"
+
+
+def dense_linear(weight: Tensor, dtype: torch.dtype) -> nn.Module:
+    """The module for calls of many rows: ``CodedLinear`` where the weight is exactly in its form,
+    the dtype is bfloat16 and our kernel runs here; else the weight prepacked for oneDNN."""
+    from dsla.ops.cpu_kernels import coded_linear_kernel
+
+    if dtype == torch.bfloat16 and weight.device.type == "cpu" and coded_linear_kernel() is not None:
+        packed = pack_codes(weight.detach())
+        if packed is not None:
+            return CodedLinear(*packed)
+    return PackedLinear(weight, dtype)
 
 
 def check_packed(device_type: str, dtype: torch.dtype) -> None:
@@ -161,7 +241,7 @@ class _QuantizedLinear(nn.Module):
         if dense_above is not None and dense_above < 0:
             raise ValueError(f"dense_above={dense_above} must be >= 0 (or None: no dense copy)")
         self.dense_above = dense_above
-        self.dense = None if dense_above is None else PackedLinear(weight, dtype)
+        self.dense = None if dense_above is None else dense_linear(weight, dtype)
 
     def _kernel(self, x2: Tensor) -> Tensor:
         raise NotImplementedError

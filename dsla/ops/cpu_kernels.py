@@ -51,7 +51,8 @@ from dsla.paths import dsla_home
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = (CSRC / "decode_attention.cpp", CSRC / "glue.cpp", CSRC / "dsla_decode.cpp", CSRC / "prefill_attention.cpp")
+SOURCES = (CSRC / "decode_attention.cpp", CSRC / "glue.cpp", CSRC / "dsla_decode.cpp", CSRC / "prefill_attention.cpp",
+           CSRC / "coded_linear.cpp")
 HEADERS = (CSRC / "common.h",)  # included by the sources: part of the build's key
 # Attention is compiled with -ffast-math (vectorised exp, reassociated sums); the glue without it, so
 # that its divisions, square roots and roundings are IEEE ones, as torch's (reassociation only, for
@@ -59,7 +60,7 @@ HEADERS = (CSRC / "common.h",)  # included by the sources: part of the build's k
 # subnormals to zero for the whole process when the library loads.
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-std=c++17")
 SOURCE_FLAGS = {"decode_attention.cpp": ("-ffast-math",), "dsla_decode.cpp": ("-ffast-math",),
-                "prefill_attention.cpp": ("-fno-math-errno",),
+                "prefill_attention.cpp": ("-fno-math-errno",), "coded_linear.cpp": ("-fno-math-errno",),
                 "glue.cpp": ("-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math",
                              "-ffp-contract=off")}
 LINK_FLAGS = ("-shared", "-fopenmp")
@@ -171,6 +172,13 @@ class _PrefillArgs(ctypes.Structure):
         ("scale", ctypes.c_float), ("threads", ctypes.c_int32)]
 
 
+class _CodedArgs(ctypes.Structure):
+    """One call's arguments: ``struct Args`` in csrc/coded_linear.cpp."""
+    _fields_ = [(n, ctypes.c_int64) for n in ("M", "N", "K")] + [
+        ("x", ctypes.c_void_p), ("x_m", ctypes.c_int64), ("codes", ctypes.c_void_p), ("dm", ctypes.c_void_p),
+        ("out", ctypes.c_void_p), ("o_m", ctypes.c_int64), ("threads", ctypes.c_int32)]
+
+
 def _load() -> ctypes.CDLL | None:
     if not _STATE["tried"]:
         _STATE["tried"] = True
@@ -183,6 +191,9 @@ def _load() -> ctypes.CDLL | None:
             lib.dsla_prefill_attention.argtypes = [ctypes.POINTER(_PrefillArgs)]
             lib.dsla_prefill_attention.restype = ctypes.c_int
             lib.dsla_prefill_attention_available.restype = ctypes.c_int
+            lib.dsla_coded_linear.argtypes = [ctypes.POINTER(_CodedArgs)]
+            lib.dsla_coded_linear.restype = ctypes.c_int
+            lib.dsla_coded_linear_available.restype = ctypes.c_int
             i64, i32, p = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
             lib.dsla_rms_norm.argtypes = [p, p, p, i64, i64, ctypes.c_float, i32, i32]
             lib.dsla_rope.argtypes = [p, p, p, p, i64, i64, i64, i64, i64, i64, i64, i32, i32]
@@ -398,3 +409,34 @@ def prefill_attention_cpu(lib: ctypes.CDLL, q: Tensor, k: Tensor, v: Tensor) -> 
         raise ValueError(f"prefill attention kernel: {_PREFILL_ERRORS.get(rc, f'error {rc}')} (q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}, {q.dtype})")
     return out.transpose(0, 1)
+
+
+# ---- a linear layer over one-byte weight codes (csrc/coded_linear.cpp, AVX-512 BF16 only) -----------
+
+def coded_linear_kernel() -> ctypes.CDLL | None:
+    """The kernel library when ``coded_linear_cpu`` can run here (kernels on, built, and a CPU with
+    AVX-512 BF16); else None."""
+    lib = cpu_kernels_lib()
+    return lib if lib is not None and lib.dsla_coded_linear_available() else None
+
+
+def coded_linear_cpu(lib: ctypes.CDLL, x: Tensor, codes: Tensor, dm: Tensor) -> Tensor:
+    """y = x W^T for x (M, K) bfloat16 (rows contiguous) and W held as ``dsla.model.quant.pack_codes``
+    gives it: codes (N/64, K/2, 64, 2) int8, dm (N/64, K/32, 2, 64) float32. Returns (M, N) bfloat16."""
+    if x.dim() != 2 or x.dtype != torch.bfloat16 or x.stride(1) != 1:
+        raise ValueError(f"coded_linear_cpu: x must be (M, K) bfloat16 with contiguous rows, got "
+                         f"{tuple(x.shape)} {x.dtype} strides {x.stride()}")
+    M, K = x.shape
+    nb = codes.shape[0]
+    if (codes.dtype != torch.int8 or dm.dtype != torch.float32 or not codes.is_contiguous() or not dm.is_contiguous()
+            or tuple(codes.shape) != (nb, K // 2, 64, 2) or tuple(dm.shape) != (nb, K // 32, 2, 64)):
+        raise ValueError(f"coded_linear_cpu: codes {tuple(codes.shape)} {codes.dtype} and dm {tuple(dm.shape)} "
+                         f"{dm.dtype} are not pack_codes' layout for K={K}")
+    out = x.new_empty(M, nb * 64)
+    a = _CodedArgs(M=M, N=nb * 64, K=K, x=x.data_ptr(), x_m=x.stride(0), codes=codes.data_ptr(), dm=dm.data_ptr(),
+                   out=out.data_ptr(), o_m=out.stride(0), threads=torch.get_num_threads())
+    rc = _call("dsla::coded_linear_cpu", lib.dsla_coded_linear, ctypes.byref(a))
+    if rc:
+        raise ValueError(f"coded linear kernel: {'M < 1, N not a multiple of 64 or K not of 32' if rc == 2 else _ERRORS.get(rc, f'error {rc}')} "
+                         f"(x {tuple(x.shape)}, N {nb * 64})")
+    return out
