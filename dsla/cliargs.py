@@ -71,8 +71,8 @@ def add_weights_argument(p: argparse.ArgumentParser, default: str = "auto") -> N
 
     p.add_argument("--weights", choices=WEIGHT_CHOICES, default=default,
                    help="linear-layer weights: native (the --dtype), int8 (per channel), int4 (groups of 32; "
-                        f"lm_head and DSLA q/o int8), packed (the --dtype weights prepacked for oneDNN) or mixed (int4's kernels for steps of <= {MIXED_MAX_ROWS} rows, "
-                        "packed weights for more, e.g. prefill); auto: mixed with --dtype bfloat16 on a CPU "
+                        f"lm_head and DSLA q/o int8), packed (the --dtype weights prepacked for oneDNN) or mixed (int4's kernels for steps of <= {MIXED_MAX_ROWS} rows; "
+                        "for more, e.g. prefill, the bf16 weights as one-byte codes where exact, else packed); auto: mixed with --dtype bfloat16 on a CPU "
                         f"with native bf16 (avx512_bf16/amx_bf16), else native (default: {default})")
 
 

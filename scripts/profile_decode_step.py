@@ -40,6 +40,8 @@ def main() -> None:
     p.add_argument("--student", default=None,
                    help="a student directory (e.g. dsla/students/default): its trained layers, window, sinks and "
                         "exact KV groups, the ratio's layers taken in its order (default: fresh layers, the first ones)")
+    p.add_argument("--no-coded", action="store_true",
+                   help="keep oneDNN's packed bf16 copy where mixed would use our coded linear (an A/B switch)")
     a = p.parse_args()
     if a.batch < 1 or a.context < 1 or a.steps < 1 or not 0 <= a.ratio <= 1:
         p.error("--batch, --context and --steps must be positive and --ratio in [0, 1]")
@@ -67,6 +69,10 @@ def main() -> None:
         layers = list(range(round(a.ratio * model.cfg.num_hidden_layers)))
         if layers:
             model.add_dsla(layers, DSLAConfig(window=a.window))
+    if a.no_coded:
+        import dsla.ops.cpu_kernels as kernels
+
+        kernels.coded_linear_kernel = lambda: None  # dense_linear then packs for oneDNN
     quantize_model(model, a.weights, torch.bfloat16)
     if a.compile:
         from dsla.ops.compiled import use_compiled_decode
@@ -100,7 +106,7 @@ def main() -> None:
     ops = sum(e.count for e in events)
     print(json.dumps({
         "cpu": cpu_model(), "threads": a.threads, "weights": a.weights,
-        "batch": a.batch, "context": a.context, "dsla_ratio": a.ratio, "dsla_layers": len(layers), "window": a.window, "compiled": a.compile, "student": a.student,
+        "batch": a.batch, "context": a.context, "dsla_ratio": a.ratio, "dsla_layers": len(layers), "window": a.window, "compiled": a.compile, "student": a.student, "coded": not a.no_coded,
         "ms_per_step": round(ms, 2), "profiled_ms_per_step": round(total / a.steps / 1e3, 2),
         "ops_per_step": round(ops / a.steps), "share": {k: round(v / total, 3) for k, v in split.items()},
     }))

@@ -18,10 +18,13 @@ A third module keeps the weight unquantised but **prepacked for oneDNN** (``Pack
 oneDNN's blocked layout, so a call does no reorder of its own (``F.linear`` in bf16 is slow from
 about 8 rows on).
 
-A quantised module may also keep a packed copy (``dense_above``): a call with more rows than that
-runs the packed weight instead of the quantised kernel (the kernel is slower than a bf16 linear
+A quantised module may also keep a dense copy (``dense_above``): a call with more rows than that
+runs the dense weight instead of the quantised kernel (the kernel is slower than a bf16 linear
 for the many rows of a prefill). The ``mixed`` preset does that: int4/int8 kernels for decode steps (few rows,
-bound by reading the weights), packed bf16 for prefill chunks, at the memory of both copies.
+bound by reading the weights), the bf16 weights for batched steps and prefill chunks, at the memory
+of both copies. The dense copy is a ``CodedLinear`` (``dense_linear``) where one-byte codes give the
+bf16 weight back exactly (GGUF Q4_1 / Q8_0 blocks, as the default teacher's) and our kernel runs,
+else a ``PackedLinear``.
 
 ``--weights`` names a preset (``WEIGHT_PRESETS``); ``auto`` resolves by ``choose_weights``. The
 measurement behind the rule (1 thread, 2-core AMD EPYC with avx512_bf16, busy machine, torch 2.13; microseconds per call of
