@@ -54,6 +54,8 @@ def main() -> None:
     p.add_argument("--chunk", type=int, default=0,
                    help="prefill in chunks of this many tokens through the cache, as a server step of "
                         "--max-num-batched-tokens does (default 0: one call)")
+    p.add_argument("--no-coded", action="store_true",
+                   help="keep oneDNN's packed bf16 copy where mixed would use our coded linear (an A/B switch)")
     a = p.parse_args()
     if a.tokens < 1 or not 0 <= a.ratio <= 1 or a.chunk < 0:
         p.error(f"--tokens {a.tokens} must be positive, --ratio {a.ratio} in [0, 1] and --chunk {a.chunk} ≥ 0")
@@ -70,6 +72,10 @@ def main() -> None:
     model = load_teacher(default_teacher_dir(), dtype=load_dtype(a.weights, torch.bfloat16))
     m = load_student(model, a.student, teacher_hash(default_teacher_dir()))
     layers = sorted(layers_for_ratio(m["order"], model.cfg.num_hidden_layers, a.ratio, m["layers_done"]))
+    if a.no_coded:
+        import dsla.ops.cpu_kernels as kernels
+
+        kernels.coded_linear_kernel = lambda: None  # dense_linear then packs for oneDNN
     quantize_model(model, a.weights, torch.bfloat16)
     mark(PARTS)
     ids = torch.randint(0, 1000, (a.tokens,), generator=torch.Generator().manual_seed(0))
@@ -91,7 +97,7 @@ def main() -> None:
     events = prof.key_averages()
     parts = {e.key.removeprefix("part:"): round(e.cpu_time_total / 1e6, 3) for e in events if e.key.startswith("part:")}
     print(json.dumps({"cpu": cpu_model(), "threads": a.threads, "weights": a.weights, "tokens": a.tokens,
-                      "chunk": a.chunk, "dsla_ratio": a.ratio, "dsla_layers": len(layers), "student": a.student, "seconds": round(s, 2),
+                      "chunk": a.chunk, "dsla_ratio": a.ratio, "dsla_layers": len(layers), "student": a.student, "coded": not a.no_coded, "seconds": round(s, 2),
                       "tokens_per_s": round(a.tokens / s, 1), "part_seconds_profiled": parts}))
     if a.table:
         print(events.table(sort_by="self_cpu_time_total", row_limit=a.table))
