@@ -41,7 +41,7 @@ not vectorised for float32), so a quantised path is only offered with bfloat16. 
 for inference only: the modules hold buffers, no parameters, and are not trained.
 With tied embeddings (SmolLM2) a packed or quantised lm_head is a second copy of the embedding
 (the lookup keeps the native one): ``packed`` holds 57 MB more than ``native`` for the default
-teacher, and ``mixed`` holds the int4/int8 and the packed copies of every linear.
+teacher, and ``mixed`` holds the int4/int8 and a dense copy (codes or packed) of every linear.
 """
 
 from __future__ import annotations
@@ -117,21 +117,25 @@ def dequantize_int8(q: Tensor, s: Tensor) -> Tensor:
     return q.float() * s[:, None]
 
 
-def pack_codes(w: Tensor, group_size: int = GROUP_SIZE) -> tuple[Tensor, Tensor] | None:
+def pack_codes(w: Tensor) -> tuple[Tensor, Tensor] | None:
     """The one-byte codes of ``csrc/coded_linear.cpp`` for a float32 weight w (N, K), or None where
     they would not give back w's bfloat16 rounding exactly, element for element (then the packed
-    bf16 weight serves) or N is not a multiple of 64.
+    bf16 weight serves), or N is not a multiple of 64 or K of 32.
 
-    W[n, k] = bfloat16(d * q + m) per column n and group of 32 inputs: Q4_1's form (q in 0..15,
-    ``quantize_int4``) is tried first, then Q8_0's (m = 0, d = max|w| / 127, q in -127..127). A
-    teacher dequantised from those GGUF blocks is recovered exactly. Returns codes (N/64, K/2, 64, 2)
-    int8 and dm (N/64, K/32, 2, 64) float32 (d then m)."""
+    W[n, k] = bfloat16(d * q + m) per column n and group of 32 inputs (d * q rounded to float32, then
+    the sum: the kernel rounds the same way). Q4_1's form (q in 0..15, ``quantize_int4``) is tried
+    first, then Q8_0's (m = 0, d = max|w| / 127, q in -127..127). A teacher dequantised from those
+    GGUF blocks is recovered exactly. Returns codes (N/64, K/2, 64, 2) int8 and dm (N/64, K/32, 2, 64)
+    float32 (d then m): codes[b, p, j, i] = q[64 b + j, 2 p + i], dm[b, g, :, j] = d, m of column
+    64 b + j, group g."""
     N, K = w.shape
-    if N % 64 or K % group_size or w.dtype != torch.float32:
+    G = GROUP_SIZE  # the kernel's group
+    if N % 64 or K % G or w.dtype != torch.float32:
         return None
+    w = w.contiguous()
     target = w.to(torch.bfloat16)
-    blocks = w.view(N, K // group_size, group_size)
-    q, d, m = quantize_int4(w, group_size)
+    blocks = w.view(N, K // G, G)
+    q, d, m = quantize_int4(w, G)
     if not torch.equal((q.view_as(blocks).float() * d[..., None] + m[..., None]).to(torch.bfloat16).view(N, K), target):
         d = blocks.abs().amax(-1) / 127
         q = (blocks / torch.where(d == 0, 1.0, d)[..., None]).round().clamp(-127, 127).to(torch.int32).view(N, K)
@@ -139,7 +143,7 @@ def pack_codes(w: Tensor, group_size: int = GROUP_SIZE) -> tuple[Tensor, Tensor]
         if not torch.equal((q.view_as(blocks).float() * d[..., None]).to(torch.bfloat16).view(N, K), target):
             return None
     codes = q.to(torch.int8).view(N // 64, 64, K // 2, 2).permute(0, 2, 1, 3).contiguous()
-    dm = torch.stack([d, m], 1).view(N // 64, 64, 2, K // group_size).permute(0, 3, 2, 1).contiguous()
+    dm = torch.stack([d, m], 1).view(N // 64, 64, 2, K // G).permute(0, 3, 2, 1).contiguous()
     return codes, dm
 
 
@@ -169,16 +173,23 @@ class PackedLinear(nn.Module):
 class CodedLinear(nn.Module):
     """y = x W^T with W = bfloat16(d * q + m) held as one-byte codes (``pack_codes``), run by our
     kernel (``csrc/coded_linear.cpp``); x (..., K) bfloat16 -> (..., N). The same values as the packed
-    bf16 weight at half its bytes: faster from 1 row to 1024 (docs/results/speed.md 0j). Where our
-    kernels are off or unavailable at call time, the weight is decoded once into a ``PackedLinear``."""
+    bf16 weight, at ~1.25 bytes a weight against 2: 7-23% faster than oneDNN's packed linear at 48
+    rows, within a few percent of it from 8 to 512, slower at 1 row, where ``mixed`` runs int4
+    (docs/results/speed.md 0j). Where our kernels are off or unavailable at call time, the weight is
+    decoded once into a ``PackedLinear`` (kept outside the module tree: it cannot be cast or copied)."""
 
     def __init__(self, codes: Tensor, dm: Tensor) -> None:
         super().__init__()
-        self.out_features, self.in_features = codes.shape[0] * 64, codes.shape[1] * 2
+        nb, kp = codes.shape[0], codes.shape[1]
+        if (codes.dtype != torch.int8 or dm.dtype != torch.float32 or tuple(codes.shape[2:]) != (64, 2)
+                or tuple(dm.shape) != (nb, kp * 2 // GROUP_SIZE, 2, 64) or (kp * 2) % GROUP_SIZE):
+            raise ValueError(f"CodedLinear: codes {tuple(codes.shape)} {codes.dtype} and dm {tuple(dm.shape)} "
+                             f"{dm.dtype} are not pack_codes' layout")
+        self.out_features, self.in_features = nb * 64, kp * 2
         self.register_buffer("codes", codes)  # (N/64, K/2, 64, 2) int8
         # (N/64, K/32, 2, 64) float32, held as int32 bits: model.to(dtype) must not round it
         self.register_buffer("dm_bits", dm.view(torch.int32))
-        self._fallback: PackedLinear | None = None
+        object.__setattr__(self, "_fallback", None)  # not a submodule
 
     @property
     def dm(self) -> Tensor:
@@ -188,16 +199,17 @@ class CodedLinear(nn.Module):
         """The float32 weight (N, K) the codes hold (its bfloat16 rounding is what runs)."""
         q = self.codes.permute(0, 2, 1, 3).reshape(self.out_features, self.in_features).float()
         d, m = (t.permute(0, 2, 1).reshape(self.out_features, -1) for t in self.dm.unbind(2))
-        G = self.in_features // d.shape[1]
-        return (q.view(self.out_features, -1, G) * d[..., None] + m[..., None]).view_as(q)
+        return (q.view(self.out_features, -1, GROUP_SIZE) * d[..., None] + m[..., None]).view_as(q)
 
     def forward(self, x: Tensor) -> Tensor:
         from dsla.ops.cpu_kernels import coded_linear_cpu, coded_linear_kernel
 
+        if x.dtype != torch.bfloat16:
+            raise TypeError(f"CodedLinear: input dtype {x.dtype}, but its weights run in bfloat16")
         lib = coded_linear_kernel()
-        if lib is None or x.dtype != torch.bfloat16:
+        if lib is None:
             if self._fallback is None:
-                self._fallback = PackedLinear(self.weight(), torch.bfloat16)
+                object.__setattr__(self, "_fallback", PackedLinear(self.weight(), torch.bfloat16))
             return self._fallback(x)
         if x.dim() == 2 and x.stride(1) == 1:
             return coded_linear_cpu(lib, x, self.codes, self.dm)
@@ -357,7 +369,7 @@ def choose_weights(requested: str, dtype: torch.dtype, device_type: str,
         except ValueError as e:
             return "int4", f"bfloat16 on a CPU with {', '.join(have)}; no packed copy for prefill ({e})"
         return "mixed", (f"bfloat16 on a CPU with {', '.join(have)}: int4 linears measured 2-5x faster than bf16 "
-                         f"for decode steps (<= {MIXED_MAX_ROWS} rows); packed bf16 for prefill")
+                         f"for decode steps (<= {MIXED_MAX_ROWS} rows); bf16 weights (codes or packed) for more rows")
     if device_type != "cpu":
         raise ValueError(f"--weights {requested} runs on CPU only (device is {device_type}): use --weights native")
     if dtype != torch.bfloat16:

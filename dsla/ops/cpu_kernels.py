@@ -60,7 +60,7 @@ HEADERS = (CSRC / "common.h",)  # included by the sources: part of the build's k
 # subnormals to zero for the whole process when the library loads.
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-std=c++17")
 SOURCE_FLAGS = {"decode_attention.cpp": ("-ffast-math",), "dsla_decode.cpp": ("-ffast-math",),
-                "prefill_attention.cpp": ("-fno-math-errno",), "coded_linear.cpp": ("-fno-math-errno",),
+                "prefill_attention.cpp": ("-fno-math-errno",), "coded_linear.cpp": ("-fno-math-errno", "-ffp-contract=off"),
                 "glue.cpp": ("-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math",
                              "-ffp-contract=off")}
 LINK_FLAGS = ("-shared", "-fopenmp")
@@ -423,6 +423,8 @@ def coded_linear_kernel() -> ctypes.CDLL | None:
 def coded_linear_cpu(lib: ctypes.CDLL, x: Tensor, codes: Tensor, dm: Tensor) -> Tensor:
     """y = x W^T for x (M, K) bfloat16 (rows contiguous) and W held as ``dsla.model.quant.pack_codes``
     gives it: codes (N/64, K/2, 64, 2) int8, dm (N/64, K/32, 2, 64) float32. Returns (M, N) bfloat16."""
+    if not x.device.type == codes.device.type == dm.device.type == "cpu":
+        raise ValueError(f"coded_linear_cpu runs on the CPU: x on {x.device}, codes on {codes.device}, dm on {dm.device}")
     if x.dim() != 2 or x.dtype != torch.bfloat16 or x.stride(1) != 1:
         raise ValueError(f"coded_linear_cpu: x must be (M, K) bfloat16 with contiguous rows, got "
                          f"{tuple(x.shape)} {x.dtype} strides {x.stride()}")

@@ -11,14 +11,15 @@ import torch
 from dsla.model import quant
 from dsla.ops import cpu_kernels
 from dsla.ops.cpu_kernels import coded_linear_cpu
-from tests.model.test_quant import q4_1_weight
-from tests.ops.conftest import needs_compiler
-
-pytestmark = needs_compiler
+from tests.model.test_quant import BF16_PACKED, q4_1_weight
 
 
 @pytest.fixture(scope="module")
-def lib(lib):
+def lib():
+    if cpu_kernels._compiler() is None:
+        pytest.skip("no C++ compiler: the kernels cannot be built here (the packed weight serves)")
+    lib = cpu_kernels.cpu_kernels_lib()
+    assert lib is not None, "the kernels did not build on a machine with a C++ compiler"
     if not lib.dsla_coded_linear_available():
         pytest.skip("this CPU has no AVX-512 BF16: the packed weight serves (test_packed_serves_where_the_kernel_does_not)")
     return lib
@@ -56,15 +57,28 @@ def test_codes_give_back_the_bf16_weight_exactly(make):
     assert torch.equal(lin.weight().bfloat16(), w.bfloat16())
 
 
+def test_codes_layout_is_the_kernels():
+    """codes[b, p, j, i] = q[64 b + j, 2 p + i]; dm[b, g, :, j] = (d, m) of column 64 b + j, group g."""
+    w, q, d, m = q4_1_weight(128, 64, seed=2)
+    codes, dm = quant.pack_codes(w)
+    for b, p, j, i in ((0, 0, 0, 0), (1, 31, 63, 1), (0, 5, 17, 1), (1, 16, 2, 0)):
+        assert codes[b, p, j, i] == q[64 * b + j, 2 * p + i]
+    for b, g, j in ((0, 0, 0), (1, 1, 63), (0, 1, 40)):
+        assert dm[b, g, 0, j] == d[64 * b + j, g] and dm[b, g, 1, j] == m[64 * b + j, g]
+
+
 def test_codes_refuse_weights_they_would_not_give_back():
     g = torch.Generator().manual_seed(0)
     assert quant.pack_codes(torch.randn(64, 64, generator=g)) is None  # a trained weight: no grid
     assert quant.pack_codes(q4_1_weight(48, 64)[0]) is None  # 48 columns: not a multiple of 64
     assert quant.pack_codes(q4_1_weight(64, 64)[0].bfloat16()) is None  # rounded already: not float32
+    assert quant.pack_codes(q4_1_weight(64, 48)[0]) is None  # 48 inputs: not a multiple of 32
+    w = q4_1_weight(64, 128)[0]
+    assert torch.equal(quant.pack_codes(w.t().contiguous().t())[0], quant.pack_codes(w)[0])  # any strides
 
 
 @pytest.mark.parametrize("N,K", [(64, 32), (128, 96), (576, 576), (384, 1536)], ids=str)
-@pytest.mark.parametrize("M", [1, 2, 5, 6, 7, 13, 48, 100])
+@pytest.mark.parametrize("M", [1, 2, 3, 5, 6, 7, 9, 13, 48, 100])
 def test_kernel_matches_a_float32_linear(lib, M, N, K):
     w = q4_1_weight(N, K, seed=M + N)[0]
     codes, dm = quant.pack_codes(w)
@@ -74,21 +88,38 @@ def test_kernel_matches_a_float32_linear(lib, M, N, K):
     check_linear(y, x, w)
 
 
-def test_every_row_is_computed_alone(lib):
-    """Blocks, row tiles and the split over threads only decide who computes an output, never how:
-    each row of a batch has the bits it has alone, with one thread or two."""
-    w = q4_1_weight(576, 576, seed=3)[0]  # 9 column blocks: on 2 threads the rows are split too
+def test_kernel_gives_each_weight_exactly(lib):
+    """x = I picks each weight alone (one bf16 product, no sum): the kernel's bf16(d q + m), bit for
+    bit. With float32 d (not a float16's), d q is rounded before the add, as pack_codes checks it."""
+    g = torch.Generator().manual_seed(11)
+    q = torch.randint(0, 16, (128, 2, 32), generator=g)
+    q[..., 0], q[..., -1] = 0, 15
+    d, m = torch.rand(128, 2, generator=g) * 0.01 + 1e-3, -torch.rand(128, 2, generator=g) * 0.1  # full float32
+    w = (q.float() * d[..., None] + m[..., None]).view(128, 64)
+    packed = quant.pack_codes(w)
+    assert packed is not None
+    y = coded_linear_cpu(lib, torch.eye(64, dtype=torch.bfloat16), *packed)
+    assert torch.equal(y, w.bfloat16().t())
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("M", [25, 37, 48])
+def test_every_row_is_computed_alone(lib, threads, M):
+    """Blocks, row tiles and the split over threads (rows too, where 9 blocks do not divide among the
+    threads) only decide who computes an output, never how: each row has the bits it has alone."""
+    w = q4_1_weight(576, 576, seed=3)[0]
     codes, dm = quant.pack_codes(w)
-    x = torch.randn(48, 576, generator=torch.Generator().manual_seed(4)).bfloat16()
-    batch = coded_linear_cpu(lib, x, codes, dm)
-    for i in (0, 5, 6, 23, 47):
-        assert torch.equal(coded_linear_cpu(lib, x[i:i + 1], codes, dm), batch[i:i + 1])
-    threads = torch.get_num_threads()
+    x = torch.randn(M, 576, generator=torch.Generator().manual_seed(4)).bfloat16()
+    before = torch.get_num_threads()
     try:
-        torch.set_num_threads(1)
-        assert torch.equal(coded_linear_cpu(lib, x, codes, dm), batch)
-    finally:
         torch.set_num_threads(threads)
+        batch = coded_linear_cpu(lib, x, codes, dm)
+        torch.set_num_threads(1)
+        alone = torch.cat([coded_linear_cpu(lib, x[i:i + 1], codes, dm) for i in range(M)])
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(batch, alone)
+    check_linear(batch, x, w)
 
 
 def test_rows_may_be_strided(lib):
@@ -121,10 +152,14 @@ def test_module_runs_the_kernel_and_falls_back_when_kernels_are_off(lib):
         assert torch.equal(lin(x), quant.PackedLinear(w, torch.bfloat16)(x))
     finally:
         cpu_kernels.use_cpu_kernels("auto")
+    assert not list(lin.children())  # the decoded fallback stays outside the module tree
     lin.to(dtype=torch.bfloat16)  # a model cast leaves the float32 scales alone
     assert lin.dm.dtype == torch.float32 and torch.equal(lin(x), y)
+    with pytest.raises(TypeError, match="float32"):
+        lin(x.float())
 
 
+@BF16_PACKED
 def test_packed_serves_where_the_kernel_does_not(monkeypatch):
     w = q4_1_weight(128, 64)[0]
     monkeypatch.setattr(cpu_kernels, "coded_linear_kernel", lambda: None)

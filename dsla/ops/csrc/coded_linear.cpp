@@ -1,11 +1,11 @@
 // A linear layer y = x W^T on the CPU in bfloat16 whose weight is kept as one-byte codes: W[n, k] =
 // bfloat16(d * q + m), q an int8 code, d and m float32 per output column and group of 32 inputs. A
 // teacher dequantised from GGUF's Q4_1 (q in 0..15) or Q8_0 (m = 0) gives back its weights exactly
-// in this form, so the result is the bf16 linear's, at half its weight bytes.
+// in this form, so the result is the bf16 linear's, at ~1.25 bytes a weight against 2.
 //
 // Why: a decode step of ~48 requests reads every weight once from memory for 48 rows of work. In
 // bfloat16 that read (~270 MB a step for SmolLM2-135M) costs about as much as the arithmetic, and
-// oneDNN reached 415-590 GFLOP/s there against ~950 with the weight in cache (docs/results/speed.md 0j).
+// oneDNN reached 490-710 GFLOP/s there against ~950 at 512 rows (docs/results/speed.md 0j).
 //
 // How: the output columns are cut into blocks of 64, spread over the threads (with the rows too where
 // the blocks do not divide evenly). For each block a
@@ -64,7 +64,8 @@ void decode_panel(const int8_t* codes, const float* dm, int64_t K, uint16_t* pan
             for (int c = 0; c < 8; c += 2) {
                 __m512 a = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(src + 16 * c))));
                 __m512 b = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(src + 16 * c + 16))));
-                // d * q is exact in float32 (q has <= 8 bits, d a float16's 11): one rounding, in the add
+                // d * q rounded, then the add rounded, as pack_codes checks it in torch (built with
+                // -ffp-contract=off: no fused multiply-add, so this holds for any d, not only a float16's)
                 a = _mm512_add_ps(_mm512_mul_ps(a, d[c]), m[c]);
                 b = _mm512_add_ps(_mm512_mul_ps(b, d[c + 1]), m[c + 1]);
                 _mm512_storeu_si512(dst + 16 * c, (__m512i)_mm512_cvtne2ps_pbh(b, a));
@@ -89,12 +90,20 @@ struct Prefetch {
 template <int R>
 void tile(const uint16_t* x, int64_t x_m, const uint16_t* panel, int64_t K, uint16_t* out, int64_t o_m,
           const Prefetch& pf) {
-    const int64_t step = pf.count ? (K / 2 + pf.count - 1) / pf.count : 0;
+    // pf.count lines over the K/2 iterations: ``per`` lines every ``step`` iterations (a countdown,
+    // no division in the loop)
+    const int64_t P = K / 2;
+    const int64_t per = pf.count ? (pf.count + P - 1) / P : 0;
+    const int64_t step = pf.count ? (P * per / pf.count > 1 ? P * per / pf.count : 1) : 0;
+    int64_t wait = step, issued = 0;
     __m512 acc[R][4];
     for (int r = 0; r < R; ++r)
         for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
     for (int64_t p = 0; p < K / 2; ++p) {
-        if (step && p % step == 0) pf.line(p / step);
+        if (step && --wait == 0) {
+            wait = step;
+            for (int64_t i = 0; i < per && issued < pf.count; ++i) pf.line(issued++);
+        }
         const uint16_t* w = panel + p * 2 * NB;
         const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w), w1 = (__m512bh)_mm512_loadu_si512(w + 32),
                        w2 = (__m512bh)_mm512_loadu_si512(w + 64), w3 = (__m512bh)_mm512_loadu_si512(w + 96);
