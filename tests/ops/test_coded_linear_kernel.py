@@ -72,7 +72,7 @@ def test_codes_refuse_weights_they_would_not_give_back():
     assert quant.pack_codes(torch.randn(64, 64, generator=g)) is None  # a trained weight: no grid
     assert quant.pack_codes(q4_1_weight(48, 64)[0]) is None  # 48 columns: not a multiple of 64
     assert quant.pack_codes(q4_1_weight(64, 64)[0].bfloat16()) is None  # rounded already: not float32
-    assert quant.pack_codes(q4_1_weight(64, 48)[0]) is None  # 48 inputs: not a multiple of 32
+    assert quant.pack_codes(torch.zeros(64, 48)) is None  # 48 inputs: not a multiple of 32
     w = q4_1_weight(64, 128)[0]
     assert torch.equal(quant.pack_codes(w.t().contiguous().t())[0], quant.pack_codes(w)[0])  # any strides
 
@@ -89,16 +89,18 @@ def test_kernel_matches_a_float32_linear(lib, M, N, K):
 
 
 def test_kernel_gives_each_weight_exactly(lib):
-    """x = I picks each weight alone (one bf16 product, no sum): the kernel's bf16(d q + m), bit for
-    bit. With float32 d (not a float16's), d q is rounded before the add, as pack_codes checks it."""
+    """x = I picks each weight alone (one bf16 product, no sum): the kernel's weights are
+    bf16(fl(d q) + m) bit for bit, the rounding ``CodedLinear.weight`` and ``pack_codes`` use. With
+    full float32 d (not a float16's) d q is inexact, so a fused multiply-add would differ."""
     g = torch.Generator().manual_seed(11)
-    q = torch.randint(0, 16, (128, 2, 32), generator=g)
-    q[..., 0], q[..., -1] = 0, 15
-    d, m = torch.rand(128, 2, generator=g) * 0.01 + 1e-3, -torch.rand(128, 2, generator=g) * 0.1  # full float32
-    w = (q.float() * d[..., None] + m[..., None]).view(128, 64)
-    packed = quant.pack_codes(w)
-    assert packed is not None
-    y = coded_linear_cpu(lib, torch.eye(64, dtype=torch.bfloat16), *packed)
+    N, K = 1024, 512  # ~2^19 weights: a fused multiply-add would round a few of them differently
+    q = torch.randint(0, 16, (N, K), generator=g)
+    d, m = torch.rand(N, K // 32, generator=g) * 0.01 + 1e-3, -torch.rand(N, K // 32, generator=g) * 0.1
+    codes = q.to(torch.int8).view(N // 64, 64, K // 2, 2).permute(0, 2, 1, 3).contiguous()
+    dm = torch.stack([d, m], 1).view(N // 64, 64, 2, K // 32).permute(0, 3, 2, 1).contiguous()
+    w = quant.CodedLinear(codes, dm).weight()
+    assert torch.equal(w, (q.float().view(N, -1, 32) * d[..., None] + m[..., None]).view(N, K))
+    y = coded_linear_cpu(lib, torch.eye(K, dtype=torch.bfloat16), codes, dm)
     assert torch.equal(y, w.bfloat16().t())
 
 
