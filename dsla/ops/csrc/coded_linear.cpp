@@ -5,7 +5,7 @@
 //
 // Why: a decode step of ~48 requests reads every weight once from memory for 48 rows of work. In
 // bfloat16 that read (~270 MB a step for SmolLM2-135M) costs about as much as the arithmetic, and
-// oneDNN reached 490-710 GFLOP/s there against ~950 at 512 rows (docs/results/speed.md 0j).
+// oneDNN reached 370-760 GFLOP/s there against 890-970 at 512 rows (docs/results/speed.md 0j).
 //
 // How: the output columns are cut into blocks of 64, spread over the threads (with the rows too where
 // the blocks do not divide evenly). For each block a
