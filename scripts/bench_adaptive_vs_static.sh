@@ -9,7 +9,8 @@
 # Environment: STUDENT (default: the default student), PORT (8000), THREADS (1),
 # SERVE_FLAGS (extra `dsla serve` flags for both servers, e.g. --cache-budget-mb 700),
 # ADAPTIVE_FLAGS (extra flags for the adaptive server only), TRACE (default: synthetic),
-# POLICIES (default "static adaptive": the dsla servers to run, e.g. "adaptive" alone),
+# POLICIES (default "static adaptive": the dsla servers to run, e.g. "adaptive" alone; "none": only
+# the PEERS, their rows joining the dsla runs already in OUT_DIR),
 # PEERS (e.g. "vllm": also replay the same trace, same seed and flags, against each of these peer
 # servers, started with scripts/peers/serve.sh: a third column; set them up with
 # scripts/peers/setup_<peer>.sh first), READY_TIMEOUT (seconds a server may take to start, 900).
@@ -24,6 +25,7 @@ STUDENT=${STUDENT:-$($BIN/python -c 'from dsla.paths import SHIPPED_STUDENT_DIR;
 READY_TIMEOUT=${READY_TIMEOUT:-900}
 PEERS=${PEERS:-}
 POLICIES=${POLICIES:-static adaptive}
+[ "$POLICIES" = none ] && POLICIES=""
 mkdir -p "$OUT"
 
 wait_ready() {  # wait_ready NAME PID: until /v1/models answers, or the server dies or times out
