@@ -22,10 +22,7 @@
 #include <cstring>
 #include <vector>
 #include <omp.h>
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
-#include <immintrin.h>
-#define DSLA_HAVE_BF16 1
-#endif
+#include "common.h"
 
 namespace {
 
@@ -206,12 +203,6 @@ int dsla_coded_linear(const Args* a) {
 }
 
 // Whether this build has the kernel (the CPU has AVX-512 BF16).
-int dsla_coded_linear_available() {
-#ifdef DSLA_HAVE_BF16
-    return 1;
-#else
-    return 0;
-#endif
-}
+int dsla_coded_linear_available() { return kHaveBf16; }
 
 }

@@ -6,8 +6,20 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+// AVX-512 BF16 (vdpbf16ps, the bf16 conversions): the kernels that need it are compiled where the
+// CPU has it; elsewhere they return 9 and their *_available() function says 0
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#define DSLA_HAVE_BF16 1
+#endif
 
 namespace {
+
+#ifdef DSLA_HAVE_BF16
+constexpr int kHaveBf16 = 1;
+#else
+constexpr int kHaveBf16 = 0;
+#endif
 
 inline float to_float(float x) { return x; }
 inline float to_float(uint16_t x) {  // bfloat16 bits -> float32

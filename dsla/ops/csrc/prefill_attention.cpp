@@ -18,10 +18,7 @@
 #include <cstring>
 #include <vector>
 #include <omp.h>
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
-#include <immintrin.h>
-#define DSLA_HAVE_BF16 1
-#endif
+#include "common.h"
 
 namespace {
 
@@ -83,14 +80,6 @@ void pack_v(const uint16_t* v, int64_t v_t, int64_t T, int64_t D, uint32_t* vp) 
             const int64_t t = 2 * j;
             vp[j * D + d] = pair(v + t * v_t + d, t + 1 < T ? v + (t + 1) * v_t + d : &zero);
         }
-}
-
-inline uint16_t round_bf16(float f) {
-    uint32_t u;
-    std::memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return uint16_t(u >> 16);
 }
 
 template <int D>
@@ -239,12 +228,6 @@ int dsla_prefill_attention(const Args* a) {
 }
 
 // Whether this build has the kernel (the CPU has AVX-512 BF16).
-int dsla_prefill_attention_available() {
-#ifdef DSLA_HAVE_BF16
-    return 1;
-#else
-    return 0;
-#endif
-}
+int dsla_prefill_attention_available() { return kHaveBf16; }
 
 }
