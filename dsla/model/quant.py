@@ -134,13 +134,13 @@ def pack_codes(w: Tensor) -> tuple[Tensor, Tensor] | None:
         return None
     w = w.contiguous()
     target = w.to(torch.bfloat16)
-    blocks = w.view(N, K // G, G)
     q, d, m = quantize_int4(w, G)
-    if not torch.equal((q.view_as(blocks).float() * d[..., None] + m[..., None]).to(torch.bfloat16).view(N, K), target):
+    if not torch.equal(dequantize_int4(q, d, m).to(torch.bfloat16), target):
+        blocks = w.view(N, K // G, G)
         d = blocks.abs().amax(-1) / 127
         q = (blocks / torch.where(d == 0, 1.0, d)[..., None]).round().clamp(-127, 127).to(torch.int32).view(N, K)
         m = torch.zeros_like(d)
-        if not torch.equal((q.view_as(blocks).float() * d[..., None]).to(torch.bfloat16).view(N, K), target):
+        if not torch.equal(dequantize_int4(q, d, m).to(torch.bfloat16), target):
             return None
     codes = q.to(torch.int8).view(N // 64, 64, K // 2, 2).permute(0, 2, 1, 3).contiguous()
     dm = torch.stack([d, m], 1).view(N // 64, 64, 2, K // G).permute(0, 3, 2, 1).contiguous()
@@ -196,9 +196,9 @@ class CodedLinear(nn.Module):
 
     def weight(self) -> Tensor:
         """The float32 weight (N, K) the codes hold (its bfloat16 rounding is what runs)."""
-        q = self.codes.permute(0, 2, 1, 3).reshape(self.out_features, self.in_features).float()
+        q = self.codes.permute(0, 2, 1, 3).reshape(self.out_features, self.in_features)
         d, m = (t.permute(0, 2, 1).reshape(self.out_features, -1) for t in self.dm.unbind(2))
-        return (q.view(self.out_features, -1, GROUP_SIZE) * d[..., None] + m[..., None]).view_as(q)
+        return dequantize_int4(q, d, m)  # the same form, whatever range q spans
 
     def forward(self, x: Tensor) -> Tensor:
         from dsla.ops.cpu_kernels import coded_linear_cpu, coded_linear_kernel
