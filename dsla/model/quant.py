@@ -174,7 +174,7 @@ class CodedLinear(nn.Module):
     """y = x W^T with W = bfloat16(d * q + m) held as one-byte codes (``pack_codes``), run by our
     kernel (``csrc/coded_linear.cpp``); x (..., K) bfloat16 -> (..., N). The same values as the packed
     bf16 weight, at ~1.25 bytes a weight against 2: 1.12-1.52x oneDNN's packed linear at 48 rows,
-    1.04-1.20x from 16 to 512, slower at 1 row, where ``mixed`` runs int4 (docs/results/speed.md 0j). Where our kernels are off or unavailable at call time, the weight is
+    1.04-1.20x at 16, 128 and 512, slower at 1 row, where ``mixed`` runs int4 (docs/results/speed.md 0j). Where our kernels are off or unavailable at call time, the weight is
     decoded once into a ``PackedLinear`` (kept outside the module tree: it cannot be cast or copied)."""
 
     def __init__(self, codes: Tensor, dm: Tensor) -> None:
