@@ -404,7 +404,7 @@ class DSLAAttention(nn.Module):
         p = self._all_head_params()
         lib = self._window_kernel(q, p, s0, rk, rv, sk, sv)
         if lib is not None:  # our C++ step: the states updated in place (s0 is this batch's own tensor)
-            lc, R = self.lcfg, x.shape[0]
+            lc = self.lcfg
             qr, kr = rope_qk(q, k_raw, cos, sin, lc.num_key_value_heads, lc.head_dim)
             o = window_decode_cpu(lib, qr.contiguous(), kr.contiguous(), k_raw.reshape(kr.shape).contiguous(),
                                   v.reshape(kr.shape).contiguous(), p, s0, rk, rv, sk, sv, lengths, self.cfg.eps)

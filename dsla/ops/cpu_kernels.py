@@ -74,6 +74,7 @@ _ERRORS = {2: "a request has no tokens", 3: "query heads per KV head not in 1..8
 # where the window decode and prefill kernels use a code for something else
 _WINDOW_ERRORS = _ERRORS | {2: "a negative length"}
 _PREFILL_ERRORS = _ERRORS | {5: "more queries than keys, or none"}
+_CODED_ERRORS = _ERRORS | {2: "M < 1, N not a multiple of 64 or K not of 32"}
 
 _STATE: dict = {"mode": None, "lib": None, "tried": False}
 
@@ -439,6 +440,5 @@ def coded_linear_cpu(lib: ctypes.CDLL, x: Tensor, codes: Tensor, dm: Tensor) -> 
                    out=out.data_ptr(), o_m=out.stride(0), threads=torch.get_num_threads())
     rc = _call("dsla::coded_linear_cpu", lib.dsla_coded_linear, ctypes.byref(a))
     if rc:
-        raise ValueError(f"coded linear kernel: {'M < 1, N not a multiple of 64 or K not of 32' if rc == 2 else _ERRORS.get(rc, f'error {rc}')} "
-                         f"(x {tuple(x.shape)}, N {nb * 64})")
+        raise ValueError(f"coded linear kernel: {_CODED_ERRORS.get(rc, f'error {rc}')} (x {tuple(x.shape)}, N {nb * 64})")
     return out

@@ -339,7 +339,7 @@ class Engine:
                 continue
             if set(self.runner.plan) <= set(self.runner.dsla_layers_of(rid)):
                 continue
-            _, err = self.runner.fold_to_plan(rid)
+            err = self.runner.fold_to_plan(rid)
             self.scheduler.reprice(req, self.runner.cache_cost(self.runner.dsla_layers_of(rid)))
             if err is not None:
                 self._fail([rid], f"folding the prompt into DSLA state failed: {err}")

@@ -99,19 +99,19 @@ class ModelRunner:
         and are folded afterwards (``dsla_prefill="fold"``)."""
         return () if self.dsla_prefill == "fold" else self.plan
 
-    def fold_to_plan(self, request_id: str) -> tuple[int, str | None]:
+    def fold_to_plan(self, request_id: str) -> str | None:
         """Fold the plan's layers that a request's cache still holds as KV (``dsla_prefill="fold"``,
-        its prompt done). Returns the bytes freed and, if a fold failed (a non-finite state), the
-        error; the layers folded before it stay folded."""
-        cache, freed = self.caches[request_id], 0
+        its prompt done). Returns None, or the error if a fold failed (a non-finite state); the
+        layers folded before it stay folded. (The caller reprices the request from its layers.)"""
+        cache = self.caches[request_id]
         done = set(cache.dsla_layers())
         for i in self.plan:
             if i not in done:
                 try:
-                    freed += self.model.convert_layer(cache, i)
+                    self.model.convert_layer(cache, i)
                 except ValueError as e:
-                    return freed, str(e)
-        return freed, None
+                    return str(e)
+        return None
 
     def dsla_layers_of(self, request_id: str) -> tuple[int, ...]:
         """Layers that run DSLA for a request holding a cache (its plan at admission + conversions)."""
